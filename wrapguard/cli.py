@@ -1,0 +1,244 @@
+"""The command line: the contract users know from the Go wrapguard (compat.md).
+
+    wrapguard --config PATH [--exit-node IP] [--route CIDR:PEER_IP]... [--log-level L]
+              [--log-file F] [--doctor [TARGET]] [--self-test] -- CMD ARGS...
+
+Parsing is click's; every failure becomes one clear line on stderr and an exit code:
+2 for usage errors, 1 for setup errors, 127/126 when CMD cannot be found or run (as env(1)
+does), and otherwise the wrapped program's own exit status.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NoReturn
+
+import click
+
+from wrapguard import __version__, log
+from wrapguard.errors import UsageError, WrapguardError
+
+EXIT_SETUP = 1
+EXIT_USAGE = 2
+EXIT_CANNOT_EXECUTE = 126
+EXIT_NOT_FOUND = 127
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """What the user asked for, validated as far as it can be without the config file."""
+
+    config_path: str | None
+    exit_node: IPAddress | None
+    routes: tuple[tuple[IPNetwork, IPAddress], ...]
+    log_level: str
+    log_file: str | None
+    doctor: str | None  # None: not asked; "": no target given
+    self_test: bool
+    command: tuple[str, ...]
+
+
+class CommandNotRunnable(WrapguardError):
+    """CMD is missing or not executable; the exit code follows env(1)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _parse_exit_node(
+    _ctx: click.Context, _param: click.Parameter, value: str | None
+) -> IPAddress | None:
+    if value is None:
+        return None
+    try:
+        return ipaddress.ip_address(value.strip())
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not an IP address", param_hint="--exit-node"
+        ) from None
+
+
+def _parse_routes(
+    _ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]
+) -> tuple[tuple[IPNetwork, IPAddress], ...]:
+    from wrapguard.config import parse_route_flag
+
+    out = []
+    for text in values:
+        try:
+            out.append(parse_route_flag(text))
+        except UsageError as exc:
+            raise click.BadParameter(str(exc), param_hint="--route") from None
+    return tuple(out)
+
+
+@click.command(
+    context_settings={
+        "help_option_names": ["-h", "--help"],
+        "allow_interspersed_args": False,
+        "max_content_width": 100,
+    },
+    epilog="Example: wrapguard --config wg0.conf -- curl http://10.150.0.1:8080/",
+)
+@click.option(
+    "--config", "config_path", metavar="PATH", help="wg-quick style WireGuard config file."
+)
+@click.option(
+    "--exit-node",
+    metavar="IP",
+    callback=_parse_exit_node,
+    help="Send all traffic (0.0.0.0/0 and ::/0) through the peer that owns this tunnel IP.",
+)
+@click.option(
+    "--route",
+    "routes",
+    metavar="CIDR:PEER_IP",
+    multiple=True,
+    callback=_parse_routes,
+    help="Send CIDR through the peer that owns PEER_IP (repeatable; IPv6: fd00::/8:fd15::1).",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["error", "warn", "info", "debug"], case_sensitive=False),
+    default="info",
+    show_default=True,
+    help="Log verbosity.",
+)
+@click.option("--log-file", metavar="FILE", help="Append JSON log lines here instead of stderr.")
+@click.option(
+    "--doctor",
+    metavar="[TARGET]",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    help="Check this system (and TARGET, a program) for what wrapguard needs, then exit.",
+)
+@click.option(
+    "--self-test",
+    is_flag=True,
+    help="Bring the tunnel up and prove a connection through it (needs --config), then exit.",
+)
+@click.version_option(
+    __version__, "--version", prog_name="wrapguard", message="%(prog)s version %(version)s"
+)
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="-- CMD [ARGS]...")
+def _command(**kwargs: object) -> Options:
+    """Run CMD with its network traffic inside a WireGuard tunnel (no root, no TUN device)."""
+    return Options(
+        config_path=kwargs["config_path"],  # type: ignore[arg-type]
+        exit_node=kwargs["exit_node"],  # type: ignore[arg-type]
+        routes=kwargs["routes"],  # type: ignore[arg-type]
+        log_level=str(kwargs["log_level"]).lower(),
+        log_file=kwargs["log_file"],  # type: ignore[arg-type]
+        doctor=kwargs["doctor"],  # type: ignore[arg-type]
+        self_test=bool(kwargs["self_test"]),
+        command=tuple(kwargs["command"]),  # type: ignore[arg-type]
+    )
+
+
+def parse_args(argv: Sequence[str]) -> Options | int:
+    """Parse argv; returns Options, or an exit code when --help/--version already answered."""
+    try:
+        result = _command.main(list(argv), prog_name="wrapguard", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:  # pragma: no cover - not enabled
+        raise UsageError(exc.format_message()) from None
+    except click.UsageError as exc:
+        raise UsageError(_one_line(exc.format_message())) from None
+    except click.exceptions.Abort:
+        return 130
+    if isinstance(result, Options):
+        _validate(result)
+        return result
+    return 0 if result is None else int(result)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _validate(opts: Options) -> None:
+    wants_run = opts.doctor is None and not opts.self_test
+    if opts.doctor is not None and opts.self_test:
+        raise UsageError("--doctor and --self-test cannot be used together")
+    if opts.self_test and opts.config_path is None:
+        raise UsageError("--self-test needs --config PATH")
+    if wants_run:
+        if not opts.command:
+            raise UsageError("no command given: usage is wrapguard --config PATH -- CMD [ARGS]...")
+        if opts.config_path is None:
+            raise UsageError("--config PATH is required to run a command")
+    elif opts.command and opts.doctor is None:
+        raise UsageError("--self-test does not take a command")
+
+
+def resolve_command(name: str) -> str:
+    """Find CMD as execvp would; raise CommandNotRunnable with env(1)'s exit codes."""
+    if "/" in name:
+        path = name
+        if not os.path.exists(path):
+            raise CommandNotRunnable(f"{name}: no such file", EXIT_NOT_FOUND)
+    else:
+        found = shutil.which(name)
+        if found is None:
+            raise CommandNotRunnable(f"{name}: command not found in PATH", EXIT_NOT_FOUND)
+        path = found
+    if os.path.isdir(path):
+        raise CommandNotRunnable(f"{name}: is a directory", EXIT_CANNOT_EXECUTE)
+    if not os.access(path, os.X_OK):
+        raise CommandNotRunnable(f"{name}: permission denied (not executable)", EXIT_CANNOT_EXECUTE)
+    return path
+
+
+def run(opts: Options) -> int:
+    """Carry out a parsed command line; returns the exit code."""
+    try:
+        log.setup(opts.log_level, opts.log_file)
+    except OSError as exc:
+        raise WrapguardError(
+            f"cannot open log file {opts.log_file}: {exc.strerror or exc}"
+        ) from None
+    if opts.doctor is not None:
+        from wrapguard.doctor import run_doctor
+
+        return run_doctor(opts)
+    from wrapguard.launch import prepare, run_child, run_self_test
+
+    plan = prepare(opts)
+    if opts.self_test:
+        return run_self_test(plan)
+    return run_child(plan)
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Console-script entry point."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parsed = parse_args(args)
+        if isinstance(parsed, int):
+            sys.exit(parsed)
+        code = run(parsed)
+    except WrapguardError as exc:
+        _report(exc)
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+def _report(exc: WrapguardError) -> None:
+    """One clear line on the terminal; with --log-file, the same as a JSON log line there."""
+    line = f"wrapguard: {exc}"
+    if isinstance(exc, UsageError):
+        line += " (see wrapguard --help)"
+    if log.writes_to_file():
+        log.get().error(str(exc))
+    print(line, file=sys.stderr)

@@ -1,0 +1,53 @@
+"""From a validated command line to a running, wrapped program.
+
+`prepare()` does everything that can fail before anything starts: it loads the config, logs
+its notices, builds the routing policy (so a --route to an unknown peer fails here) and finds
+the command. `run_child()` and `run_self_test()` then bring the tunnel up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from wrapguard import log
+from wrapguard.cli import Options, resolve_command
+from wrapguard.config import Config, load_config
+from wrapguard.errors import NotBuiltYet
+from wrapguard.routing import RoutingTable
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    options: Options
+    config: Config
+    routing: RoutingTable
+    executable: str | None
+
+
+def prepare(opts: Options) -> Plan:
+    assert opts.config_path is not None  # cli._validate guarantees it
+    logger = log.get()
+    config = load_config(opts.config_path)
+    for notice in config.notices:
+        fields = {"file": notice.path, "line": notice.line, "key": notice.key}
+        if notice.level == "warning":
+            logger.warning(notice.message, **fields)
+        else:
+            logger.debug(notice.message, **fields)
+    routing = RoutingTable.build(config, list(opts.routes), opts.exit_node)
+    executable = resolve_command(opts.command[0]) if opts.command else None
+    return Plan(opts, config, routing, executable)
+
+
+def run_child(plan: Plan) -> int:
+    raise NotBuiltYet(
+        "running a program inside the tunnel is not built yet in this version "
+        f"(config {plan.config.path} is valid); see README.md, section Status"
+    )
+
+
+def run_self_test(plan: Plan) -> int:
+    raise NotBuiltYet(
+        "--self-test is not built yet in this version "
+        f"(config {plan.config.path} is valid); see README.md, section Status"
+    )

@@ -1,0 +1,99 @@
+"""Logging: structlog JSON lines, one object per line.
+
+Every line is `{"timestamp", "level", "message", ...fields}` (compat.md), written to stderr or
+appended to --log-file (then the terminal stays silent). Levels: error, warn, info, debug.
+Secrets never reach a log: keys have redacted reprs, and `_scrub` drops any field whose name
+says it holds one, as a second line of defence.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+from collections.abc import MutableMapping
+from typing import IO, Any
+
+import structlog
+
+LEVELS = {"error": 40, "warn": 30, "info": 20, "debug": 10}
+_NAMES = {
+    "error": "error",
+    "warning": "warn",
+    "warn": "warn",
+    "info": "info",
+    "debug": "debug",
+    "critical": "error",
+    "exception": "error",
+}
+_SECRET_FIELDS = ("private_key", "preshared_key", "secret", "psk", "token")
+
+_stream: IO[str] | None = None
+
+
+def _timestamp(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    now = datetime.datetime.now(datetime.UTC)
+    event["timestamp"] = now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return event
+
+
+def _level(_: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    event["level"] = _NAMES.get(method, method)
+    return event
+
+
+def _scrub(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key in list(event):
+        if any(s in key.lower() for s in _SECRET_FIELDS):
+            event[key] = "<redacted>"
+    return event
+
+
+def _render(_: Any, __: str, event: MutableMapping[str, Any]) -> str:
+    message = event.pop("event", "")
+    out = {"timestamp": event.pop("timestamp"), "level": event.pop("level"), "message": message}
+    out.update(event)
+    return json.dumps(out, default=str, ensure_ascii=False)
+
+
+class _LineWriter:
+    """A structlog logger that writes a line and flushes; the stream is chosen at setup."""
+
+    def msg(self, line: str) -> None:
+        stream = _stream if _stream is not None else sys.stderr
+        try:
+            stream.write(line + "\n")
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed terminal must never take the launcher down
+
+    debug = info = warning = warn = error = critical = exception = log = msg
+
+
+def setup(level: str = "info", log_file: str | None = None) -> None:
+    """Configure logging once, at startup. Raises OSError if the log file cannot be opened."""
+    global _stream
+    # The log file stays open for the whole run; line buffering keeps it current.
+    _stream = None if log_file is None else open(log_file, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            _level,
+            _timestamp,
+            _scrub,
+            _render,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
+        logger_factory=lambda *_: _LineWriter(),
+        cache_logger_on_first_use=False,
+    )
+
+
+def writes_to_file() -> bool:
+    """True when --log-file is in use (the terminal gets no log lines)."""
+    return _stream is not None
+
+
+def get(name: str = "wrapguard") -> Any:
+    """A bound logger for one part of the launcher (the name is not printed)."""
+    return structlog.get_logger(name)
