@@ -1,19 +1,108 @@
 /* wrapguard shim: preloaded into the wrapped program (LD_PRELOAD).
  *
- * For now it only loads and announces itself: when WRAPGUARD_ANNOUNCE_FD names an open
- * file descriptor, the constructor writes one line "wrapguard-shim <version> pid=<pid>\n"
- * to it. It must never change what the program prints or how it behaves otherwise.
- * Later hooks resolve the real calls once with dlsym(RTLD_NEXT) and fall through early.
+ * This file: the one init (environment read once), the real calls resolved with
+ * dlsym(RTLD_NEXT), address helpers and the per-fd table. The hooks are in tcp.c, the control
+ * channel client in ctl.c (docs/channel.md, docs/shim.md).
+ * When WRAPGUARD_ANNOUNCE_FD names an open file descriptor, the constructor writes one line
+ * "wrapguard-shim <version> pid=<pid>\n" to it. Without WRAPGUARD_CTL every hook is inert.
  */
+#include <dlfcn.h>
+#include <stddef.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <arpa/inet.h>
 
-#define WRAPGUARD_SHIM_VERSION "0.1.0"
+#include "shim.h"
 
-__attribute__((visibility("default"))) const char wrapguard_shim_version[] = WRAPGUARD_SHIM_VERSION;
+WG_EXPORT const char wrapguard_shim_version[] = WG_SHIM_VERSION;
+
+struct wg_real wg_real;
+struct wg_config wg_cfg;
+
+/* Per-fd state. Zero-filled BSS: only the pages of fds actually used become resident. */
+static struct wg_fd wg_fds[WG_MAX_FDS];
+
+struct wg_fd *wg_slot(int fd) {
+    if (fd < 0 || fd >= WG_MAX_FDS) return NULL;
+    return &wg_fds[fd];
+}
+
+static int wg_fds_max = -1;
+
+static void note_max(int fd) {
+    int cur = __atomic_load_n(&wg_fds_max, __ATOMIC_RELAXED);
+    while (fd > cur &&
+           !__atomic_compare_exchange_n(&wg_fds_max, &cur, fd, 1, __ATOMIC_RELAXED,
+                                        __ATOMIC_RELAXED)) {
+    }
+}
+
+int wg_slot_max(void) { return __atomic_load_n(&wg_fds_max, __ATOMIC_RELAXED); }
+
+struct wg_fd *wg_slot_set(int fd) {
+    struct wg_fd *s = wg_slot(fd);
+    if (s != NULL) note_max(fd);
+    return s;
+}
+
+void wg_slot_clear(int fd) {
+    struct wg_fd *s = wg_slot(fd);
+    if (s == NULL || (s->kind == WG_NONE && !s->has_local)) return;
+    __atomic_store_n(&s->kind, WG_NONE, __ATOMIC_RELEASE);
+    s->state = WG_OPEN;
+    s->has_local = 0;
+}
+
+void wg_slot_copy(int from, int to) {
+    struct wg_fd *a = wg_slot(from), *b = wg_slot_set(to);
+    if (b == NULL) return;
+    if (a == NULL || (a->kind == WG_NONE && !a->has_local)) {
+        wg_slot_clear(to);
+        return;
+    }
+    memcpy(b, a, sizeof *b);
+}
+
+/* A thread inside dlsym must not re-enter it through a hook (dlsym may call into libc). */
+static __thread int wg_resolving;
+
+#define WG_RESOLVE(name)                                                        \
+    do {                                                                        \
+        if (wg_real.name == NULL) {                                             \
+            void *p = dlsym(RTLD_NEXT, #name);                                  \
+            __atomic_store_n((void **)&wg_real.name, p, __ATOMIC_RELEASE);      \
+        }                                                                       \
+        if (wg_real.name == NULL) missing++;                                    \
+    } while (0)
+
+int wg_resolve(void) {
+    if (wg_real.fcntl != NULL) return 0; /* resolved last: everything else is there */
+    if (wg_resolving) return -1;
+    wg_resolving = 1;
+    int saved = errno, missing = 0;
+    WG_RESOLVE(socket);
+    WG_RESOLVE(connect);
+    WG_RESOLVE(bind);
+    WG_RESOLVE(listen);
+    WG_RESOLVE(accept);
+    WG_RESOLVE(accept4);
+    WG_RESOLVE(getpeername);
+    WG_RESOLVE(getsockname);
+    WG_RESOLVE(getsockopt);
+    WG_RESOLVE(close);
+    WG_RESOLVE(dup);
+    WG_RESOLVE(dup2);
+    WG_RESOLVE(dup3);
+    WG_RESOLVE(fcntl64);
+    if (wg_real.fcntl64 == NULL) missing--; /* older glibc: fcntl only */
+    WG_RESOLVE(fcntl);
+    errno = saved;
+    wg_resolving = 0;
+    return missing ? -1 : 0;
+}
 
 static int parse_fd(const char *s) {
     if (s == NULL || *s == '\0') return -1;
@@ -26,17 +115,170 @@ static int parse_fd(const char *s) {
     return (int)v;
 }
 
-__attribute__((constructor)) static void wrapguard_shim_init(void) {
-    int saved_errno = errno;
-    int fd = parse_fd(getenv("WRAPGUARD_ANNOUNCE_FD"));
-    if (fd >= 0) {
-        char line[96];
-        int n = snprintf(line, sizeof line, "wrapguard-shim %s pid=%ld\n",
-                         WRAPGUARD_SHIM_VERSION, (long)getpid());
-        if (n > 0 && (size_t)n < sizeof line) {
-            ssize_t w = write(fd, line, (size_t)n);
-            (void)w;
-        }
+static int hexval(char c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+static int parse_secret(const char *s, uint8_t out[32]) {
+    if (s == NULL || strlen(s) != 64) return -1;
+    for (int i = 0; i < 32; i++) {
+        int hi = hexval(s[2 * i]), lo = hexval(s[2 * i + 1]);
+        if (hi < 0 || lo < 0) return -1;
+        out[i] = (uint8_t)(hi << 4 | lo);
     }
-    errno = saved_errno;
+    return 0;
+}
+
+/* WRAPGUARD_ADDRS: "10.150.0.2,fd15::2" (an optional /len is ignored). */
+static void parse_addrs(const char *s) {
+    char item[64];
+    while (s != NULL && *s && wg_cfg.naddrs < WG_MAX_ADDRS) {
+        size_t n = strcspn(s, ",");
+        if (n > 0 && n < sizeof item) {
+            memcpy(item, s, n);
+            item[n] = '\0';
+            item[strcspn(item, "/")] = '\0';
+            uint8_t *dst = wg_cfg.addrs[wg_cfg.naddrs].addr;
+            memset(dst, 0, 16);
+            if (inet_pton(AF_INET, item, dst) == 1) {
+                wg_cfg.addrs[wg_cfg.naddrs++].family = 4;
+            } else if (inet_pton(AF_INET6, item, dst) == 1) {
+                wg_cfg.addrs[wg_cfg.naddrs++].family = 6;
+            }
+        }
+        s += n;
+        if (*s == ',') s++;
+    }
+}
+
+static int wg_init_done;
+
+void wg_init(void) {
+    if (__atomic_load_n(&wg_init_done, __ATOMIC_ACQUIRE)) return;
+    int saved = errno;
+    wg_resolve();
+    const char *ctl = getenv("WRAPGUARD_CTL");
+    if (ctl != NULL && *ctl != '\0' && strlen(ctl) < sizeof wg_cfg.ctl.sun_path) {
+        memset(&wg_cfg.ctl, 0, sizeof wg_cfg.ctl);
+        wg_cfg.ctl.sun_family = AF_UNIX;
+        strcpy(wg_cfg.ctl.sun_path, ctl);
+        wg_cfg.ctl_len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + strlen(ctl) + 1);
+        wg_cfg.have_secret = parse_secret(getenv("WRAPGUARD_SECRET"), wg_cfg.secret) == 0;
+        long cap = 0;
+        const char *t = getenv("WRAPGUARD_CONNECT_TIMEOUT");
+        if (t != NULL) cap = strtol(t, NULL, 10);
+        if (cap <= 0 || cap > 3600) cap = 120;
+        wg_cfg.status_timeout_ms = (int)(30 + cap) * 1000;
+        wg_cfg.naddrs = 0;
+        parse_addrs(getenv("WRAPGUARD_ADDRS"));
+        /* A set but broken channel still makes the shim active: in-scope connects then
+         * fail closed (ENETUNREACH) instead of leaking out directly. */
+        wg_cfg.active = 1;
+    }
+    __atomic_store_n(&wg_init_done, 1, __ATOMIC_RELEASE);
+    errno = saved;
+}
+
+static void announce(void) {
+    int fd = parse_fd(getenv("WRAPGUARD_ANNOUNCE_FD"));
+    if (fd < 0) return;
+    char line[96];
+    int n = snprintf(line, sizeof line, "wrapguard-shim %s pid=%ld\n", WG_SHIM_VERSION,
+                     (long)getpid());
+    if (n > 0 && (size_t)n < sizeof line) {
+        ssize_t w = write(fd, line, (size_t)n);
+        (void)w;
+    }
+}
+
+static void hello(void) {
+    uint8_t body[4 + 1 + sizeof WG_SHIM_VERSION];
+    uint32_t pid = htonl((uint32_t)getpid());
+    uint8_t n = (uint8_t)(sizeof WG_SHIM_VERSION - 1);
+    memcpy(body, &pid, 4);
+    body[4] = n;
+    memcpy(body + 5, WG_SHIM_VERSION, n);
+    struct wg_reply rep;
+    (void)wg_ctl_request(WG_HELLO, 0, body, 5u + n, &rep, WG_CTL_TIMEOUT_MS);
+}
+
+__attribute__((constructor)) static void wrapguard_shim_init(void) {
+    int saved = errno;
+    wg_init();
+    announce();
+    if (wg_cfg.active) hello(); /* best effort: one channel round trip */
+    errno = saved;
+}
+
+/* -- addresses ------------------------------------------------------------------------------ */
+
+static const uint8_t v4mapped_prefix[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+
+int wg_addr_from_sockaddr(const struct sockaddr *sa, socklen_t len, struct wg_addr *out) {
+    if (sa == NULL) return -1;
+    memset(out, 0, sizeof *out);
+    if (sa->sa_family == AF_INET && len >= (socklen_t)sizeof(struct sockaddr_in)) {
+        const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
+        out->family = 4;
+        memcpy(out->addr, &in->sin_addr, 4);
+        out->port = ntohs(in->sin_port);
+        return 0;
+    }
+    if (sa->sa_family == AF_INET6 && len >= (socklen_t)sizeof(struct sockaddr_in6)) {
+        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
+        if (memcmp(&in6->sin6_addr, v4mapped_prefix, 12) == 0) {
+            out->family = 4;
+            memcpy(out->addr, (const uint8_t *)&in6->sin6_addr + 12, 4);
+        } else {
+            out->family = 6;
+            memcpy(out->addr, &in6->sin6_addr, 16);
+        }
+        out->port = ntohs(in6->sin6_port);
+        return 0;
+    }
+    return -1;
+}
+
+socklen_t wg_addr_to_sockaddr(const struct wg_addr *a, int sock_family, union wg_sa *out) {
+    memset(out, 0, sizeof *out);
+    if (sock_family == AF_INET) {
+        out->in.sin_family = AF_INET;
+        memcpy(&out->in.sin_addr, a->addr, 4);
+        out->in.sin_port = htons(a->port);
+        return sizeof out->in;
+    }
+    out->in6.sin6_family = AF_INET6;
+    if (a->family == 4) {
+        memcpy(&out->in6.sin6_addr, v4mapped_prefix, 12);
+        memcpy((uint8_t *)&out->in6.sin6_addr + 12, a->addr, 4);
+    } else {
+        memcpy(&out->in6.sin6_addr, a->addr, 16);
+    }
+    out->in6.sin6_port = htons(a->port);
+    return sizeof out->in6;
+}
+
+int wg_addr_is_loopback(const struct wg_addr *a) {
+    static const uint8_t v6lo[16] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1};
+    if (a->family == 4) return a->addr[0] == 127; /* 127/8, also as ::ffff:127/104 */
+    return memcmp(a->addr, v6lo, 16) == 0;
+}
+
+int wg_addr_is_ours(const struct wg_addr *a) {
+    for (int i = 0; i < wg_cfg.naddrs; i++) {
+        if (wg_cfg.addrs[i].family == a->family &&
+            memcmp(wg_cfg.addrs[i].addr, a->addr, a->family == 4 ? 4 : 16) == 0)
+            return 1;
+    }
+    return 0;
+}
+
+void wg_copy_out(struct sockaddr *dst, socklen_t *dstlen, const void *src, socklen_t srclen) {
+    if (dst == NULL || dstlen == NULL) return;
+    socklen_t n = *dstlen < srclen ? *dstlen : srclen;
+    memcpy(dst, src, n);
+    *dstlen = srclen;
 }

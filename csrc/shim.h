@@ -1,0 +1,118 @@
+/* wrapguard shim: declarations shared by the C files (all hidden, see -fvisibility=hidden). */
+#ifndef WRAPGUARD_SHIM_H
+#define WRAPGUARD_SHIM_H
+
+#include <stdint.h>
+#include <sys/socket.h>
+#include <netinet/in.h>
+#include <sys/un.h>
+
+#define WG_SHIM_VERSION "0.2.0"
+#define WG_EXPORT __attribute__((visibility("default")))
+
+/* -- real calls (shim.c): resolved once with dlsym(RTLD_NEXT) ----------------------------- */
+struct wg_real {
+    int (*socket)(int, int, int);
+    int (*connect)(int, const struct sockaddr *, socklen_t);
+    int (*bind)(int, const struct sockaddr *, socklen_t);
+    int (*listen)(int, int);
+    int (*accept)(int, struct sockaddr *, socklen_t *);
+    int (*accept4)(int, struct sockaddr *, socklen_t *, int);
+    int (*getpeername)(int, struct sockaddr *, socklen_t *);
+    int (*getsockname)(int, struct sockaddr *, socklen_t *);
+    int (*getsockopt)(int, int, int, void *, socklen_t *);
+    int (*close)(int);
+    int (*dup)(int);
+    int (*dup2)(int, int);
+    int (*dup3)(int, int, int);
+    int (*fcntl)(int, int, ...);
+    int (*fcntl64)(int, int, ...); /* what _FILE_OFFSET_BITS=64 programs call */
+};
+extern struct wg_real wg_real;
+/* Resolve every real call not resolved yet; 0 when all are there. Safe to call often. */
+int wg_resolve(void);
+
+/* -- configuration from the environment (shim.c), read once ------------------------------- */
+#define WG_MAX_ADDRS 16
+struct wg_config {
+    int active;                       /* WRAPGUARD_CTL set: the hooks work, else all inert */
+    int have_secret;                  /* WRAPGUARD_SECRET was 64 valid hex characters */
+    uint8_t secret[32];
+    struct sockaddr_un ctl;           /* the control socket path */
+    socklen_t ctl_len;
+    int status_timeout_ms;            /* STATUS+WAIT: 30 s + the launcher's connect timeout */
+    int naddrs;                       /* WRAPGUARD_ADDRS: our tunnel addresses */
+    struct { uint8_t family; uint8_t addr[16]; } addrs[WG_MAX_ADDRS];
+};
+extern struct wg_config wg_cfg;
+void wg_init(void);
+
+/* -- addresses: family 4 or 6, 16 bytes (IPv4 in the first 4), port in host order ---------- */
+struct wg_addr {
+    uint8_t family;
+    uint8_t addr[16];
+    uint16_t port;
+};
+/* sockaddr -> wg_addr (v4-mapped IPv6 becomes family 4); -1 if not AF_INET/AF_INET6. */
+int wg_addr_from_sockaddr(const struct sockaddr *sa, socklen_t len, struct wg_addr *out);
+/* wg_addr -> sockaddr in the given socket family (IPv4 in an AF_INET6 socket is v4-mapped). */
+union wg_sa {
+    struct sockaddr sa;
+    struct sockaddr_in in;
+    struct sockaddr_in6 in6;
+};
+socklen_t wg_addr_to_sockaddr(const struct wg_addr *a, int sock_family, union wg_sa *out);
+int wg_addr_is_loopback(const struct wg_addr *a);
+int wg_addr_is_ours(const struct wg_addr *a);
+/* Copy a sockaddr to a caller's buffer as the kernel does: truncate, report the full size. */
+void wg_copy_out(struct sockaddr *dst, socklen_t *dstlen, const void *src, socklen_t srclen);
+
+/* -- per-fd state (shim.c): a fixed table indexed by fd, plain stores only ------------------ */
+enum wg_kind { WG_NONE = 0, WG_TUNNEL = 1, WG_LISTENER = 2, WG_ACCEPTED = 3 };
+enum wg_tstate { WG_OPEN = 0, WG_PENDING = 1, WG_FAILED = 2 };
+struct wg_fd {
+    uint8_t kind;        /* enum wg_kind */
+    uint8_t state;       /* enum wg_tstate, for WG_TUNNEL */
+    uint8_t has_local;   /* `local` is valid (what getsockname reports) */
+    uint8_t token[16];   /* WG_TUNNEL: the data connection's token (for STATUS) */
+    union wg_sa peer;              /* what getpeername reports (caller's form) */
+    socklen_t peer_len;
+    struct wg_addr local;          /* tunnel source (WG_TUNNEL) or requested bind (WG_LISTENER) */
+    struct wg_addr announced;      /* WG_LISTENER: what LISTEN announced (for UNLISTEN) */
+};
+#define WG_MAX_FDS 65536
+struct wg_fd *wg_slot(int fd);     /* NULL when fd is out of the table's range */
+struct wg_fd *wg_slot_set(int fd); /* the same, for a slot about to be written */
+void wg_slot_clear(int fd);
+void wg_slot_copy(int from, int to);
+int wg_slot_max(void); /* highest fd whose slot was ever set, for rare scans */
+
+/* -- control channel (ctl.c) ---------------------------------------------------------------- */
+enum wg_op { WG_HELLO = 1, WG_CONNECT = 2, WG_STATUS = 3, WG_LISTEN = 4, WG_UNLISTEN = 5,
+             WG_PEER = 6 };
+#define WG_FLAG_WAIT 1
+#define WG_CTL_TIMEOUT_MS 5000
+#define WG_MAX_BODY 512
+struct wg_reply {
+    uint8_t op;
+    uint16_t action;
+    int32_t err;
+    uint32_t body_len;
+    uint8_t body[WG_MAX_BODY];
+};
+/* One request on a fresh control connection; 0 with *rep filled, or -1 (unreachable, timeout,
+ * malformed reply, rejected). errno is not preserved: callers save and restore it. */
+int wg_ctl_request(uint8_t op, uint16_t flags, const void *body, uint32_t body_len,
+                   struct wg_reply *rep, int timeout_ms);
+long long wg_now_ms(void);
+/* poll() one fd for `events` until the deadline (EINTR retried); 0 ready, -1 timeout/error. */
+int wg_wait_fd(int fd, short events, long long deadline);
+int wg_write_all(int fd, const uint8_t *buf, size_t len, long long deadline);
+/* Encode an address in the 19-byte wire form. */
+void wg_addr_encode(const struct wg_addr *a, uint8_t out[19]);
+int wg_addr_decode(const uint8_t in[19], struct wg_addr *a);
+/* STATUS for a token: 0 = open, >0 = errno of the failure, -1 = pending (only !wait),
+ * -2 = the channel failed. */
+int wg_status(const uint8_t token[16], int wait);
+
+#endif

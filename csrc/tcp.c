@@ -1,0 +1,443 @@
+/* wrapguard shim: the TCP hooks (docs/shim.md, docs/channel.md "One outbound TCP connect").
+ *
+ * Every hook falls through early to the real call when out of scope: the shim is inert
+ * (WRAPGUARD_CTL unset), the socket is not AF_INET/AF_INET6 SOCK_STREAM, the destination is
+ * loopback, or the fd carries no state of ours. errno is preserved on every path that does
+ * not fail. In-scope connects fail closed (ENETUNREACH) when the channel is unreachable.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "shim.h"
+
+#define REAL(name)                                                             \
+    do {                                                                       \
+        if (wg_real.name == NULL && (wg_resolve(), wg_real.name == NULL)) {    \
+            errno = ENOSYS;                                                    \
+            return -1;                                                         \
+        }                                                                      \
+    } while (0)
+
+/* Domain and type of a socket fd; -1 if not a socket. errno preserved. */
+static int sock_kind(int fd, int *domain, int *type) {
+    if (wg_real.getsockopt == NULL) return -1;
+    int saved = errno;
+    socklen_t l1 = sizeof *domain, l2 = sizeof *type;
+    int r = (wg_real.getsockopt(fd, SOL_SOCKET, SO_DOMAIN, domain, &l1) == 0 &&
+             wg_real.getsockopt(fd, SOL_SOCKET, SO_TYPE, type, &l2) == 0)
+                ? 0
+                : -1;
+    errno = saved;
+    return r;
+}
+
+static int is_inet_stream(int fd, int *domain) {
+    int type = 0;
+    if (sock_kind(fd, domain, &type) != 0) return 0;
+    return (*domain == AF_INET || *domain == AF_INET6) && type == SOCK_STREAM;
+}
+
+/* -- connect -------------------------------------------------------------------------------- */
+
+/* Connect fd (temporarily non-blocking, so the 5 s deadline holds) to one loopback address. */
+static int local_connect(int fd, const union wg_sa *sa, socklen_t len, long long deadline) {
+    if (wg_real.connect(fd, &sa->sa, len) == 0) return 0;
+    if (errno != EINPROGRESS && errno != EINTR && errno != EALREADY) return -1;
+    int err = 0;
+    socklen_t el = sizeof err;
+    if (wg_wait_fd(fd, POLLOUT, deadline) != 0) return -1;
+    if (wg_real.getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &el) != 0 || err != 0) return -1;
+    return 0;
+}
+
+/* Steps 2 of docs/channel.md: connect the program's own fd to the launcher's loopback data
+ * port and send the token. File status flags are restored afterwards. */
+static int local_attach(int fd, int domain, uint16_t port, const uint8_t token[16]) {
+    int fl = wg_real.fcntl(fd, F_GETFL);
+    if (fl < 0) return -1;
+    if (!(fl & O_NONBLOCK) && wg_real.fcntl(fd, F_SETFL, fl | O_NONBLOCK) != 0) return -1;
+    long long deadline = wg_now_ms() + WG_CTL_TIMEOUT_MS;
+    struct wg_addr lo = {.family = 4, .addr = {127, 0, 0, 1}, .port = port};
+    union wg_sa sa;
+    socklen_t len;
+    int rc = -1;
+    if (domain == AF_INET6) {
+        struct wg_addr lo6 = {.family = 6, .addr = {[15] = 1}, .port = port};
+        len = wg_addr_to_sockaddr(&lo6, AF_INET6, &sa);
+        rc = local_connect(fd, &sa, len, deadline);
+        int v6only = 0;
+        socklen_t vl = sizeof v6only;
+        if (rc != 0 &&
+            wg_real.getsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &v6only, &vl) == 0 && !v6only) {
+            len = wg_addr_to_sockaddr(&lo, AF_INET6, &sa); /* ::ffff:127.0.0.1 */
+            rc = local_connect(fd, &sa, len, deadline);
+        }
+    } else {
+        len = wg_addr_to_sockaddr(&lo, AF_INET, &sa);
+        rc = local_connect(fd, &sa, len, deadline);
+    }
+    if (rc == 0) rc = wg_write_all(fd, token, 16, deadline);
+    if (!(fl & O_NONBLOCK)) wg_real.fcntl(fd, F_SETFL, fl);
+    return rc;
+}
+
+static int fail(int err) {
+    errno = err;
+    return -1;
+}
+
+/* connect() again on a tunnelled fd: EALREADY while pending, then EISCONN (as the kernel). */
+static int reconnect(struct wg_fd *s) {
+    if (s->state == WG_PENDING) {
+        int st = wg_status(s->token, 0);
+        if (st == -1) return fail(EALREADY);
+        if (st == -2) return fail(ENETUNREACH);
+        s->state = st == 0 ? WG_OPEN : WG_FAILED;
+        if (st > 0) return fail(st);
+    }
+    return fail(EISCONN);
+}
+
+WG_EXPORT int connect(int fd, const struct sockaddr *sa, socklen_t len) {
+    REAL(connect);
+    wg_init();
+    int saved = errno, domain = 0;
+    struct wg_addr dst;
+    if (!wg_cfg.active || wg_addr_from_sockaddr(sa, len, &dst) != 0 ||
+        wg_addr_is_loopback(&dst) || !is_inet_stream(fd, &domain) || sa->sa_family != domain)
+        return wg_real.connect(fd, sa, len);
+    struct wg_fd *s = wg_slot(fd);
+    if (s != NULL && s->kind == WG_TUNNEL && s->state != WG_FAILED) return reconnect(s);
+
+    uint8_t body[20];
+    body[0] = 6; /* TCP */
+    wg_addr_encode(&dst, body + 1);
+    struct wg_reply rep;
+    if (wg_ctl_request(WG_CONNECT, 0, body, sizeof body, &rep, WG_CTL_TIMEOUT_MS) != 0)
+        return fail(ENETUNREACH); /* fail closed: never fall back to a direct connect */
+    if (rep.action == 0) {
+        errno = saved;
+        return wg_real.connect(fd, sa, len);
+    }
+    if (rep.action != 1 || rep.body_len < 35) return fail(rep.err > 0 ? rep.err : ENETUNREACH);
+
+    struct wg_addr lo, src;
+    int have_src = rep.body_len >= 54 && wg_addr_decode(rep.body + 35, &src) == 0;
+    if (wg_addr_decode(rep.body, &lo) != 0) return fail(ENETUNREACH);
+    int fl = wg_real.fcntl(fd, F_GETFL);
+    if (fl < 0 || local_attach(fd, domain, lo.port, rep.body + 19) != 0) return fail(ENETUNREACH);
+
+    s = wg_slot_set(fd);
+    if (s == NULL) { /* beyond the table: tunnelled, but without getpeername/SO_ERROR state */
+        if (fl & O_NONBLOCK) return fail(EINPROGRESS);
+        int st = wg_status(rep.body + 19, 1);
+        if (st == 0) {
+            errno = saved;
+            return 0;
+        }
+        return fail(st > 0 ? st : ENETUNREACH);
+    }
+    memcpy(s->token, rep.body + 19, 16);
+    memset(&s->peer, 0, sizeof s->peer);
+    s->peer_len = len < sizeof s->peer ? len : (socklen_t)sizeof s->peer;
+    memcpy(&s->peer, sa, s->peer_len);
+    s->has_local = (uint8_t)have_src;
+    if (have_src) s->local = src;
+    s->state = WG_PENDING;
+    __atomic_store_n(&s->kind, WG_TUNNEL, __ATOMIC_RELEASE);
+    if (fl & O_NONBLOCK) return fail(EINPROGRESS);
+
+    int st = wg_status(s->token, 1);
+    if (st == 0) {
+        s->state = WG_OPEN;
+        errno = saved;
+        return 0;
+    }
+    s->state = WG_FAILED;
+    return fail(st > 0 ? st : ENETUNREACH);
+}
+
+/* -- SO_ERROR, getpeername, getsockname ------------------------------------------------------- */
+
+WG_EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *len) {
+    REAL(getsockopt);
+    struct wg_fd *s = wg_slot(fd);
+    if (level != SOL_SOCKET || name != SO_ERROR || s == NULL || s->kind != WG_TUNNEL ||
+        s->state != WG_PENDING)
+        return wg_real.getsockopt(fd, level, name, val, len);
+    int rc = wg_real.getsockopt(fd, level, name, val, len);
+    if (rc != 0 || val == NULL || len == NULL || *len < sizeof(int)) return rc;
+    int saved = errno;
+    int st = wg_status(s->token, 1);
+    int err = st == 0 ? 0 : st > 0 ? st : ENETUNREACH;
+    s->state = err == 0 ? WG_OPEN : WG_FAILED;
+    if (err != 0) *(int *)val = err; /* else keep what the loopback socket says */
+    errno = saved;
+    return 0;
+}
+
+/* The real peer is loopback: our state for this fd is current (not from a reused fd). */
+static int real_peer_is_loopback(const union wg_sa *sa, socklen_t len) {
+    struct wg_addr a;
+    return wg_addr_from_sockaddr(&sa->sa, len, &a) == 0 && wg_addr_is_loopback(&a);
+}
+
+WG_EXPORT int getpeername(int fd, struct sockaddr *addr, socklen_t *addrlen) {
+    REAL(getpeername);
+    struct wg_fd *s = wg_slot(fd);
+    if (s == NULL || (s->kind != WG_TUNNEL && s->kind != WG_ACCEPTED) || addr == NULL ||
+        addrlen == NULL)
+        return wg_real.getpeername(fd, addr, addrlen);
+    int saved = errno;
+    union wg_sa real;
+    socklen_t rl = sizeof real;
+    if (wg_real.getpeername(fd, &real.sa, &rl) != 0) return -1;
+    if (!real_peer_is_loopback(&real, rl)) { /* stale state: the fd was reused behind us */
+        wg_slot_clear(fd);
+        wg_copy_out(addr, addrlen, &real, rl);
+        return 0;
+    }
+    if (s->kind == WG_TUNNEL && s->state == WG_PENDING) {
+        int st = wg_status(s->token, 0); /* the kernel says ENOTCONN while connecting */
+        if (st != 0) {
+            if (st > 0) s->state = WG_FAILED;
+            return fail(ENOTCONN);
+        }
+        s->state = WG_OPEN;
+    }
+    if (s->kind == WG_TUNNEL && s->state == WG_FAILED) return fail(ENOTCONN);
+    wg_copy_out(addr, addrlen, &s->peer, s->peer_len);
+    errno = saved;
+    return 0;
+}
+
+WG_EXPORT int getsockname(int fd, struct sockaddr *addr, socklen_t *addrlen) {
+    REAL(getsockname);
+    struct wg_fd *s = wg_slot(fd);
+    if (s == NULL || !s->has_local || addr == NULL || addrlen == NULL)
+        return wg_real.getsockname(fd, addr, addrlen);
+    union wg_sa real, out;
+    socklen_t rl = sizeof real;
+    if (wg_real.getsockname(fd, &real.sa, &rl) != 0) return -1;
+    if (real.sa.sa_family != AF_INET && real.sa.sa_family != AF_INET6) {
+        wg_copy_out(addr, addrlen, &real, rl);
+        return 0;
+    }
+    struct wg_addr local = s->local;
+    if (s->kind != WG_TUNNEL) { /* a rebound listener: the requested address, the real port */
+        struct wg_addr r;
+        if (wg_addr_from_sockaddr(&real.sa, rl, &r) == 0) local.port = r.port;
+    }
+    socklen_t ol = wg_addr_to_sockaddr(&local, real.sa.sa_family, &out);
+    wg_copy_out(addr, addrlen, &out, ol);
+    return 0;
+}
+
+/* -- bind, listen, accept ------------------------------------------------------------------- */
+
+WG_EXPORT int bind(int fd, const struct sockaddr *sa, socklen_t len) {
+    REAL(bind);
+    wg_init();
+    int domain = 0;
+    struct wg_addr a;
+    if (!wg_cfg.active || wg_cfg.naddrs == 0 || wg_addr_from_sockaddr(sa, len, &a) != 0 ||
+        !wg_addr_is_ours(&a) || !is_inet_stream(fd, &domain) || sa->sa_family != domain)
+        return wg_real.bind(fd, sa, len);
+    /* One of our tunnel addresses: the host does not have it, so bind the wildcard of the same
+     * family (same port); the launcher listens on the tunnel address for us. */
+    union wg_sa any;
+    memset(&any, 0, sizeof any);
+    memcpy(&any, sa, domain == AF_INET ? sizeof any.in : sizeof any.in6);
+    if (domain == AF_INET)
+        memset(&any.in.sin_addr, 0, sizeof any.in.sin_addr);
+    else
+        memset(&any.in6.sin6_addr, 0, sizeof any.in6.sin6_addr);
+    int rc = wg_real.bind(fd, &any.sa, domain == AF_INET ? sizeof any.in : sizeof any.in6);
+    struct wg_fd *s = wg_slot_set(fd);
+    if (rc == 0 && s != NULL) {
+        s->local = a;
+        s->has_local = 1;
+    }
+    return rc;
+}
+
+WG_EXPORT int listen(int fd, int backlog) {
+    REAL(listen);
+    wg_init();
+    int rc = wg_real.listen(fd, backlog);
+    struct wg_fd *s = wg_slot(fd);
+    int domain = 0;
+    if (rc != 0 || !wg_cfg.active || s == NULL || s->kind == WG_LISTENER ||
+        !is_inet_stream(fd, &domain))
+        return rc;
+    int saved = errno;
+    union wg_sa real;
+    socklen_t rl = sizeof real;
+    struct wg_addr a;
+    if (wg_real.getsockname(fd, &real.sa, &rl) == 0 &&
+        wg_addr_from_sockaddr(&real.sa, rl, &a) == 0 && !wg_addr_is_loopback(&a)) {
+        if (s->has_local) {
+            uint16_t port = a.port;
+            a = s->local;
+            a.port = port;
+        }
+        uint8_t body[20];
+        body[0] = 6;
+        wg_addr_encode(&a, body + 1);
+        struct wg_reply rep;
+        if (wg_ctl_request(WG_LISTEN, 0, body, sizeof body, &rep, WG_CTL_TIMEOUT_MS) == 0 &&
+            rep.err == 0) {
+            s = wg_slot_set(fd);
+            s->announced = a;
+            __atomic_store_n(&s->kind, WG_LISTENER, __ATOMIC_RELEASE);
+        }
+    }
+    errno = saved;
+    return rc;
+}
+
+/* After a real accept on an announced listener: map a loopback peer to the tunnel client. */
+static void map_peer(int lfd, int cfd, struct sockaddr *addr, socklen_t *addrlen,
+                     const union wg_sa *real, socklen_t rl) {
+    struct wg_fd *ls = wg_slot(lfd), *cs = wg_slot_set(cfd);
+    struct wg_addr peer;
+    int mapped = 0;
+    if (cs != NULL) wg_slot_clear(cfd);
+    if (ls != NULL && ls->kind == WG_LISTENER && real_peer_is_loopback(real, rl) &&
+        wg_addr_from_sockaddr(&real->sa, rl, &peer) == 0) {
+        uint8_t body[19];
+        wg_addr_encode(&peer, body);
+        struct wg_reply rep;
+        if (wg_ctl_request(WG_PEER, 0, body, sizeof body, &rep, WG_CTL_TIMEOUT_MS) == 0 &&
+            rep.action == 0 && rep.body_len >= 19 && wg_addr_decode(rep.body, &peer) == 0) {
+            union wg_sa out;
+            socklen_t ol = wg_addr_to_sockaddr(&peer, real->sa.sa_family, &out);
+            if (cs != NULL) {
+                cs->peer = out;
+                cs->peer_len = ol;
+                __atomic_store_n(&cs->kind, WG_ACCEPTED, __ATOMIC_RELEASE);
+            }
+            wg_copy_out(addr, addrlen, &out, ol);
+            mapped = 1;
+        }
+    }
+    if (!mapped) wg_copy_out(addr, addrlen, real, rl);
+}
+
+static int do_accept(int fd, struct sockaddr *addr, socklen_t *addrlen, int flags, int four) {
+    struct wg_fd *ls = wg_slot(fd);
+    if (ls == NULL || ls->kind != WG_LISTENER) {
+        int c = four ? wg_real.accept4(fd, addr, addrlen, flags) : wg_real.accept(fd, addr, addrlen);
+        if (c >= 0) wg_slot_clear(c);
+        return c;
+    }
+    union wg_sa real;
+    socklen_t rl = sizeof real;
+    int c = four ? wg_real.accept4(fd, &real.sa, &rl, flags) : wg_real.accept(fd, &real.sa, &rl);
+    if (c < 0) return c;
+    int saved = errno;
+    map_peer(fd, c, addr, addrlen, &real, rl);
+    errno = saved;
+    return c;
+}
+
+WG_EXPORT int accept(int fd, struct sockaddr *addr, socklen_t *addrlen) {
+    REAL(accept);
+    return do_accept(fd, addr, addrlen, 0, 0);
+}
+
+WG_EXPORT int accept4(int fd, struct sockaddr *addr, socklen_t *addrlen, int flags) {
+    REAL(accept4);
+    return do_accept(fd, addr, addrlen, flags, 1);
+}
+
+/* -- fd bookkeeping: socket, close, dup ------------------------------------------------------- */
+
+WG_EXPORT int socket(int domain, int type, int protocol) {
+    REAL(socket);
+    int fd = wg_real.socket(domain, type, protocol);
+    if (fd >= 0) wg_slot_clear(fd); /* no state survives from an fd closed behind our back */
+    return fd;
+}
+
+/* The last fd of this process announcing `a`? (dup'ed listeners share one announcement.) */
+static int last_listener(int fd, const struct wg_addr *a) {
+    int max = wg_slot_max();
+    for (int i = 0; i <= max; i++) {
+        struct wg_fd *o = wg_slot(i);
+        if (i != fd && o != NULL && o->kind == WG_LISTENER &&
+            memcmp(&o->announced, a, sizeof *a) == 0)
+            return 0;
+    }
+    return 1;
+}
+
+WG_EXPORT int close(int fd) {
+    REAL(close);
+    struct wg_fd *s = wg_slot(fd);
+    if (s == NULL || (s->kind == WG_NONE && !s->has_local)) return wg_real.close(fd);
+    int unlisten = s->kind == WG_LISTENER && last_listener(fd, &s->announced);
+    struct wg_addr a = s->announced;
+    wg_slot_clear(fd);
+    int rc = wg_real.close(fd);
+    if (unlisten) {
+        int saved = errno;
+        uint8_t body[20];
+        body[0] = 6;
+        wg_addr_encode(&a, body + 1);
+        struct wg_reply rep;
+        (void)wg_ctl_request(WG_UNLISTEN, 0, body, sizeof body, &rep, WG_CTL_TIMEOUT_MS);
+        errno = saved;
+    }
+    return rc;
+}
+
+WG_EXPORT int dup(int fd) {
+    REAL(dup);
+    int nfd = wg_real.dup(fd);
+    if (nfd >= 0) wg_slot_copy(fd, nfd);
+    return nfd;
+}
+
+WG_EXPORT int dup2(int fd, int nfd) {
+    REAL(dup2);
+    int rc = wg_real.dup2(fd, nfd);
+    if (rc >= 0 && rc != fd) wg_slot_copy(fd, rc);
+    return rc;
+}
+
+WG_EXPORT int dup3(int fd, int nfd, int flags) {
+    REAL(dup3);
+    int rc = wg_real.dup3(fd, nfd, flags);
+    if (rc >= 0) wg_slot_copy(fd, rc);
+    return rc;
+}
+
+/* F_DUPFD and F_DUPFD_CLOEXEC duplicate too (Python's socket.dup() uses the latter). */
+static int fcntl_common(int (*real)(int, int, ...), int fd, int cmd, void *arg) {
+    int rc = real(fd, cmd, arg);
+    if (rc >= 0 && (cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC)) wg_slot_copy(fd, rc);
+    return rc;
+}
+
+WG_EXPORT int fcntl(int fd, int cmd, ...) {
+    REAL(fcntl);
+    va_list ap;
+    va_start(ap, cmd);
+    void *arg = va_arg(ap, void *); /* as glibc does: every fcntl argument fits a pointer */
+    va_end(ap);
+    return fcntl_common(wg_real.fcntl, fd, cmd, arg);
+}
+
+WG_EXPORT int fcntl64(int fd, int cmd, ...) {
+    REAL(fcntl);
+    va_list ap;
+    va_start(ap, cmd);
+    void *arg = va_arg(ap, void *);
+    va_end(ap);
+    return fcntl_common(wg_real.fcntl64 ? wg_real.fcntl64 : wg_real.fcntl, fd, cmd, arg);
+}

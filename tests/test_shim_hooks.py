@@ -1,0 +1,607 @@
+"""Real programs under the shim talk through the real channel server to a fake backend.
+
+The fake backend "tunnels" 10.150.0.0/24 and fd15::/64 by opening a loopback TCP connection to a
+test server on 127.0.0.1 (same port), fails 10.150.0.99 with ECONNREFUSED and 10.150.0.98 with
+ETIMEDOUT after a short delay, and answers DIRECT otherwise. Every destination used here is
+either tunnelled/failed by the fake backend or local: nothing leaves the machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Coroutine, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
+from subprocess import DEVNULL, PIPE
+from typing import Any, TypeVar
+
+import pytest
+
+from wrapguard import shim
+from wrapguard.runtime.channel import ChannelServer, Decision
+from wrapguard.wire.ipc import Action, Address, Proto
+
+T = TypeVar("T")
+TUNNELLED = [ip_network("10.150.0.0/24"), ip_network("fd15::/64")]
+REFUSED = ip_address("10.150.0.99")
+SLOW_FAIL = ip_address("10.150.0.98")
+PAGE = b"hello from behind the tunnel\n"
+SOURCE4 = Address(IPv4Address("10.150.0.2"), 41000)
+SOURCE6 = Address(IPv6Address("fd15::2"), 41000)
+
+
+@dataclass
+class FakeBackend:
+    loop: asyncio.AbstractEventLoop
+    routes: list[Address] = field(default_factory=list)
+    hellos: list[int] = field(default_factory=list)
+    listens: list[Address] = field(default_factory=list)
+    unlistens: list[Address] = field(default_factory=list)
+    peers: dict[Address, Address] = field(default_factory=dict)
+    futures: dict[bytes, asyncio.Future[int]] = field(default_factory=dict)
+    upstreams: dict[bytes, asyncio.Future[tuple[Any, Any] | None]] = field(default_factory=dict)
+    expired: list[bytes] = field(default_factory=list)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def hello(self, pid: int, version: str) -> None:
+        self.hellos.append(pid)
+
+    def route(self, proto: Proto, dst: Address) -> Decision:
+        self.routes.append(dst)
+        if dst.ip == REFUSED:
+            return Decision(Action.FAIL, errno.ECONNREFUSED)
+        if any(dst.ip in net for net in TUNNELLED):
+            return Decision(Action.TUNNEL)
+        return Decision(Action.DIRECT)
+
+    def open_tcp(self, dst: Address, token: bytes) -> Address | None:
+        status: asyncio.Future[int] = self.loop.create_future()
+        upstream: asyncio.Future[tuple[Any, Any] | None] = self.loop.create_future()
+        self.futures[token], self.upstreams[token] = status, upstream
+        if dst.ip == SLOW_FAIL:
+            self.loop.call_later(0.3, status.set_result, errno.ETIMEDOUT)
+            upstream.set_result(None)
+        else:
+            self._spawn(self._open(dst.port, status, upstream))
+        return SOURCE4 if dst.family == 4 else SOURCE6
+
+    async def _open(
+        self, port: int, status: asyncio.Future[int], upstream: asyncio.Future[Any]
+    ) -> None:
+        try:
+            streams = await asyncio.open_connection("127.0.0.1", port)
+        except OSError as exc:
+            status.set_result(exc.errno or errno.ECONNREFUSED)
+            upstream.set_result(None)
+            return
+        status.set_result(0)
+        upstream.set_result(streams)
+
+    def tcp_attached(
+        self, token: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self._spawn(self._relay(self.upstreams[token], reader, writer))
+
+    async def _relay(
+        self, upstream: asyncio.Future[Any], reader: asyncio.StreamReader, writer: Any
+    ) -> None:
+        streams = await upstream
+        if streams is None:  # failed: reset the program's loopback side (docs/channel.md)
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+            writer.transport.abort()
+            return
+        ureader, uwriter = streams
+        await asyncio.gather(pump(reader, uwriter), pump(ureader, writer))
+
+    def token_expired(self, token: bytes) -> None:
+        self.expired.append(token)
+
+    def status(self, token: bytes) -> asyncio.Future[int] | None:
+        return self.futures.get(token)
+
+    def listen(self, proto: Proto, addr: Address) -> None:
+        self.listens.append(addr)
+
+    def unlisten(self, proto: Proto, addr: Address) -> None:
+        self.unlistens.append(addr)
+
+    def peer_of(self, loopback: Address) -> Address | None:
+        return self.peers.get(loopback)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+
+async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+    except OSError:
+        writer.close()
+
+
+async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """HTTP/1.0 for GET, otherwise an echo server."""
+    try:
+        line = await reader.readline()
+        if line.startswith(b"GET "):
+            while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+                pass
+            head = f"HTTP/1.0 200 OK\r\nContent-Length: {len(PAGE)}\r\n\r\n".encode()
+            writer.write(head + PAGE)
+        else:
+            writer.write(line)
+            while data := await reader.read(65536):
+                writer.write(data)
+        await writer.drain()
+    except OSError:
+        pass
+    finally:
+        writer.close()
+
+
+@dataclass
+class World:
+    loop: asyncio.AbstractEventLoop
+    backend: FakeBackend
+    server: ChannelServer
+    port: int
+    isolated: bool
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 15) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env["LD_PRELOAD"] = shim.preload_value(env.get("LD_PRELOAD"), shim.shim_path())
+        env.update(self.server.env())
+        env.update(extra)
+        return env
+
+    def run(
+        self, argv: list[str], timeout: float = 20, **extra: str
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Run a program from the loop thread, so that it inherits the loop's namespace."""
+
+        async def go() -> subprocess.CompletedProcess[bytes]:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, env=self.env(**extra), stdout=PIPE, stderr=PIPE, stdin=DEVNULL
+            )
+            try:
+                out, err = await asyncio.wait_for(proc.communicate(), timeout)
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+            assert proc.returncode is not None
+            return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+        return self.call(go(), timeout + 5)
+
+    def python(self, code: str, timeout: float = 20, **extra: str) -> Any:
+        argv = [sys.executable, "-c", textwrap.dedent(code), str(self.port)]
+        proc = self.run(argv, timeout, **extra)
+        assert proc.returncode == 0, proc.stderr.decode()
+        return json.loads(proc.stdout)
+
+
+CLONE_NEWNET = 0x40000000
+
+
+def loop_thread(loop: asyncio.AbstractEventLoop, started: Future[bool]) -> None:
+    """Run the loop; as root first move this thread into a fresh network namespace (with
+    only loopback), so that whatever the shim got wrong cannot leave the machine."""
+    isolated = False
+    if os.geteuid() == 0:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.unshare(CLONE_NEWNET) != 0:
+            started.set_exception(OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)"))
+            return
+        isolated = True
+    asyncio.set_event_loop(loop)
+    started.set_result(isolated)
+    loop.run_forever()
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[World]:
+    loop = asyncio.new_event_loop()
+    started: Future[bool] = Future()
+    thread = threading.Thread(target=loop_thread, args=(loop, started), daemon=True)
+    thread.start()
+    isolated = started.result(10)
+    backend = FakeBackend(loop)
+
+    async def setup() -> tuple[ChannelServer, asyncio.Server]:
+        if isolated:
+            ip = await asyncio.create_subprocess_exec("ip", "link", "set", "lo", "up")
+            assert await ip.wait() == 0
+        srv = await asyncio.start_server(serve, "127.0.0.1", 0)
+        channel = ChannelServer(
+            backend,
+            secret=os.urandom(32),
+            uid=os.getuid(),
+            connect_timeout=5,
+            tunnel_addrs=[IPv4Address("10.150.0.2"), IPv6Address("fd15::2")],
+        )
+        await channel.start()
+        return channel, srv
+
+    channel, srv = asyncio.run_coroutine_threadsafe(setup(), loop).result(10)
+    try:
+        yield World(loop, backend, channel, srv.sockets[0].getsockname()[1], isolated)
+    finally:
+        loop.call_soon_threadsafe(channel.close)
+        loop.call_soon_threadsafe(srv.close)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+
+
+CONNECT_ECHO = """
+    import json, socket, sys
+    port = int(sys.argv[1])
+    s = socket.socket(FAMILY)
+    s.connect((HOST, port))
+    s.sendall(b"ping\\n")
+    data = s.recv(100)
+    print(json.dumps({"echo": data.decode(), "peer": s.getpeername()[:2],
+                      "local": s.getsockname()[:2]}))
+"""
+
+
+@pytest.mark.root
+def test_children_run_in_a_private_network_namespace_as_root(world: World) -> None:
+    assert world.isolated
+    out = world.run(["readlink", "/proc/self/ns/net"])
+    assert out.returncode == 0 and out.stdout.strip() != os.readlink("/proc/self/ns/net").encode()
+
+
+def test_curl_fetches_a_page_through_the_tunnel_path(world: World) -> None:
+    before = len(world.backend.routes)
+    out = world.run(["curl", "-sS", "--max-time", "10", f"http://10.150.0.1:{world.port}/"])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == PAGE
+    assert world.backend.routes[before:] == [Address(IPv4Address("10.150.0.1"), world.port)]
+    assert world.backend.hellos, "the shim says HELLO when it starts"
+
+
+def test_python_blocking_connect_and_getpeername(world: World) -> None:
+    code = CONNECT_ECHO.replace("FAMILY", "socket.AF_INET").replace("HOST", "'10.150.0.1'")
+    out = world.python(code)
+    assert out["echo"] == "ping\n"
+    assert out["peer"] == ["10.150.0.1", world.port]
+    assert out["local"] == ["10.150.0.2", SOURCE4.port]
+
+
+def test_ipv6_destination(world: World) -> None:
+    code = CONNECT_ECHO.replace("FAMILY", "socket.AF_INET6").replace("HOST", "'fd15::1'")
+    out = world.python(code)
+    assert out["echo"] == "ping\n"
+    assert out["peer"] == ["fd15::1", world.port]
+    assert out["local"] == ["fd15::2", SOURCE6.port]
+    curl = world.run(["curl", "-sS", "--max-time", "10", f"http://[fd15::1]:{world.port}/"])
+    assert curl.returncode == 0 and curl.stdout == PAGE, curl.stderr
+
+
+def test_asyncio_client_non_blocking(world: World) -> None:
+    out = world.python(
+        """
+        import asyncio, json, sys
+        async def main():
+            r, w = await asyncio.open_connection("10.150.0.1", int(sys.argv[1]))
+            w.write(b"async\\n")
+            line = await r.readline()
+            peer = w.get_extra_info("peername")[:2]
+            w.close()
+            try:
+                await asyncio.open_connection("10.150.0.98", int(sys.argv[1]))
+                err = 0
+            except OSError as exc:
+                err = exc.errno
+            return {"line": line.decode(), "peer": peer, "slow_fail": err}
+        print(json.dumps(asyncio.run(main())))
+        """
+    )
+    assert out == {
+        "line": "async\n",
+        "peer": ["10.150.0.1", world.port],
+        "slow_fail": errno.ETIMEDOUT,
+    }
+
+
+def test_node_net_connect(world: World) -> None:
+    node = shutil.which("node")
+    assert node is not None, "node is part of the test environment"
+    script = """
+        const net = require("net");
+        const s = net.connect(Number(process.argv.at(-1)), "10.150.0.1", () => s.write("node\\n"));
+        s.on("data", (d) => {
+            console.log(JSON.stringify({data: d.toString(), peer: s.remoteAddress}));
+            s.destroy();
+        });
+        s.on("error", (e) => { console.log(JSON.stringify({error: e.code})); });
+    """
+    out = world.run([node, "-e", textwrap.dedent(script), "--", str(world.port)])
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"data": "node\n", "peer": "10.150.0.1"}
+
+
+def test_refused_fails_fast_blocking_and_non_blocking(world: World) -> None:
+    out = world.python(
+        """
+        import json, socket, sys, time
+        port = int(sys.argv[1])
+        start = time.monotonic()
+        s = socket.socket()
+        blocking = s.connect_ex(("10.150.0.99", port))
+        t = socket.socket()
+        t.setblocking(False)
+        nonblocking = t.connect_ex(("10.150.0.99", port))
+        print(json.dumps([blocking, nonblocking, time.monotonic() - start]))
+        """
+    )
+    assert out[:2] == [errno.ECONNREFUSED, errno.ECONNREFUSED]
+    assert out[2] < 0.5  # one channel round trip each, no waiting
+    curl = world.run(["curl", "-sS", "--max-time", "10", f"http://10.150.0.99:{world.port}/"])
+    assert curl.returncode == 7, curl.stderr  # CURLE_COULDNT_CONNECT
+
+
+def test_timed_out_blocking_and_via_so_error(world: World) -> None:
+    out = world.python(
+        """
+        import json, socket, sys, select
+        port = int(sys.argv[1])
+        s = socket.socket()
+        blocking = s.connect_ex(("10.150.0.98", port))
+        t = socket.socket()
+        t.setblocking(False)
+        first = t.connect_ex(("10.150.0.98", port))
+        select.select([], [t], [], 5)
+        so_error = t.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        try:
+            t.getpeername()
+            peer = 0
+        except OSError as exc:
+            peer = exc.errno
+        print(json.dumps([blocking, first, so_error, peer]))
+        """
+    )
+    assert out == [errno.ETIMEDOUT, errno.EINPROGRESS, errno.ETIMEDOUT, errno.ENOTCONN]
+
+
+def test_connect_again_reports_ealready_then_eisconn(world: World) -> None:
+    out = world.python(
+        """
+        import errno, json, socket, sys, time
+        port = int(sys.argv[1])
+        slow = socket.socket()
+        slow.setblocking(False)
+        first = slow.connect_ex(("10.150.0.98", port))
+        again = slow.connect_ex(("10.150.0.98", port))
+        ok = socket.socket()
+        ok.setblocking(False)
+        ok.connect_ex(("10.150.0.1", port))
+        deadline = time.monotonic() + 5
+        while (r := ok.connect_ex(("10.150.0.1", port))) == errno.EALREADY:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        print(json.dumps([first, again, r]))
+        """
+    )
+    assert out == [errno.EINPROGRESS, errno.EALREADY, errno.EISCONN]
+
+
+def test_loopback_never_asks_the_launcher(world: World) -> None:
+    routes, requests = len(world.backend.routes), world.server.stats.requests
+    out = world.python(
+        CONNECT_ECHO.replace("FAMILY", "socket.AF_INET").replace("HOST", "'127.0.0.1'")
+    )
+    assert out["echo"] == "ping\n" and out["peer"] == ["127.0.0.1", world.port]
+    assert len(world.backend.routes) == routes
+    assert world.server.stats.requests == requests + 1  # the HELLO only
+
+
+def test_direct_decision_makes_the_real_call(world: World) -> None:
+    # 0.0.0.0 is not loopback for the shim, the fake backend says DIRECT, and the kernel
+    # connects a 0.0.0.0 destination to this host: a real DIRECT connect that stays local.
+    routes = len(world.backend.routes)
+    out = world.python(
+        CONNECT_ECHO.replace("FAMILY", "socket.AF_INET").replace("HOST", "'0.0.0.0'")
+    )
+    assert out["echo"] == "ping\n" and out["peer"] == ["127.0.0.1", world.port]
+    assert world.backend.routes[routes:] == [Address(IPv4Address("0.0.0.0"), world.port)]
+
+
+def test_dup_carries_the_virtual_peer(world: World) -> None:
+    out = world.python(
+        """
+        import json, os, socket, sys
+        s = socket.create_connection(("10.150.0.1", int(sys.argv[1])))
+        d = s.dup()
+        fd = os.dup2(s.fileno(), 100)
+        e = socket.socket(fileno=fd)
+        s.close()
+        print(json.dumps([d.getpeername(), e.getpeername()]))
+        """
+    )
+    assert out == [["10.150.0.1", world.port]] * 2
+
+
+def listen_script(bind_host: str) -> str:
+    return f"""
+        import json, socket, sys
+        srv = socket.socket(socket.AF_INET6 if ":" in "{bind_host}" else socket.AF_INET)
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind(("{bind_host}", 0))
+        srv.listen(5)
+        print(srv.getsockname()[1], flush=True)
+        c, addr = srv.accept()
+        out = {{"accepted": addr[:2], "peer": c.getpeername()[:2],
+                "bound": srv.getsockname()[0]}}
+        c.close()
+        srv.close()
+        print(json.dumps(out), flush=True)
+    """
+
+
+@pytest.mark.parametrize("bind_host", ["0.0.0.0", "10.150.0.2", "::", "fd15::2"])
+def test_listen_is_announced_and_accept_reports_the_tunnel_peer(
+    world: World, bind_host: str
+) -> None:
+    before = len(world.backend.listens)
+    v6 = ":" in bind_host
+    mapped = Address(IPv4Address("10.150.0.7"), 40007)  # a v4 client, also for a v6 listener
+
+    async def go() -> tuple[int, dict[str, Any]]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            textwrap.dedent(listen_script(bind_host)),
+            env=world.env(),
+            stdout=PIPE,
+            stderr=PIPE,
+        )
+        try:
+            assert proc.stdout is not None and proc.stderr is not None
+            port = int(await asyncio.wait_for(proc.stdout.readline(), 10))
+            # The launcher's side: a loopback connection whose source it maps to a tunnel peer.
+            lo = "::1" if v6 else "127.0.0.1"
+            client = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET)
+            client.setblocking(False)
+            client.bind((lo, 0))
+            here = client.getsockname()
+            world.backend.peers[Address(ip_address(here[0]), here[1])] = mapped
+            await asyncio.get_running_loop().sock_connect(client, (lo, port))
+            out = json.loads(await asyncio.wait_for(proc.stdout.readline(), 10))
+            client.close()
+            rc = await asyncio.wait_for(proc.wait(), 10)
+            assert rc == 0, await proc.stderr.read()
+            return port, out
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+    port, out = world.call(go(), 30)
+    announced = [Address(ip_address(bind_host), port)]
+    assert world.backend.listens[before:] == announced
+    client = ["::ffff:10.150.0.7" if v6 else "10.150.0.7", 40007]
+    assert out["accepted"] == client
+    assert out["peer"] == client
+    assert out["bound"] == bind_host
+    assert world.backend.unlistens[-1:] == announced  # close() said UNLISTEN before exiting
+
+
+def test_getpeername_truncates_like_the_kernel_and_errno_is_preserved(world: World) -> None:
+    out = world.python(
+        """
+        import ctypes, json, socket, sys
+        libc = ctypes.CDLL(None, use_errno=True)
+        s = socket.socket()
+        ctypes.set_errno(77)
+        port = int(sys.argv[1]).to_bytes(2, "big")
+        sin = bytes([2, 0]) + port + bytes([10, 150, 0, 1]) + bytes(8)
+        rc = libc.connect(s.fileno(), sin, len(sin))
+        after_connect = ctypes.get_errno()
+        buf = ctypes.create_string_buffer(16)
+        n = ctypes.c_uint32(6)
+        ctypes.set_errno(78)
+        rc2 = libc.getpeername(s.fileno(), buf, ctypes.byref(n))
+        print(json.dumps([rc, after_connect, rc2, ctypes.get_errno(), n.value, buf.raw[:8].hex()]))
+        """
+    )
+    port = world.port.to_bytes(2, "big").hex()
+    assert out == [0, 77, 0, 78, 16, "0200" + port + "0a96" + "0000"]
+
+
+@pytest.mark.root
+def test_inert_without_ctl_and_udp_untouched(world: World) -> None:
+    # Only in the private namespace (no routes): a real connect to 10.150.0.1 fails there.
+    assert world.isolated
+    routes = len(world.backend.routes)
+    code = """
+        import json, socket, sys
+        port = int(sys.argv[1])
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp = u.connect_ex(("10.150.0.1", port))
+        t = socket.socket()
+        tcp = t.connect_ex(("10.150.0.1", port)) if len(sys.argv) > 2 else None
+        print(json.dumps([udp, tcp]))
+    """
+    assert world.python(code) == [errno.ENETUNREACH, None]  # UDP: the kernel's own answer
+    argv = [sys.executable, "-c", textwrap.dedent(code), str(world.port), "tcp"]
+    proc = world.run(argv, WRAPGUARD_CTL="")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [errno.ENETUNREACH, errno.ENETUNREACH]
+    assert len(world.backend.routes) == routes
+
+
+def test_forked_child_is_still_wrapped(world: World) -> None:
+    out = world.python(
+        """
+        import json, os, socket, sys
+        port = int(sys.argv[1])
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            s = socket.create_connection(("10.150.0.1", port))
+            s.sendall(b"child\\n")
+            os.write(w, json.dumps([s.recv(100).decode(), s.getpeername()]).encode())
+            os._exit(0)
+        os.close(w)
+        data = os.read(r, 1000)
+        os.waitpid(pid, 0)
+        print(data.decode())
+        """
+    )
+    assert out == ["child\n", ["10.150.0.1", world.port]]
+
+
+def test_twenty_threads_connect_at_once(world: World) -> None:
+    out = world.python(
+        """
+        import json, socket, sys, threading
+        port = int(sys.argv[1])
+        results, barrier = [], threading.Barrier(20)
+        def one(i):
+            barrier.wait()
+            s = socket.create_connection(("10.150.0.1", port), timeout=10)
+            s.sendall(b"t%d\\n" % i)
+            results.append((s.recv(100) == b"t%d\\n" % i, s.getpeername()[0]))
+            s.close()
+        ts = [threading.Thread(target=one, args=(i,)) for i in range(20)]
+        [t.start() for t in ts]
+        [t.join() for t in ts]
+        print(json.dumps(results))
+        """
+    )
+    assert out == [[True, "10.150.0.1"]] * 20
+
+
+def test_unreachable_channel_fails_closed(world: World, tmp_path: Any) -> None:
+    code = """
+        import json, socket, sys
+        s = socket.socket()
+        print(json.dumps(s.connect_ex(("10.150.0.1", int(sys.argv[1])))))
+    """
+    assert world.python(code, WRAPGUARD_CTL=str(tmp_path / "gone.sock")) == errno.ENETUNREACH
+    bad = world.server.stats.bad_secret
+    assert world.python(code, WRAPGUARD_SECRET="00" * 32) == errno.ENETUNREACH
+    assert world.server.stats.bad_secret >= bad + 2  # the HELLO and the CONNECT

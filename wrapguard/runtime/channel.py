@@ -1,0 +1,371 @@
+"""The launcher's side of the local channel (docs/channel.md): control socket and data listener.
+
+`ChannelServer` owns a private 0700 directory with the unix control socket `ctl.sock` (0600),
+checks every request's uid (SO_PEERCRED) and secret, answers it through a `ChannelBackend`
+(the launcher's routing and tunnel), and runs a loopback data listener (127.0.0.1 and ::1, one
+ephemeral port) that admits only connections presenting a live one-time token. Rejections are
+counted in `ChannelStats` and never answered. Frames are encoded by `wrapguard.wire.ipc`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import errno
+import math
+import os
+import secrets
+import shutil
+import socket
+import struct
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
+from typing import Protocol
+
+import structlog
+
+from wrapguard.errors import DecodeError, WrapguardError
+from wrapguard.wire.ipc import (
+    PREFIX_LEN,
+    TOKEN_LEN,
+    Action,
+    Address,
+    ConnectReply,
+    ConnectRequest,
+    HelloReply,
+    HelloRequest,
+    ListenReply,
+    ListenRequest,
+    PeerAction,
+    PeerReply,
+    PeerRequest,
+    Proto,
+    Reply,
+    Request,
+    StatusAction,
+    StatusReply,
+    StatusRequest,
+    UnlistenReply,
+    UnlistenRequest,
+    emit_reply,
+    frame_body_len,
+    parse_request,
+    secret_matches,
+)
+
+__all__ = [
+    "ENV_ADDRS",
+    "ENV_CONNECT_TIMEOUT",
+    "ENV_CTL",
+    "ENV_SECRET",
+    "ChannelBackend",
+    "ChannelServer",
+    "ChannelStats",
+    "Decision",
+]
+
+log = structlog.get_logger("wrapguard.channel")
+
+ENV_CTL = "WRAPGUARD_CTL"
+ENV_SECRET = "WRAPGUARD_SECRET"
+ENV_CONNECT_TIMEOUT = "WRAPGUARD_CONNECT_TIMEOUT"
+ENV_ADDRS = "WRAPGUARD_ADDRS"
+LOCAL_STEP_TIMEOUT = 5.0  # docs/channel.md: a request or a token must arrive within 5 s
+TOKEN_TTL = 10.0  # a token not presented by then is dropped and counted
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The routing answer for one CONNECT (`errno` only for FAIL)."""
+
+    action: Action
+    errno: int = 0
+
+
+class ChannelBackend(Protocol):
+    """What the launcher plugs in; every method is called on the event loop."""
+
+    def hello(self, pid: int, version: str) -> None: ...
+
+    def route(self, proto: Proto, dst: Address) -> Decision: ...
+
+    def open_tcp(self, dst: Address, token: bytes) -> Address | None:
+        """Start the tunnel connection for `token`; return our tunnel source address (what the
+        program's getsockname() reports) if already known. Raise OSError to fail the connect."""
+        ...
+
+    def tcp_attached(
+        self, token: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """The program's loopback side of `token` arrived (the token is already consumed)."""
+        ...
+
+    def token_expired(self, token: bytes) -> None:
+        """`token` was never presented within TOKEN_TTL: abandon its tunnel connection."""
+        ...
+
+    def status(self, token: bytes) -> asyncio.Future[int] | None:
+        """A future resolving to 0 (open) or the errno of the failure; None if unknown."""
+        ...
+
+    def listen(self, proto: Proto, addr: Address) -> None:
+        """Listen on `addr.port` of our tunnel addresses. Raise OSError to refuse."""
+        ...
+
+    def unlisten(self, proto: Proto, addr: Address) -> None: ...
+
+    def peer_of(self, loopback: Address) -> Address | None:
+        """The tunnel client behind a loopback connection we made to the program."""
+        ...
+
+
+@dataclass(slots=True)
+class ChannelStats:
+    """Counters of requests served and of everything rejected (never answered)."""
+
+    requests: int = 0
+    bad_secret: int = 0
+    bad_uid: int = 0
+    malformed: int = 0
+    bad_token: int = 0  # a data connection sent an unknown or used token
+    no_token: int = 0  # a data connection sent no token within 5 s
+    unused_token: int = 0  # a token handed out but never presented
+
+
+def _runtime_parent() -> str:
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isdir(xdg) and os.access(xdg, os.W_OK | os.X_OK):
+        return xdg
+    return tempfile.gettempdir()
+
+
+class ChannelServer:
+    """Control socket + loopback data listener; `start()`, then `env()` for the child."""
+
+    def __init__(
+        self,
+        backend: ChannelBackend,
+        *,
+        secret: bytes,
+        uid: int,
+        connect_timeout: float = 120.0,
+        tunnel_addrs: Sequence[IPv4Address | IPv6Address] = (),
+        token_source: Callable[[int], bytes] = secrets.token_bytes,
+        token_ttl: float = TOKEN_TTL,
+    ) -> None:
+        if len(secret) != 32:
+            raise ValueError("the channel secret is 32 bytes")
+        self._backend = backend
+        self._secret = secret
+        self._uid = uid
+        self._connect_timeout = connect_timeout
+        self._addrs = tuple(tunnel_addrs)
+        self._token_source = token_source
+        self._token_ttl = token_ttl
+        self._tokens: dict[bytes, asyncio.TimerHandle] = {}
+        self._servers: list[asyncio.Server] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.stats = ChannelStats()
+        self.directory: str | None = None
+        self.ctl_path: str | None = None
+        self.data_port = 0
+        self._has_v6 = False
+
+    def __repr__(self) -> str:  # never shows the secret
+        return f"ChannelServer(ctl={self.ctl_path!r}, data_port={self.data_port})"
+
+    async def start(self, parent: str | None = None) -> None:
+        """Create the private directory and socket, and the loopback data listener."""
+        self.directory = tempfile.mkdtemp(prefix="wrapguard-", dir=parent or _runtime_parent())
+        atexit.register(self.close)
+        try:
+            os.chmod(self.directory, 0o700)
+            self.ctl_path = os.path.join(self.directory, "ctl.sock")
+            ctl = await asyncio.start_unix_server(self._on_ctl, path=self.ctl_path)
+            self._servers.append(ctl)
+            os.chmod(self.ctl_path, 0o600)
+            for sock in self._data_sockets():
+                self._servers.append(await asyncio.start_server(self._on_data, sock=sock))
+        except BaseException:
+            self.close()
+            raise
+        log.debug("channel up", ctl=self.ctl_path, data_port=self.data_port, ipv6=self._has_v6)
+
+    def _data_sockets(self) -> list[socket.socket]:
+        """127.0.0.1 and ::1 on one ephemeral port (the shim uses one port for both)."""
+        for _ in range(32):
+            v4 = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            v4.bind(("127.0.0.1", 0))
+            port = v4.getsockname()[1]
+            v6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            try:
+                v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                v6.bind(("::1", port))
+            except OSError as exc:
+                v6.close()
+                if exc.errno == errno.EADDRINUSE:
+                    v4.close()
+                    continue
+                self.data_port = port
+                return [v4]  # no IPv6 loopback on this host
+            self.data_port, self._has_v6 = port, True
+            return [v4, v6]
+        raise WrapguardError("could not find a free loopback port for the local data channel")
+
+    def env(self) -> dict[str, str]:
+        """The child's WRAPGUARD_* variables (LD_PRELOAD is the launcher's)."""
+        if self.ctl_path is None:
+            raise RuntimeError("ChannelServer.env() before start()")
+        env = {
+            ENV_CTL: self.ctl_path,
+            ENV_SECRET: self._secret.hex(),
+            ENV_CONNECT_TIMEOUT: str(math.ceil(self._connect_timeout)),
+        }
+        if self._addrs:
+            env[ENV_ADDRS] = ",".join(str(a) for a in self._addrs)
+        return env
+
+    def close(self) -> None:
+        """Stop listening and remove the directory; idempotent, also run at exit."""
+        atexit.unregister(self.close)
+        try:
+            for server in self._servers:
+                server.close()
+            for handle in self._tokens.values():
+                handle.cancel()
+            for task in self._tasks:
+                task.cancel()
+        finally:
+            self._servers.clear()
+            self._tokens.clear()
+            if self.directory is not None:
+                shutil.rmtree(self.directory, ignore_errors=True)
+                self.directory = None
+
+    # -- control requests --------------------------------------------------------------------
+
+    async def _on_ctl(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            await self._serve_ctl(reader, writer)
+        finally:
+            if task is not None:
+                self._tasks.discard(task)
+            writer.close()
+
+    async def _serve_ctl(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        _, uid, _ = _PEERCRED.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+        )
+        if uid != self._uid:
+            self.stats.bad_uid += 1
+            log.warning("channel: request from another uid dropped", uid=uid)
+            return
+        try:
+            async with asyncio.timeout(LOCAL_STEP_TIMEOUT):
+                prefix = await reader.readexactly(PREFIX_LEN)
+                body = await reader.readexactly(frame_body_len(prefix))
+            secret, req = parse_request(prefix + body)
+        except (DecodeError, TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            self.stats.malformed += 1
+            return
+        if not secret_matches(self._secret, secret):
+            self.stats.bad_secret += 1
+            log.warning("channel: request with a wrong secret dropped")
+            return
+        self.stats.requests += 1
+        reply = await self._answer(req)
+        with contextlib.suppress(ConnectionError):
+            writer.write(emit_reply(reply))
+            await writer.drain()
+
+    async def _answer(self, req: Request) -> Reply:
+        b = self._backend
+        match req:
+            case HelloRequest(pid, version):
+                b.hello(pid, version)
+                return HelloReply()
+            case ConnectRequest(proto, dst):
+                return self._connect(proto, dst)
+            case StatusRequest(token, wait):
+                return await self._status(token, wait)
+            case ListenRequest(proto, addr):
+                try:
+                    b.listen(proto, addr)
+                except OSError as exc:
+                    return ListenReply(exc.errno or errno.EADDRNOTAVAIL)
+                return ListenReply()
+            case UnlistenRequest(proto, addr):
+                b.unlisten(proto, addr)
+                return UnlistenReply()
+            case PeerRequest(addr):
+                peer = b.peer_of(addr)
+                if peer is None:
+                    return PeerReply(PeerAction.UNKNOWN)
+                return PeerReply(PeerAction.FOUND, peer)
+        raise AssertionError(req)  # pragma: no cover - the match is exhaustive
+
+    def _connect(self, proto: Proto, dst: Address) -> ConnectReply:
+        decision = self._backend.route(proto, dst)
+        if decision.action is Action.DIRECT:
+            return ConnectReply(Action.DIRECT)
+        if decision.action is Action.FAIL or proto is not Proto.TCP:
+            return ConnectReply(Action.FAIL, decision.errno or errno.ENETUNREACH)
+        token = self._token_source(TOKEN_LEN)
+        loop = asyncio.get_running_loop()
+        self._tokens[token] = loop.call_later(self._token_ttl, self._expire, token)
+        try:
+            source = self._backend.open_tcp(dst, token)
+        except OSError as exc:
+            self._tokens.pop(token).cancel()
+            return ConnectReply(Action.FAIL, exc.errno or errno.ENETUNREACH)
+        lo_ip: IPv4Address | IPv6Address = IPv4Address("127.0.0.1")
+        if dst.family == 6 and self._has_v6:
+            lo_ip = IPv6Address("::1")
+        return ConnectReply(Action.TUNNEL, 0, Address(lo_ip, self.data_port), token, source)
+
+    async def _status(self, token: bytes, wait: bool) -> StatusReply:
+        fut = self._backend.status(token)
+        if fut is None:
+            return StatusReply(StatusAction.DONE, errno.ENOTCONN)
+        if not wait and not fut.done():
+            return StatusReply(StatusAction.PENDING)
+        try:
+            result = await asyncio.wait_for(asyncio.shield(fut), self._connect_timeout)
+        except TimeoutError:
+            return StatusReply(StatusAction.DONE, errno.ETIMEDOUT)
+        except asyncio.CancelledError:
+            if fut.cancelled():
+                return StatusReply(StatusAction.DONE, errno.ECONNABORTED)
+            raise
+        return StatusReply(StatusAction.DONE, result)
+
+    def _expire(self, token: bytes) -> None:
+        if self._tokens.pop(token, None) is not None:
+            self.stats.unused_token += 1
+            self._backend.token_expired(token)
+
+    # -- data connections --------------------------------------------------------------------
+
+    async def _on_data(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(LOCAL_STEP_TIMEOUT):
+                token = await reader.readexactly(TOKEN_LEN)
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            self.stats.no_token += 1
+            writer.close()
+            return
+        handle = self._tokens.pop(token, None)
+        if handle is None:
+            self.stats.bad_token += 1
+            writer.close()
+            return
+        handle.cancel()
+        self._backend.tcp_attached(token, reader, writer)
