@@ -1,0 +1,283 @@
+"""The asyncio driver of the WireGuard core: UDP sockets, the timer, endpoint resolution.
+
+One non-blocking UDP socket per address family (bound to ListenPort, or the same ephemeral port
+for both), drained with `loop.add_reader` and a `recvfrom_into` loop into one preallocated
+buffer (never the stock datagram transport: performance.md). Outputs of `tunnel.Device` are
+acted on here: datagrams sent with `sendto`, IP packets handed to `on_packet(peer, packet)`,
+hostnames resolved (off the loop) and fed back with `set_endpoint`, other events given to
+`on_event`. One `loop.call_at` timer is re-armed from `device.next_deadline()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+import structlog
+
+from wrapguard.noise.reasons import DropReason
+from wrapguard.tunnel.device import Device
+from wrapguard.tunnel.events import (
+    DeliverPacket,
+    EndpointChanged,
+    HandshakeCompleted,
+    HandshakeFailed,
+    Output,
+    PacketDropped,
+    ResolveEndpoint,
+    SendDatagram,
+)
+
+log = structlog.get_logger("wrapguard.wg")
+
+SocketFactory = Callable[[int, int], socket.socket]
+Resolver = Callable[[str, int], Awaitable[tuple[str, int]]]
+RECV_BUF = 65536
+DRAIN_BATCH = 256  # datagrams per readable callback before yielding to the loop
+SOCK_BUF = 4 << 20
+UNDER_LOAD_HANDSHAKES = 128  # handshake messages per second that switch on cookies [W 5.3]
+
+
+class WgUdpRuntime:
+    """Drives one `Device` over UDP on the running asyncio loop.
+
+    `await start()`, then `send_packet(ip_packet, peer=None)` from the netstack side; inbound
+    packets arrive through `on_packet(peer_index, packet)`. `close()` stops everything.
+    """
+
+    def __init__(
+        self,
+        device: Device,
+        *,
+        listen_port: int = 0,
+        on_packet: Callable[[int, bytes], None] | None = None,
+        on_event: Callable[[Output], None] | None = None,
+        socket_factory: SocketFactory | None = None,
+        resolver: Resolver | None = None,
+        bind_v4: str = "0.0.0.0",
+        bind_v6: str | None = "::",
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.device = device
+        self.listen_port = listen_port
+        self.on_packet = on_packet
+        self.on_event = on_event
+        self._factory: SocketFactory = socket_factory or socket.socket
+        self._resolver = resolver
+        self._bind_v4 = bind_v4
+        self._bind_v6 = bind_v6
+        self._wall = wall_clock
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._v4: socket.socket | None = None
+        self._v6: socket.socket | None = None
+        self._buf = bytearray(RECV_BUF)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._resolving: set[int] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._hs_window = 0.0
+        self._hs_count = 0
+        self.stats = {"rx_datagrams": 0, "tx_datagrams": 0, "send_errors": 0, "delivered": 0}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def counters(self) -> dict[DropReason, int]:
+        """Drops by reason, as counted by the device (remote garbage and local causes)."""
+        return self.device.counters
+
+    @property
+    def port(self) -> int:
+        sock = self._v4 or self._v6
+        return 0 if sock is None else int(sock.getsockname()[1])
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._open_sockets()
+        for sock in (self._v4, self._v6):
+            if sock is not None:
+                self._loop.add_reader(sock.fileno(), self._readable, sock)
+        now, wall = self._loop.time(), self._wall()
+        for p in self.device.peers:
+            if p.endpoint_host is not None:
+                await self._resolve(p.index, *p.endpoint_host)
+        for p in self.device.peers:
+            # wg starts a handshake at once for peers with PersistentKeepalive.
+            if p.persistent_keepalive and p.endpoint is not None:
+                self._dispatch(self.device.start_handshake(p.index, now, wall))
+        self._rearm()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for task in list(self._tasks):
+            task.cancel()
+        for sock in (self._v4, self._v6):
+            if sock is not None:
+                if self._loop is not None:
+                    self._loop.remove_reader(sock.fileno())
+                sock.close()
+        self._v4 = self._v6 = None
+
+    def _prepare(self, sock: socket.socket) -> socket.socket:
+        sock.setblocking(False)
+        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCK_BUF)
+        return sock
+
+    def _open_sockets(self) -> None:
+        v4 = self._prepare(self._factory(socket.AF_INET, socket.SOCK_DGRAM))
+        try:
+            v4.bind((self._bind_v4, self.listen_port))
+        except OSError:
+            v4.close()
+            raise
+        self._v4 = v4
+        port = v4.getsockname()[1]
+        if self._bind_v6 is None:
+            return
+        try:
+            v6 = self._prepare(self._factory(socket.AF_INET6, socket.SOCK_DGRAM))
+        except OSError:
+            return  # no IPv6 on this host
+        try:
+            v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            v6.bind((self._bind_v6, port))
+        except OSError as exc:
+            v6.close()
+            if self.listen_port or exc.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+                log.warning("ipv6 socket unavailable", error=str(exc))
+            return
+        self._v6 = v6
+
+    # ------------------------------------------------------------------ data path
+
+    def send_packet(self, packet: bytes, peer: int | None = None) -> None:
+        """Send one IP packet into the tunnel (to `peer`, or by AllowedIPs)."""
+        assert self._loop is not None, "start() first"
+        outs = self.device.send_packet(packet, self._loop.time(), self._wall(), peer)
+        self._dispatch(outs)
+        self._rearm()
+
+    def _readable(self, sock: socket.socket) -> None:
+        assert self._loop is not None
+        dev = self.device
+        buf = self._buf
+        mv = memoryview(buf)
+        now, wall = self._loop.time(), self._wall()
+        v6 = sock is self._v6
+        recv = sock.recvfrom_into
+        handled = 0
+        for _ in range(DRAIN_BATCH):
+            try:
+                n, addr = recv(buf)
+            except BlockingIOError:
+                break
+            except OSError:
+                continue  # e.g. ICMP port unreachable reported on the socket
+            handled += 1
+            if buf[0] in (1, 2):
+                self._count_handshake(now)
+            if v6:
+                addr = (addr[0], addr[1])
+            outs = dev.datagram_received(bytes(mv[:n]), addr, now, wall)
+            if outs:
+                self._dispatch(outs)
+        self.stats["rx_datagrams"] += handled
+        self._rearm()
+
+    def _count_handshake(self, now: float) -> None:
+        if now - self._hs_window >= 1.0:
+            self.device.under_load = self._hs_count > UNDER_LOAD_HANDSHAKES
+            self._hs_window = now
+            self._hs_count = 0
+        self._hs_count += 1
+        if self._hs_count > UNDER_LOAD_HANDSHAKES:
+            self.device.under_load = True
+
+    def _dispatch(self, outs: Sequence[Output]) -> None:
+        for o in outs:
+            if type(o) is SendDatagram:
+                self._sendto(o.addr, o.data)
+            elif type(o) is DeliverPacket:
+                self.stats["delivered"] += 1
+                if self.on_packet is not None:
+                    self.on_packet(o.peer, o.packet)
+            elif type(o) is PacketDropped:
+                pass  # counted in device.counters
+            else:
+                self._event(o)
+
+    def _sendto(self, addr: tuple[str, int], data: bytes) -> None:
+        sock = self._v6 if ":" in addr[0] else self._v4
+        if sock is None:
+            self.stats["send_errors"] += 1
+            return
+        try:
+            sock.sendto(data, addr)
+            self.stats["tx_datagrams"] += 1
+        except OSError:
+            # EAGAIN (socket buffer full) or an ICMP error: UDP is lossy, WireGuard copes.
+            self.stats["send_errors"] += 1
+
+    def _event(self, o: Output) -> None:
+        if isinstance(o, ResolveEndpoint):
+            if o.peer not in self._resolving:
+                self._resolving.add(o.peer)
+                task = asyncio.ensure_future(self._resolve(o.peer, o.host, o.port))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        elif isinstance(o, HandshakeCompleted):
+            log.debug("handshake completed", peer=o.peer, initiator=o.initiator)
+        elif isinstance(o, HandshakeFailed):
+            log.warning("handshake failed: no answer", peer=o.peer)
+        elif isinstance(o, EndpointChanged):
+            log.debug("peer endpoint changed", peer=o.peer, endpoint=f"{o.addr[0]}:{o.addr[1]}")
+        if self.on_event is not None:
+            self.on_event(o)
+
+    async def _resolve(self, peer: int, host: str, port: int) -> None:
+        try:
+            if self._resolver is not None:
+                addr = await self._resolver(host, port)
+            else:
+                assert self._loop is not None
+                infos = await self._loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+                fams = [i for i in infos if i[0] == socket.AF_INET] or infos
+                if self._v6 is None:
+                    fams = [i for i in fams if i[0] == socket.AF_INET]
+                if not fams:
+                    raise OSError(f"no usable address for {host}")
+                sa = fams[0][4]
+                addr = (str(sa[0]), int(sa[1]))
+            self.device.set_endpoint(peer, addr)
+        except (OSError, ValueError) as exc:
+            log.warning("endpoint resolution failed", peer=peer, host=host, error=str(exc))
+        finally:
+            self._resolving.discard(peer)
+
+    # ------------------------------------------------------------------ timer
+
+    def _rearm(self) -> None:
+        deadline = self.device.next_deadline()
+        if deadline == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = deadline
+        if deadline is not None and self._loop is not None:
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        assert self._loop is not None
+        self._timer = None
+        self._timer_at = None
+        self._dispatch(self.device.handle_timeout(self._loop.time(), self._wall()))
+        self._rearm()
