@@ -42,7 +42,7 @@ class Options:
     log_level: str
     log_file: str | None
     doctor: str | None  # None: not asked; "": no target given
-    self_test: bool
+    self_test: str | None  # None: not asked; "": no target given
     command: tuple[str, ...]
 
 
@@ -124,8 +124,12 @@ def _parse_routes(
 )
 @click.option(
     "--self-test",
-    is_flag=True,
-    help="Bring the tunnel up and prove a connection through it (needs --config), then exit.",
+    metavar="[IP:PORT]",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    help="Bring the tunnel up and prove a handshake and a connection through it (to IP:PORT,"
+    " or an ICMP echo to the first peer), then exit. Needs --config.",
 )
 @click.version_option(
     __version__, "--version", prog_name="wrapguard", message="%(prog)s version %(version)s"
@@ -140,7 +144,7 @@ def _command(**kwargs: object) -> Options:
         log_level=str(kwargs["log_level"]).lower(),
         log_file=kwargs["log_file"],  # type: ignore[arg-type]
         doctor=kwargs["doctor"],  # type: ignore[arg-type]
-        self_test=bool(kwargs["self_test"]),
+        self_test=kwargs["self_test"],  # type: ignore[arg-type]
         command=tuple(kwargs["command"]),  # type: ignore[arg-type]
     )
 
@@ -166,10 +170,10 @@ def _one_line(text: str) -> str:
 
 
 def _validate(opts: Options) -> None:
-    wants_run = opts.doctor is None and not opts.self_test
-    if opts.doctor is not None and opts.self_test:
+    wants_run = opts.doctor is None and opts.self_test is None
+    if opts.doctor is not None and opts.self_test is not None:
         raise UsageError("--doctor and --self-test cannot be used together")
-    if opts.self_test and opts.config_path is None:
+    if opts.self_test is not None and opts.config_path is None:
         raise UsageError("--self-test needs --config PATH")
     if wants_run:
         if not opts.command:
@@ -213,7 +217,7 @@ def run(opts: Options) -> int:
     from wrapguard.launch import prepare, run_child, run_self_test
 
     plan = prepare(opts)
-    if opts.self_test:
+    if opts.self_test is not None:
         return run_self_test(plan)
     return run_child(plan)
 

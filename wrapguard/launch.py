@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from wrapguard import log
 from wrapguard.cli import Options, resolve_command
 from wrapguard.config import Config, load_config
-from wrapguard.errors import NotBuiltYet
+from wrapguard.errors import WrapguardError
 from wrapguard.routing import RoutingTable
 
 
@@ -39,15 +39,24 @@ def prepare(opts: Options) -> Plan:
     return Plan(opts, config, routing, executable)
 
 
+def check_wrappable(target: str) -> None:
+    """Refuse, before anything starts, a program the shim cannot see (fail closed)."""
+    from wrapguard.doctor import FAIL, check_target
+
+    for finding in check_target(target):
+        if finding.status == FAIL:
+            raise WrapguardError(f"refusing to run {target}: {finding.detail}; {finding.advice}")
+
+
 def run_child(plan: Plan) -> int:
-    raise NotBuiltYet(
-        "running a program inside the tunnel is not built yet in this version "
-        f"(config {plan.config.path} is valid); see README.md, section Status"
-    )
+    from wrapguard.runtime.launcher import run
+
+    assert plan.executable is not None
+    check_wrappable(plan.executable)
+    return run(plan.config, plan.routing, plan.options.command, plan.executable)
 
 
 def run_self_test(plan: Plan) -> int:
-    raise NotBuiltYet(
-        "--self-test is not built yet in this version "
-        f"(config {plan.config.path} is valid); see README.md, section Status"
-    )
+    from wrapguard.selftest import run_self_test as self_test
+
+    return self_test(plan, plan.options.self_test or "")

@@ -165,6 +165,15 @@ class WgUdpRuntime:
         self._dispatch(outs)
         self._rearm()
 
+    def send_packets(self, packets: Sequence[tuple[bytes, int | None]]) -> None:
+        """Send a batch of (IP packet, peer) with one clock read and one timer re-arm."""
+        assert self._loop is not None, "start() first"
+        now, wall = self._loop.time(), self._wall()
+        send, dispatch = self.device.send_packet, self._dispatch
+        for packet, peer in packets:
+            dispatch(send(packet, now, wall, peer))
+        self._rearm()
+
     def _readable(self, sock: socket.socket) -> None:
         assert self._loop is not None
         dev = self.device
@@ -200,6 +209,12 @@ class WgUdpRuntime:
         self._hs_count += 1
         if self._hs_count > UNDER_LOAD_HANDSHAKES:
             self.device.under_load = True
+
+    def start_handshake(self, peer: int) -> None:
+        """Initiate a handshake with `peer` now (self-test, or a peer we must reach first)."""
+        assert self._loop is not None, "start() first"
+        self._dispatch(self.device.start_handshake(peer, self._loop.time(), self._wall()))
+        self._rearm()
 
     def _dispatch(self, outs: Sequence[Output]) -> None:
         for o in outs:

@@ -1,0 +1,202 @@
+"""Stack-level behaviour: demux, drops, UDP sockets, ICMP echo and unreachables."""
+
+from __future__ import annotations
+
+import errno
+import random
+from ipaddress import ip_address
+
+import pytest
+
+from wrapguard.netstack import (
+    DatagramReceived,
+    DropReason,
+    PacketDropped,
+    Stack,
+    UdpError,
+)
+from wrapguard.netstack.link import Pair
+from wrapguard.wire.icmp import (
+    ICMP_DEST_UNREACH,
+    ICMP_ECHO_REPLY,
+    ICMP_ECHO_REQUEST,
+    ICMPV6_DEST_UNREACH,
+    ICMPV6_ECHO_REPLY,
+    ICMPV6_ECHO_REQUEST,
+    IcmpMessage,
+    emit_icmp,
+    parse_icmp,
+)
+from wrapguard.wire.ip import (
+    PROTO_ICMP,
+    PROTO_ICMPV6,
+    PROTO_TCP,
+    IPv4Packet,
+    IPv6Packet,
+    emit_ip,
+    parse_ip,
+)
+from wrapguard.wire.udp import UdpDatagram, emit_udp
+
+A4, B4, A6, B6 = "10.150.0.1", "10.150.0.2", "fd15::1", "fd15::2"
+
+
+def P(a: str) -> bytes:
+    return ip_address(a).packed
+
+
+def stack(*addrs: str, seed: int = 1) -> Stack:
+    return Stack(addrs or (A4, A6), rng=random.Random(seed).getrandbits)
+
+
+def drops(st: Stack) -> list[DropReason]:
+    out = []
+    ev = st.next_event()
+    while ev is not None:
+        if isinstance(ev, PacketDropped):
+            out.append(ev.reason)
+        ev = st.next_event()
+    return out
+
+
+def test_packet_for_other_address_dropped():
+    st = stack()
+    st.receive_packet(emit_ip(IPv4Packet(P(B4), P("10.150.0.9"), PROTO_TCP, b"\0" * 20)), 0.0)
+    assert drops(st) == [DropReason.NOT_OUR_ADDRESS]
+    assert st.take_outgoing() == []
+    assert st.drops[DropReason.NOT_OUR_ADDRESS] == 1
+
+
+def test_malformed_fragment_unknown_protocol_counted():
+    st = stack()
+    st.receive_packet(b"\x45garbage", 0.0)
+    frag = bytearray(emit_ip(IPv4Packet(P(B4), P(A4), PROTO_TCP, b"\0" * 20)))
+    frag[6] |= 0x20
+    st.receive_packet(bytes(frag), 0.0)
+    st.receive_packet(emit_ip(IPv4Packet(P(B4), P(A4), 99, b"x")), 0.0)
+    st.receive_packet(emit_ip(IPv4Packet(P(B4), P(A4), PROTO_TCP, b"short")), 0.0)
+    assert drops(st) == [
+        DropReason.MALFORMED,
+        DropReason.FRAGMENT,
+        DropReason.UNKNOWN_PROTOCOL,
+        DropReason.MALFORMED,
+    ]
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_icmp_echo_reply(v6):
+    st = stack()
+    req = IcmpMessage(
+        ICMPV6_ECHO_REQUEST if v6 else ICMP_ECHO_REQUEST, 0, b"\x00\x2a\x00\x01", b"ping!"
+    )
+    if v6:
+        pkt = emit_ip(IPv6Packet(P(B6), P(A6), PROTO_ICMPV6, emit_icmp(req, P(B6), P(A6))))
+    else:
+        pkt = emit_ip(IPv4Packet(P(B4), P(A4), PROTO_ICMP, emit_icmp(req)))
+    st.receive_packet(pkt, 0.0)
+    (out,) = st.take_outgoing()
+    ip = parse_ip(out)
+    assert (ip.src, ip.dst) == ((P(A6), P(B6)) if v6 else (P(A4), P(B4)))
+    rep = parse_icmp(ip.payload)
+    assert rep.type == (ICMPV6_ECHO_REPLY if v6 else ICMP_ECHO_REPLY)
+    assert (rep.ident, rep.sequence, rep.payload) == (42, 1, b"ping!")
+
+
+def test_udp_between_two_stacks_v4_and_v6():
+    rng = random.Random(3)
+    a, b = stack(A4, A6), stack(B4, B6)
+    pair = Pair(a, b, rng)
+    sa, sb = a.udp_bind(0), b.udp_bind(5353)
+    a.udp_send(sa, (B4, 5353), b"hello v4", 0.0)
+    a.udp_send(sa, (ip_address(B6), 5353), b"hello v6", 0.0)
+    pair.step()
+    got = [ev for _s, ev in pair.events()]
+    port = a.udp_port(sa)
+    assert got == [
+        DatagramReceived(sb, (ip_address(A4), port), b"hello v4", ip_address(B4)),
+        DatagramReceived(sb, (ip_address(A6), port), b"hello v6", ip_address(B6)),
+    ]
+    b.udp_send(sb, (ip_address(A4), port), b"reply", pair.now)
+    pair.step()
+    assert [ev for _s, ev in pair.events()] == [
+        DatagramReceived(sa, (ip_address(B4), 5353), b"reply", ip_address(A4))
+    ]
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_udp_to_closed_port_icmp_unreachable_reaches_sender(v6):
+    a, b = stack(A4, A6), stack(B4, B6)
+    pair = Pair(a, b, random.Random(4))
+    sa = a.udp_bind(0)
+    dst = B6 if v6 else B4
+    a.udp_send(sa, (dst, 9999), b"anyone?", 0.0)
+    pair.step()  # b answers with port unreachable
+    b_drops = [ev for s, ev in pair.events() if s == "b"]
+    assert b_drops == [PacketDropped(DropReason.NO_SOCKET)]
+    pair.step()
+    assert [ev for _s, ev in pair.events()] == [
+        UdpError(sa, (ip_address(dst), 9999), errno.ECONNREFUSED)
+    ]
+
+
+def test_icmp_unreachable_quote_format_v4():
+    st = stack()
+    orig = emit_ip(
+        IPv4Packet(P(B4), P(A4), 17, emit_udp(UdpDatagram(1111, 2222, b"x" * 1000), P(B4), P(A4)))
+    )
+    st.receive_packet(orig, 0.0)
+    (out,) = st.take_outgoing()
+    assert len(out) == 576  # RFC 1812 4.3.2.3: as much as fits in 576 bytes
+    ip = parse_ip(out)
+    assert (ip.src, ip.dst) == (P(A4), P(B4))
+    msg = parse_icmp(ip.payload)
+    assert (msg.type, msg.code) == (ICMP_DEST_UNREACH, 3)
+    assert msg.payload == orig[:548]  # the original header and the start of its data
+
+
+def test_icmpv6_unreachable_host_maps_to_ehostunreach():
+    a, b = stack(A4, A6), stack(B4, B6)
+    cid = a.connect(B6, 80, 0.0)
+    (syn,) = a.take_outgoing()
+    msg = emit_icmp(IcmpMessage(ICMPV6_DEST_UNREACH, 3, payload=syn), P(B6), P(A6))
+    a.receive_packet(emit_ip(IPv6Packet(P(B6), P(A6), PROTO_ICMPV6, msg)), 0.1)
+    evs = []
+    ev = a.next_event()
+    while ev is not None:
+        evs.append(ev)
+        ev = a.next_event()
+    assert evs[0].conn == cid and evs[0].errno == errno.EHOSTUNREACH
+    del b
+
+
+def test_unmatched_icmp_dropped():
+    st = stack()
+    msg = emit_icmp(IcmpMessage(ICMP_DEST_UNREACH, 1, payload=b"\x45" + b"\0" * 30))
+    st.receive_packet(emit_ip(IPv4Packet(P(B4), P(A4), PROTO_ICMP, msg)), 0.0)
+    assert drops(st) == [DropReason.UNMATCHED_ICMP]
+
+
+def test_local_misuse_raises():
+    st = stack(A4)
+    with pytest.raises(OSError) as e:
+        st.connect(B6, 80, 0.0)
+    assert e.value.errno == errno.ENETUNREACH
+    st.listen(80)
+    with pytest.raises(OSError):
+        st.listen(80)
+    s = st.udp_bind(53)
+    with pytest.raises(OSError):
+        st.udp_bind(53)
+    with pytest.raises(OSError) as e:
+        st.udp_send(s, (B4, 53), b"x" * 1500, 0.0)
+    assert e.value.errno == errno.EMSGSIZE
+    with pytest.raises(OSError):
+        st.send(12345, b"x", 0.0)
+
+
+def test_many_connections_distinct_ports_and_ids():
+    st = stack(A4)
+    ids = {st.connect(B4, 80, 0.0) for _ in range(200)}
+    ports = {st.conn_info(c).local[1] for c in ids}
+    assert len(ids) == len(ports) == 200
+    assert len(st.take_outgoing()) == 200

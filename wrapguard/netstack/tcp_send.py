@@ -1,0 +1,369 @@
+"""The sending half of a TCP connection: ACK processing, output, loss recovery, timers.
+
+Loss recovery is RFC 6675-lite on top of RFC 5681/6582: a pipe estimate bounded by cwnd,
+holes below the "lost" boundary (3 MSS SACKed above, or 3 duplicate ACKs) resent first,
+new data after. The RTO follows RFC 6298 with Karn's rule and exponential backoff; zero
+windows are probed by the persist timer (RFC 9293 3.8.6.1); sender SWS avoidance per
+RFC 9293 3.8.6.2.1. Slow start uses byte counting (RFC 3465, no L cap).
+"""
+
+from __future__ import annotations
+
+import errno
+
+from wrapguard.netstack.events import Reset, Writable
+from wrapguard.netstack.ranges import sb_add, sb_bytes_above, sb_bytes_between, sb_trim
+from wrapguard.netstack.tcp_base import (
+    DUP_THRESH,
+    M32,
+    MAX_SACK_RANGES,
+    RCV_WSCALE,
+    SYNCHRONIZED_SEND,
+    Recovery,
+    S,
+    Seg,
+    TcpBase,
+)
+from wrapguard.wire.tcp import ACK, FIN, PSH, SYN, TcpOptions, emit_options
+
+__all__ = ["TcpSender"]
+
+
+class TcpSender(TcpBase):
+    """Output, ACK processing, congestion control and timers."""
+
+    def _synack_opts(self) -> TcpOptions:
+        # RFC 7323 2.2 / RFC 2018 2: echo window scaling and SACK only if the SYN had them.
+        return TcpOptions(self.rcv_mss, RCV_WSCALE if self.rcv_ws else None, self.sack_ok)
+
+    def _send_syn(self, now: float) -> None:
+        flags = SYN
+        ack = 0
+        if self.state is S.SYN_RECEIVED:
+            flags |= ACK
+            ack = (self.irs + 1) & M32
+            opts = self._synack_opts()
+        else:
+            opts = TcpOptions(self.rcv_mss, RCV_WSCALE, True)
+        wnd = min(self.rcv_limit, 0xFFFF)
+        self.out.tcp(self.iss, ack, flags, wnd, emit_options(opts), b"")
+        self.snd_nxt = self.snd_max = 1
+        if self.t_rto is None:
+            self.t_rto = now + self._cur_rto()
+
+    def _on_ack(self, seg: Seg, seg_off: int, ack_off: int, text: int, now: float) -> None:
+        """ACK processing: window, SACK, cumulative ACK, RTT, congestion control."""
+        una = self.snd_una
+        mss = self.snd_mss
+        wnd = seg.window << self.snd_ws
+        win_changed = False
+        # RFC 9293 3.10.7.4: update the send window only from newer segments (WL1/WL2).
+        if self.snd_wl1 < seg_off or (self.snd_wl1 == seg_off and self.snd_wl2 <= ack_off):
+            win_changed = wnd != self.snd_wnd
+            self.snd_wnd = wnd
+            self.snd_wl1 = seg_off
+            self.snd_wl2 = ack_off
+            if wnd > self.max_snd_wnd:
+                self.max_snd_wnd = wnd
+            if wnd:
+                self.t_persist = None
+        if self.sack_ok and seg.options.sack_blocks:
+            self._take_sack(seg.options.sack_blocks, ack_off)
+        if ack_off > una:
+            acked = ack_off - una
+            self.snd_una = ack_off
+            n = min(ack_off, self.snd_buf_off + len(self.snd_buf)) - self.snd_buf_off
+            if n > 0:
+                del self.snd_buf[:n]
+                self.snd_buf_off += n
+            sb_trim(self.sacked, ack_off)
+            if self.rexmit_ptr < ack_off:
+                self.rexmit_ptr = ack_off
+            if self.rtt_off is not None and ack_off >= self.rtt_off:
+                self._rtt_sample(now - self.rtt_time)
+                self.rtt_off = None
+            self.backoff = 0
+            self.retries = 0
+            if self.recovery is not None:
+                if ack_off >= self.recover:
+                    if self.recovery is Recovery.FAST:
+                        self.cwnd = self.ssthresh  # RFC 6582 3.2 step 3, full ACK
+                    self.recovery = None
+                else:
+                    # Partial ACK (RFC 6582 3.2 step 4): resend the next unacked segment.
+                    self.dupacks = 0
+                    if not self.sack_ok:
+                        self.lost_end = max(self.lost_end, ack_off + mss)
+                    if self.recovery is Recovery.RTO and self.cwnd < self.ssthresh:
+                        self.cwnd += acked
+            elif self.cwnd < self.ssthresh:
+                # Slow start counting every acked byte (RFC 3465 without the L cap, as Linux
+                # does): the peer and our own stack batch ACKs, so stretch ACKs are normal.
+                self.cwnd += acked
+            else:
+                self.ca_acc += acked  # congestion avoidance by byte counting (RFC 5681 3.1)
+                if self.ca_acc >= self.cwnd:
+                    self.ca_acc -= self.cwnd
+                    self.cwnd += mss
+            self.dupacks = 0
+            # RFC 6298 5.2 / 5.3: stop the timer when all is acked, else restart it.
+            self.t_rto = now + self._cur_rto() if ack_off < self.snd_max else None
+            if self.want_writable and self.cfg.snd_buf - len(self.snd_buf) >= self.cfg.snd_buf // 4:
+                self.want_writable = False
+                self.events.append(Writable(self.id))
+        elif ack_off == una and text == 0 and not win_changed and self.snd_max > una:
+            self.dupacks += 1  # RFC 5681 2: a duplicate acknowledgment
+        if self.snd_max > self.snd_una:
+            lost = self._lost_boundary()
+            if self.recovery is None:
+                if lost > self.snd_una and self.snd_una >= self.recover:
+                    self._enter_fast_recovery(lost)
+            elif self.recovery is Recovery.FAST and lost > self.lost_end:
+                self.lost_end = lost
+        if ack_off > una or win_changed or self.recovery is not None:
+            self._output(now)  # nothing else can open the windows or need a retransmission
+
+    def _take_sack(self, blocks: tuple[tuple[int, int], ...], ack_off: int) -> None:
+        base = self.iss + self.snd_una
+        lo = max(ack_off, self.snd_una)
+        for left, right in blocks:
+            s = self.snd_una + ((left - base) & M32)
+            e = self.snd_una + ((right - base) & M32)
+            # RFC 2018 / RFC 6675 5.1: ignore blocks outside (SND.UNA, SND.MAX].
+            if lo <= s < e <= self.snd_max and len(self.sacked) < MAX_SACK_RANGES:
+                sb_add(self.sacked, s, e)
+
+    def _lost_boundary(self) -> int:
+        """Everything unSACKed below this offset is deemed lost (RFC 6675 IsLost, lite)."""
+        need = DUP_THRESH * self.snd_mss
+        acc = 0
+        for s, e in reversed(self.sacked):
+            acc += e - s
+            if acc >= need:
+                return s
+        if self.dupacks >= DUP_THRESH:
+            return self.snd_una + self.snd_mss
+        return self.snd_una
+
+    def _enter_fast_recovery(self, lost: int) -> None:
+        """RFC 5681 3.2 steps 2-3 / RFC 6675 5: halve, then resend what is lost."""
+        flight = self.snd_max - self.snd_una
+        self.ssthresh = max(flight // 2, 2 * self.snd_mss)
+        self.cwnd = self.ssthresh
+        self.recovery = Recovery.FAST
+        self.force_rexmit = True
+        self.n_recoveries += 1
+        self.recover = self.snd_max
+        self.lost_end = lost
+        self.rexmit_ptr = self.snd_una
+        self.rtt_off = None
+
+    def _xmit(self, start: int, end: int, now: float) -> None:
+        """Send [start, end) of our sequence space with the current ACK and window."""
+        flags = ACK
+        data_end = self.snd_buf_off + len(self.snd_buf)
+        dend = min(end, data_end)
+        boff = self.snd_buf_off
+        payload = bytes(self.snd_buf[start - boff : dend - boff]) if dend > start else b""
+        if self.fin_off is not None and end > self.fin_off:
+            flags |= FIN
+        if dend == data_end and payload:
+            flags |= PSH
+        opts = self._sack_option() if self.ooo and self.sack_ok else b""
+        self.out.tcp(
+            (self.iss + start) & M32,
+            (self.irs + self.rcv_nxt) & M32,
+            flags,
+            self._window_field(),
+            opts,
+            payload,
+        )
+        self.ack_due = False
+        self.unacked_rcv = 0
+        self.t_delack = None
+        if self.t_rto is None:
+            self.t_rto = now + self._cur_rto()
+
+    def send_ack(self) -> None:
+        """Send a pure ACK now (with SACK blocks when there is out-of-order data)."""
+        opts = self._sack_option() if self.ooo and self.sack_ok else b""
+        self.out.tcp(
+            (self.iss + self.snd_nxt) & M32,
+            (self.irs + self.rcv_nxt) & M32,
+            ACK,
+            self._window_field(),
+            opts,
+            b"",
+        )
+        self.ack_due = False
+        self.unacked_rcv = 0
+        self.t_delack = None
+
+    def _pipe(self) -> int:
+        """RFC 6675 4 SetPipe, lite: bytes deemed in flight during recovery."""
+        una = self.snd_una
+        above = self.snd_max - self.lost_end - sb_bytes_above(self.sacked, self.lost_end)
+        if not self.sacked:
+            above -= self.dupacks * self.snd_mss  # dup ACKs stand in for SACKs (RFC 5681 3.2)
+        retx = (self.rexmit_ptr - una) - sb_bytes_between(self.sacked, una, self.rexmit_ptr)
+        return max(0, above) + retx
+
+    def _next_hole(self) -> tuple[int, int] | None:
+        start = max(self.rexmit_ptr, self.snd_una)
+        limit = min(self.lost_end, self.snd_max)
+        for s, e in self.sacked:
+            if e <= start:
+                continue
+            if s <= start:
+                start = e
+                continue
+            limit = min(limit, s)
+            break
+        if start >= limit:
+            return None
+        return start, min(limit, start + self.snd_mss)
+
+    def _output(self, now: float) -> None:
+        """Send what cwnd, the peer's window and recovery allow (RFC 5681, RFC 6675 5)."""
+        if self.state is not S.ESTABLISHED and self.state not in SYNCHRONIZED_SEND:
+            return
+        mss = self.snd_mss
+        data_end = self.snd_buf_off + len(self.snd_buf)
+        wnd_edge = self.snd_una + self.snd_wnd
+        if self.recovery is not None:
+            pipe = self._pipe()
+            while pipe < self.cwnd or self.force_rexmit:
+                hole = self._next_hole()
+                if hole is None:
+                    break
+                # RFC 6675 5 (3): the first retransmission on entering recovery is unconditional.
+                self.force_rexmit = False
+                s, e = hole
+                self._xmit(s, e, now)
+                self.n_retransmits += 1
+                self.rtt_off = None  # Karn: no RTT sample across a retransmission
+                self.rexmit_ptr = e
+                pipe += e - s
+            budget = self.cwnd - pipe
+        else:
+            budget = self.cwnd - (self.snd_nxt - self.snd_una)
+        while True:
+            nxt = self.snd_nxt
+            if nxt < data_end:
+                end = min(nxt + mss, data_end, wnd_edge, nxt + max(0, budget))
+                n = end - nxt
+                if n <= 0:
+                    break
+                if n < mss and end < data_end and self.snd_max > self.snd_una:
+                    # Sender SWS avoidance (RFC 9293 3.8.6.2.1): with data in flight, wait
+                    # until a full segment fits in the windows.
+                    break
+                if end == data_end and self.fin_off is not None:
+                    end += 1  # the FIN rides on the last segment
+                self._xmit(nxt, end, now)
+                if self.rtt_off is None and self.recovery is None and end > self.snd_max:
+                    self.rtt_off = end
+                    self.rtt_time = now
+                budget -= n
+                self.snd_nxt = end
+                if end > self.snd_max:
+                    self.snd_max = end
+            elif self.fin_off is not None and nxt == self.fin_off:
+                self._xmit(nxt, nxt + 1, now)
+                self.snd_nxt = self.snd_max = nxt + 1
+            else:
+                break
+        if (
+            self.snd_max == self.snd_una
+            and self.snd_nxt < data_end
+            and self.snd_una + self.snd_wnd <= self.snd_nxt
+            and self.t_persist is None
+        ):
+            # RFC 9293 3.8.6.1: a zero window with data waiting arms the persist timer.
+            self.t_persist = now + self._cur_rto()
+
+    def next_deadline(self) -> float | None:
+        """The earliest armed timer."""
+        best: float | None = None
+        for t in (self.t_rto, self.t_persist, self.t_delack, self.t_wait):
+            if t is not None and (best is None or t < best):
+                best = t
+        return best
+
+    def on_timeout(self, now: float) -> None:
+        """Run every timer that is due."""
+        if self.t_wait is not None and now >= self.t_wait:
+            self.t_wait = None
+            if self.state is S.TIME_WAIT:
+                self.state = S.CLOSED
+                return
+            if self.state is S.FIN_WAIT_2:
+                self._finish()
+                return
+        if self.t_rto is not None and now >= self.t_rto:
+            self.t_rto = None
+            self._on_rto(now)
+            if self.state is S.CLOSED:
+                return
+        if self.t_persist is not None and now >= self.t_persist:
+            self.t_persist = None
+            if self.snd_max == self.snd_una and self.snd_nxt < self.snd_buf_off + len(self.snd_buf):
+                # A probe beyond the window: <SEQ=SND.UNA-1>, like Linux; it elicits an ACK.
+                self.out.tcp(
+                    (self.iss + self.snd_una - 1) & M32,
+                    (self.irs + self.rcv_nxt) & M32,
+                    ACK,
+                    self._window_field(),
+                    b"",
+                    b"",
+                )
+                self.backoff = min(self.backoff + 1, 16)
+                self.t_persist = now + self._cur_rto()
+        if self.t_delack is not None and now >= self.t_delack:
+            self.t_delack = None
+            self.ack_due = True
+
+    def _on_rto(self, now: float) -> None:
+        st = self.state
+        if st is S.SYN_SENT:
+            if now - self.started >= self.cfg.connect_timeout - 1e-9:
+                self._fail(errno.ETIMEDOUT)
+                return
+            self.retries += 1
+            self.backoff += 1
+            self._send_syn(now)
+            self.t_rto = min(self.t_rto or now, self.started + self.cfg.connect_timeout)
+            return
+        if st is S.SYN_RECEIVED:
+            self.retries += 1
+            if self.retries > self.cfg.synack_retries:
+                self._finish()
+                return
+            self.backoff += 1
+            self._send_syn(now)
+            return
+        if self.snd_max <= self.snd_una or st not in SYNCHRONIZED_SEND:
+            return
+        self.retries += 1
+        if self.retries > self.cfg.max_retries:
+            if not self.released:
+                self.events.append(Reset(self.id, errno.ETIMEDOUT))
+            self._finish()
+            return
+        mss = self.snd_mss
+        self.n_timeouts += 1
+        # RFC 5681 3.1 eq. 4 (only on the first timeout of a series), RFC 6298 5.5-5.7.
+        if self.backoff == 0:
+            self.ssthresh = max((self.snd_max - self.snd_una) // 2, 2 * mss)
+        else:
+            self.sacked.clear()  # RFC 2018 8: the receiver may have reneged
+        self.cwnd = mss
+        self.recovery = Recovery.RTO
+        self.recover = self.snd_max
+        self.lost_end = self.snd_max
+        self.rexmit_ptr = self.snd_una
+        self.dupacks = 0
+        self.rtt_off = None
+        self.backoff = min(self.backoff + 1, 16)
+        self._output(now)
+        self.t_rto = now + self._cur_rto()

@@ -1,0 +1,329 @@
+"""The tunnel engine: the WireGuard device, the netstack and the routing policy on one loop.
+
+Inbound, `WgUdpRuntime` hands decrypted packets to `Stack.receive_packet`; a flush scheduled
+once per batch then sends the stack's outgoing packets into the tunnel (choosing the peer by
+the routing policy, cached per destination) and dispatches the stack's events to the flows
+that own the connections (`FlowHandler`). One `call_at` timer follows the stack's deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import secrets
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from wrapguard import log
+from wrapguard.config import Config
+from wrapguard.config import Protocol as RouteProto
+from wrapguard.errors import DecodeError
+from wrapguard.netstack.events import (
+    Accepted,
+    Closed,
+    Connected,
+    ConnectFailed,
+    ConnId,
+    DatagramReceived,
+    Event,
+    ListenerId,
+    PeerClosed,
+    Readable,
+    Reset,
+    UdpError,
+    Writable,
+)
+from wrapguard.netstack.stack import Stack
+from wrapguard.routing import RoutingTable
+from wrapguard.runtime.udp import WgUdpRuntime
+from wrapguard.tunnel.device import Device
+from wrapguard.tunnel.events import HandshakeCompleted, HandshakeFailed, Output
+from wrapguard.tunnel.peer import PeerSpec
+from wrapguard.tunnel.timers import TimerConfig
+from wrapguard.wire.icmp import (
+    ICMP_ECHO_REPLY,
+    ICMP_ECHO_REQUEST,
+    ICMPV6_ECHO_REPLY,
+    ICMPV6_ECHO_REQUEST,
+    IcmpMessage,
+    emit_icmp,
+    parse_icmp,
+)
+from wrapguard.wire.ip import IPv4Packet, IPv6Packet, emit_ip, parse_ip
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_PROTO = {6: RouteProto.TCP, 17: RouteProto.UDP}
+
+
+class FlowHandler(Protocol):
+    """What owns a netstack connection: the relay to the program's socket."""
+
+    def on_event(self, event: Event) -> None: ...
+
+
+def _random_int(bits: int) -> int:
+    return secrets.randbits(bits)
+
+
+class Engine:
+    """Owns the device, its UDP runtime and the stack; routes events to flow handlers."""
+
+    def __init__(
+        self,
+        config: Config,
+        routing: RoutingTable,
+        *,
+        timers: TimerConfig | None = None,
+        socket_factory: Callable[[int, int], object] | None = None,
+    ) -> None:
+        self.log = log.get("wrapguard.engine")
+        self.config = config
+        self.routing = routing
+        iface = config.interface
+        specs = [
+            PeerSpec(
+                public_key=p.public_key,
+                preshared_key=p.preshared_key,
+                endpoint=None if p.endpoint is None else (p.endpoint.host, p.endpoint.port),
+                allowed_ips=tuple(p.allowed_ips),
+                persistent_keepalive=p.persistent_keepalive or 0,
+            )
+            for p in config.peers
+        ]
+        self.device = Device(
+            iface.private_key, specs, rng=secrets.token_bytes, timers=timers, mtu=iface.mtu
+        )
+        for i in range(len(config.peers)):
+            for net in routing.allowed_sources(i):
+                if net not in config.peers[i].allowed_ips:
+                    self.device.add_allowed_source(i, net)
+        self.addresses: list[IPAddress] = [a.ip for a in iface.addresses]
+        self.stack = Stack(self.addresses, rng=_random_int, mtu=iface.mtu)
+        self.wg = WgUdpRuntime(
+            self.device,
+            listen_port=iface.listen_port or 0,
+            on_packet=self._from_tunnel,
+            on_event=self._tunnel_event,
+            socket_factory=socket_factory,  # type: ignore[arg-type]
+        )
+        self.handlers: dict[int, FlowHandler] = {}
+        self.listeners: dict[int, Callable[[ConnId], None]] = {}
+        self._peer_cache: dict[tuple[bytes, int, int], int | None] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._flush_scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self.unrouted_drops = 0
+        self.handshakes_done: set[int] = set()
+        self.handshake_event = asyncio.Event()
+        self._pings: dict[tuple[bytes, int, int], asyncio.Future[float]] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self.wg.start()
+        self.log.info(
+            "tunnel up",
+            listen_port=self.wg.port,
+            addresses=[str(a) for a in self.addresses],
+            peers=len(self.config.peers),
+        )
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self.wg.close()
+
+    def now(self) -> float:
+        return self._loop.time() if self._loop is not None else time.monotonic()
+
+    # ------------------------------------------------------------------ routing
+
+    def route(self, dst: IPAddress, proto: int, port: int | None) -> int | None:
+        """The peer for a destination, or None: not tunnelled (goes direct)."""
+        return self.routing.lookup(dst, _PROTO.get(proto, RouteProto.ANY), port)
+
+    def _peer_for_packet(self, pkt: bytes) -> int | None:
+        if pkt[0] >> 4 == 4:
+            ihl = (pkt[0] & 15) * 4
+            dst, proto = pkt[16:20], pkt[9]
+        else:
+            ihl, dst, proto = 40, pkt[24:40], pkt[6]
+        port = int.from_bytes(pkt[ihl + 2 : ihl + 4], "big") if proto in (6, 17) else 0
+        key = (dst, proto, port)
+        try:
+            return self._peer_cache[key]
+        except KeyError:
+            pass
+        peer = self.route(ipaddress.ip_address(dst), proto, port or None)
+        if len(self._peer_cache) > 65536:
+            self._peer_cache.clear()
+        self._peer_cache[key] = peer
+        return peer
+
+    # ------------------------------------------------------------------ data path
+
+    def _from_tunnel(self, _peer: int, packet: bytes) -> None:
+        if self._pings and self._take_echo_reply(packet):
+            return
+        self.stack.receive_packet(packet, self.now())
+        self.schedule_flush()
+
+    # ------------------------------------------------------------------ ping (self-test)
+
+    async def ping(self, dst: IPAddress, peer: int, timeout: float, ident: int = 0x5767) -> float:
+        """Send one ICMP echo request into the tunnel; returns the round trip in seconds.
+
+        Raises TimeoutError when no reply comes back in time."""
+        src = next((a for a in self.addresses if a.version == dst.version), None)
+        if src is None:
+            raise OSError(errno.ENETUNREACH, f"no tunnel address of IPv{dst.version}")
+        seq = len(self._pings) + 1
+        rest = ident.to_bytes(2, "big") + seq.to_bytes(2, "big")
+        payload = b"wrapguard self-test"
+        if dst.version == 4:
+            msg = emit_icmp(IcmpMessage(ICMP_ECHO_REQUEST, 0, rest, payload))
+            pkt = emit_ip(IPv4Packet(src.packed, dst.packed, 1, msg))
+        else:
+            msg = emit_icmp(
+                IcmpMessage(ICMPV6_ECHO_REQUEST, 0, rest, payload), src.packed, dst.packed
+            )
+            pkt = emit_ip(IPv6Packet(src.packed, dst.packed, 58, msg))
+        assert self._loop is not None
+        waiter: asyncio.Future[float] = self._loop.create_future()
+        self._pings[(dst.packed, ident, seq)] = waiter
+        started = self._loop.time()
+        self.wg.send_packet(pkt, peer)
+        try:
+            async with asyncio.timeout(timeout):
+                await waiter
+        finally:
+            self._pings.pop((dst.packed, ident, seq), None)
+        return self._loop.time() - started
+
+    def _take_echo_reply(self, packet: bytes) -> bool:
+        try:
+            ip = parse_ip(packet)
+            if ip.proto not in (1, 58):
+                return False
+            msg = parse_icmp(ip.payload)
+        except DecodeError:
+            return False
+        if msg.type not in (ICMP_ECHO_REPLY, ICMPV6_ECHO_REPLY):
+            return False
+        waiter = self._pings.get((ip.src, msg.ident, msg.sequence))
+        if waiter is None or waiter.done():
+            return False
+        waiter.set_result(0.0)
+        return True
+
+    def schedule_flush(self) -> None:
+        if not self._flush_scheduled and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Send what the stack produced and hand its events to their owners."""
+        self._flush_scheduled = False
+        stack = self.stack
+        for _ in range(64):  # events may produce packets and packets events: bounded rounds
+            batch = []
+            for pkt in stack.take_outgoing():
+                peer = self._peer_for_packet(pkt)
+                if peer is None:
+                    self.unrouted_drops += 1
+                    continue
+                batch.append((pkt, peer))
+            if batch:
+                self.wg.send_packets(batch)
+            event = stack.next_event()
+            if event is None:
+                break
+            while event is not None:
+                self._dispatch(event)
+                event = stack.next_event()
+        self._rearm()
+
+    def _dispatch(self, event: Event) -> None:
+        if isinstance(event, Accepted):
+            accept = self.listeners.get(event.listener)
+            if accept is None:
+                with contextlib.suppress(OSError):
+                    self.stack.abort(event.conn, self.now())
+                return
+            accept(event.conn)
+            return
+        conn = getattr(event, "conn", None)
+        if conn is None:
+            conn = getattr(event, "sock", None)
+        if conn is None:
+            return  # PacketDropped: counted by the stack
+        handler = self.handlers.get(conn)
+        if handler is not None:
+            handler.on_event(event)
+        if isinstance(event, Closed):
+            self.handlers.pop(conn, None)
+
+    def _rearm(self) -> None:
+        if self._loop is None:
+            return
+        deadline = self.stack.next_deadline()
+        if deadline == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = deadline
+        if deadline is not None:
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self.stack.handle_timeout(self.now())
+        self.flush()
+
+    def _tunnel_event(self, out: Output) -> None:
+        if isinstance(out, HandshakeCompleted):
+            self.handshakes_done.add(out.peer)
+            self.handshake_event.set()
+        elif isinstance(out, HandshakeFailed):
+            self.log.warning("handshake failed: no answer from peer", peer=out.peer)
+
+    # ------------------------------------------------------------------ flows
+
+    def connect(self, dst: IPAddress, port: int, handler: FlowHandler) -> ConnId:
+        cid = self.stack.connect(dst, port, self.now())
+        self.handlers[cid] = handler
+        self.schedule_flush()
+        return cid
+
+    def listen(self, port: int, on_accept: Callable[[ConnId], None]) -> ListenerId:
+        lid = self.stack.listen(port)
+        self.listeners[lid] = on_accept
+        return lid
+
+    def unlisten(self, port: int, lid: ListenerId) -> None:
+        self.listeners.pop(lid, None)
+        with contextlib.suppress(OSError, KeyError):
+            self.stack.unlisten(port)
+
+
+__all__ = [
+    "Accepted",
+    "Closed",
+    "ConnectFailed",
+    "Connected",
+    "DatagramReceived",
+    "Engine",
+    "FlowHandler",
+    "PeerClosed",
+    "Readable",
+    "Reset",
+    "UdpError",
+    "Writable",
+]

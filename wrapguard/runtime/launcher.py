@@ -1,0 +1,253 @@
+"""The launcher's run: tunnel engine + local channel + the wrapped program, on one loop.
+
+`Launcher.run()` brings the engine up (UDP socket, handshakes for peers with
+PersistentKeepalive), starts the channel server, runs the program with the shim preloaded, and
+tears everything down on every exit path. `TunnelBackend` answers the shim's requests: routing
+decisions, outbound TCP connections through the netstack, and inbound listeners whose tunnel
+connections are relayed to the program's own listening socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import os
+import secrets
+import socket
+from collections.abc import Sequence
+
+from wrapguard import log, shim
+from wrapguard.config import Config
+from wrapguard.errors import WrapguardError
+from wrapguard.netstack.events import ConnId
+from wrapguard.routing import RoutingTable
+from wrapguard.runtime.channel import ChannelServer, Decision
+from wrapguard.runtime.child import run_child
+from wrapguard.runtime.engine import Engine
+from wrapguard.runtime.relay import TcpRelay
+from wrapguard.tunnel.timers import TimerConfig
+from wrapguard.wire.ipc import Action, Address, Proto
+
+HELLO_TIMEOUT = 3.0  # compat.md: READY from the shim within 3 s
+STATUS_KEEP = 60.0  # seconds an outcome stays askable after its flow ended
+
+
+def _detach(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> tuple[socket.socket, bytes]:
+    """Take the raw socket out of an asyncio stream (the relay drives it directly), with any
+    bytes the stream had already read past the token."""
+    initial = bytes(reader._buffer)
+    fd = os.dup(writer.get_extra_info("socket").fileno())
+    writer.transport.abort()  # closes only the original descriptor
+    return socket.socket(fileno=fd), initial
+
+
+class TunnelBackend:
+    """The channel backend: what the shim's requests mean for the tunnel."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.log = log.get("wrapguard.backend")
+        self.relays: dict[bytes, TcpRelay] = {}
+        self.futures: dict[bytes, asyncio.Future[int]] = {}
+        self.inbound: dict[tuple[str, int], Address] = {}
+        self.listeners: dict[int, int] = {}  # port -> ListenerId
+        self.hello_pids: set[int] = set()
+        self.hello_event = asyncio.Event()
+        self._tasks: set[asyncio.Future[None]] = set()
+        self.v4 = any(a.version == 4 for a in engine.addresses)
+        self.v6 = any(a.version == 6 for a in engine.addresses)
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def hello(self, pid: int, version: str) -> None:
+        self.hello_pids.add(pid)
+        self.hello_event.set()
+        self.log.debug("shim loaded", pid=pid, version=version)
+
+    def route(self, proto: Proto, dst: Address) -> Decision:
+        ip = dst.ip
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if ip.is_loopback or ip.is_unspecified:
+            return Decision(Action.DIRECT)
+        peer = self.engine.route(ip, int(proto), dst.port)
+        if peer is None:
+            return Decision(Action.DIRECT)
+        if proto != Proto.TCP:
+            # UDP through the tunnel is a later issue; never let it leak out directly.
+            return Decision(Action.FAIL, errno.ENETUNREACH)
+        if (ip.version == 4 and not self.v4) or (ip.version == 6 and not self.v6):
+            return Decision(Action.FAIL, errno.ENETUNREACH)
+        return Decision(Action.TUNNEL)
+
+    def open_tcp(self, dst: Address, token: bytes) -> Address | None:
+        ip = dst.ip
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        def on_status(status: int) -> None:
+            if not future.done():
+                future.set_result(status)
+            if status:
+                self.log.debug("tunnel connect failed", dst=f"{ip}:{dst.port}", errno=status)
+
+        relay = TcpRelay(self.engine, on_status=on_status, on_done=self._relay_done)
+        relay.token = token
+        cid = self.engine.connect(ip, dst.port, relay)
+        relay.attach_conn(cid)
+        self.relays[token] = relay
+        self.futures[token] = future
+        local = self.engine.stack.conn_info(cid).local
+        return Address(local[0], local[1])
+
+    def tcp_attached(
+        self, token: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        sock, initial = _detach(reader, writer)
+        relay = self.relays.get(token)
+        if relay is None:
+            sock.close()
+            return
+        relay.attach_socket(sock, initial)
+
+    def token_expired(self, token: bytes) -> None:
+        relay = self.relays.pop(token, None)
+        self.futures.pop(token, None)
+        if relay is not None and relay.cid is not None:
+            with contextlib.suppress(OSError):
+                self.engine.stack.abort(relay.cid, self.engine.now())
+            self.engine.schedule_flush()
+
+    def status(self, token: bytes) -> asyncio.Future[int] | None:
+        return self.futures.get(token)
+
+    def _relay_done(self, relay: TcpRelay) -> None:
+        if relay.token is not None:
+            token = relay.token
+            self.relays.pop(token, None)
+            fut = self.futures.get(token)
+            if fut is not None and not fut.done():
+                fut.set_result(relay.status or errno.ECONNRESET)
+            # The shim may ask STATUS after a fast failure: keep the outcome a while.
+            asyncio.get_running_loop().call_later(STATUS_KEEP, self.futures.pop, token, None)
+        if relay.inbound_key is not None:
+            self.inbound.pop(relay.inbound_key, None)
+
+    # -- inbound -------------------------------------------------------------------------------
+
+    def listen(self, proto: Proto, addr: Address) -> None:
+        if proto != Proto.TCP:
+            return
+        port = addr.port
+        if port in self.listeners:
+            return
+        family = socket.AF_INET6 if addr.ip.version == 6 else socket.AF_INET
+
+        def on_accept(cid: ConnId) -> None:
+            task = asyncio.ensure_future(self._inbound(cid, family, port))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        self.listeners[port] = self.engine.listen(port, on_accept)
+        self.log.info(
+            "listening on the tunnel", port=port, addresses=[str(a) for a in self.engine.addresses]
+        )
+
+    def unlisten(self, proto: Proto, addr: Address) -> None:
+        lid = self.listeners.pop(addr.port, None)
+        if lid is not None:
+            self.engine.unlisten(addr.port, lid)  # type: ignore[arg-type]
+            self.log.info("stopped listening on the tunnel", port=addr.port)
+
+    def peer_of(self, loopback: Address) -> Address | None:
+        return self.inbound.get((str(loopback.ip), loopback.port))
+
+    async def _inbound(self, cid: ConnId, family: int, port: int) -> None:
+        info = self.engine.stack.conn_info(cid)
+        remote = Address(info.remote[0], info.remote[1])
+        relay = TcpRelay(self.engine, on_done=self._relay_done)
+        relay.attach_conn(cid, established=True)
+        host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.bind((host, 0))
+            local = sock.getsockname()
+            key = (str(ipaddress.ip_address(local[0])), local[1])
+            self.inbound[key] = remote
+            relay.inbound_key = key
+            await asyncio.get_running_loop().sock_connect(sock, (host, port))
+        except OSError as exc:
+            sock.close()
+            self.log.warning("program's listener unreachable", port=port, error=str(exc))
+            with contextlib.suppress(OSError):
+                self.engine.stack.abort(cid, self.engine.now())
+            self.engine.schedule_flush()
+            return
+        self.log.debug("tunnel connection in", client=f"{remote.ip}:{remote.port}", port=port)
+        relay.attach_socket(sock)
+
+
+class Launcher:
+    """One run: everything up, the program to its end, everything down."""
+
+    def __init__(
+        self,
+        config: Config,
+        routing: RoutingTable,
+        argv: Sequence[str],
+        executable: str,
+        *,
+        timers: TimerConfig | None = None,
+    ) -> None:
+        self.config = config
+        self.routing = routing
+        self.argv = list(argv)
+        self.executable = executable
+        self.timers = timers
+        self.log = log.get("wrapguard.launcher")
+
+    def child_env(self, channel: ChannelServer) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(channel.env())
+        env[shim.ENV_PRELOAD] = shim.preload_value(env.get(shim.ENV_PRELOAD), shim.shim_path())
+        return env
+
+    async def run(self) -> int:
+        shim_path = shim.shim_path()
+        engine = Engine(self.config, self.routing, timers=self.timers)
+        backend = TunnelBackend(engine)
+        channel = ChannelServer(
+            backend,  # type: ignore[arg-type]
+            secret=secrets.token_bytes(32),
+            uid=os.getuid(),
+            tunnel_addrs=engine.addresses,
+        )
+        try:
+            try:
+                await engine.start()
+            except OSError as exc:
+                raise WrapguardError(f"cannot open the WireGuard UDP socket: {exc}") from None
+            await channel.start()
+            env = self.child_env(channel)
+            self.log.debug("starting program", program=self.argv[0], shim=shim_path)
+            return await run_child(
+                self.argv,
+                self.executable,
+                env,
+                ready=backend.hello_event,
+                ready_timeout=HELLO_TIMEOUT,
+            )
+        finally:
+            channel.close()
+            engine.close()
+
+
+def run(config: Config, routing: RoutingTable, argv: Sequence[str], executable: str) -> int:
+    """Run the program inside the tunnel; returns its exit status."""
+    return asyncio.run(Launcher(config, routing, argv, executable).run())
