@@ -96,6 +96,7 @@ class Stack:
         self._conns: dict[FlowKey, TcpConn] = {}
         self._by_id: dict[int, TcpConn] = {}
         self._listeners: dict[int, ListenerId] = {}
+        self._listen_filters: dict[int, Callable[[bytes], bool]] = {}
         self._udp: dict[int, SockId] = {}
         self._udp_ports: dict[int, int] = {}
         self._ack_list: list[TcpConn] = []
@@ -194,6 +195,10 @@ class Stack:
                 return
         port = tseg.dst_port
         lst = self._listeners.get(port)
+        if lst is not None:
+            accepts = self._listen_filters.get(port)
+            if accepts is not None and not accepts(dst):
+                lst = None  # the listener does not take this address: as if closed
         flags = seg.flags
         if flags & RST:
             self._drop(DropReason.NO_LISTENER if lst is None else DropReason.BAD_FLAGS)
@@ -392,19 +397,23 @@ class Stack:
         self._after(conn)
         return conn.id
 
-    def listen(self, port: int) -> ListenerId:
-        """Accept connections to `port` on all our addresses."""
+    def listen(self, port: int, accepts: Callable[[bytes], bool] | None = None) -> ListenerId:
+        """Accept connections to `port` on all our addresses, or on those (packed) for which
+        `accepts` is true; a SYN to any other gets a RST, as a closed port does."""
         if port in self._listeners:
             raise OSError(errno.EADDRINUSE, f"port {port} already listening")
         if not 0 < port < 65536:
             raise ValueError(f"bad port {port}")
         lid = ListenerId(self._alloc_id())
         self._listeners[port] = lid
+        if accepts is not None:
+            self._listen_filters[port] = accepts
         return lid
 
     def unlisten(self, port: int) -> None:
         """Stop listening; half-open connections of that listener are reset."""
         lid = self._listeners.pop(port, None)
+        self._listen_filters.pop(port, None)
         for conn in list(self._by_id.values()):
             if conn.listener == lid and conn.state is TcpState.SYN_RECEIVED:
                 conn.abort()

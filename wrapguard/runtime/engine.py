@@ -302,8 +302,13 @@ class Engine:
         self.schedule_flush()
         return cid
 
-    def listen(self, port: int, on_accept: Callable[[ConnId], None]) -> ListenerId:
-        lid = self.stack.listen(port)
+    def listen(
+        self,
+        port: int,
+        on_accept: Callable[[ConnId], None],
+        accepts: Callable[[bytes], bool] | None = None,
+    ) -> ListenerId:
+        lid = self.stack.listen(port, accepts)
         self.listeners[lid] = on_accept
         return lid
 

@@ -25,7 +25,7 @@ from wrapguard.netstack.events import ConnId
 from wrapguard.routing import RoutingTable
 from wrapguard.runtime.channel import ChannelServer, Decision
 from wrapguard.runtime.child import run_child
-from wrapguard.runtime.engine import Engine
+from wrapguard.runtime.engine import Engine, IPAddress
 from wrapguard.runtime.relay import TcpRelay
 from wrapguard.tunnel.timers import TimerConfig
 from wrapguard.wire.ipc import Action, Address, Proto
@@ -55,6 +55,7 @@ class TunnelBackend:
         self.futures: dict[bytes, asyncio.Future[int]] = {}
         self.inbound: dict[tuple[str, int], Address] = {}
         self.listeners: dict[int, int] = {}  # port -> ListenerId
+        self.tcp_bound: dict[int, dict[int, Address]] = {}  # port -> {4|6: what it bound}
         self.hello_pids: set[int] = set()
         self.hello_event = asyncio.Event()
         self._tasks: set[asyncio.Future[None]] = set()
@@ -144,32 +145,75 @@ class TunnelBackend:
         if proto != Proto.TCP:
             return
         port = addr.port
+        bound = self.tcp_bound.setdefault(port, {})
+        bound[addr.ip.version] = addr
         if port in self.listeners:
             return
-        family = socket.AF_INET6 if addr.ip.version == 6 else socket.AF_INET
 
         def on_accept(cid: ConnId) -> None:
-            task = asyncio.ensure_future(self._inbound(cid, family, port))
+            task = asyncio.ensure_future(self._inbound(cid, port))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-        self.listeners[port] = self.engine.listen(port, on_accept)
+        def accepts(local: bytes) -> bool:
+            return self._listener_family(port, ipaddress.ip_address(local)) is not None
+
+        self.listeners[port] = self.engine.listen(port, on_accept, accepts)
         self.log.info(
             "listening on the tunnel", port=port, addresses=[str(a) for a in self.engine.addresses]
         )
 
     def unlisten(self, proto: Proto, addr: Address) -> None:
+        if proto != Proto.TCP:
+            return
+        bound = self.tcp_bound.get(addr.port, {})
+        bound.pop(addr.ip.version, None)
+        if bound:
+            return  # the other family's listener on this port is still open
+        self.tcp_bound.pop(addr.port, None)
         lid = self.listeners.pop(addr.port, None)
         if lid is not None:
             self.engine.unlisten(addr.port, lid)  # type: ignore[arg-type]
             self.log.info("stopped listening on the tunnel", port=addr.port)
 
+    def _listener_family(self, port: int, local: IPAddress) -> int | None:
+        """Which of the program's listeners on `port` takes a tunnel connection to `local`.
+
+        An AF_INET listener takes IPv4 only; an AF_INET6 one takes IPv6, and IPv4 as
+        v4-mapped when no AF_INET listener has the port (a dual-stack socket). A listener bound
+        to one address takes only connections to that address."""
+
+        def takes(addr: Address | None) -> bool:
+            if addr is None:
+                return False
+            ip = addr.ip
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
+            return ip.is_unspecified or ip == local
+
+        bound = self.tcp_bound.get(port, {})
+        if local.version == 4:
+            if takes(bound.get(4)):
+                return socket.AF_INET
+            v6 = bound.get(6)
+            if v6 is not None and (v6.ip.is_unspecified or takes(v6)):
+                return socket.AF_INET6
+            return None
+        return socket.AF_INET6 if takes(bound.get(6)) else None
+
     def peer_of(self, loopback: Address) -> Address | None:
         return self.inbound.get((str(loopback.ip), loopback.port))
 
-    async def _inbound(self, cid: ConnId, family: int, port: int) -> None:
+    async def _inbound(self, cid: ConnId, port: int) -> None:
         info = self.engine.stack.conn_info(cid)
         remote = Address(info.remote[0], info.remote[1])
+        family = self._listener_family(port, info.local[0])
+        if family is None:
+            # No listener of this family/address: refuse, as the kernel would.
+            with contextlib.suppress(OSError):
+                self.engine.stack.abort(cid, self.engine.now())
+            self.engine.schedule_flush()
+            return
         relay = TcpRelay(self.engine, on_done=self._relay_done)
         relay.attach_conn(cid, established=True)
         host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
