@@ -875,3 +875,20 @@ def test_valid_configs_round_trip(case: tuple[str, dict[str, object]]) -> None:
         assert got.routes == tuple(routes)
         assert got.line == line
     assert all(n.level is NoticeLevel.DEBUG for n in c.notices)  # only overlap notices
+
+
+def test_a_pasted_key_without_equals_is_not_echoed(tmp_path: Path) -> None:
+    secret = PrivateKey.generate().to_base64()
+    path = tmp_path / "wg0.conf"
+    path.write_text(f"[Interface]\nPrivateKey {secret}\nAddress = 10.150.0.2\n")
+    path.chmod(0o600)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert secret not in str(info.value)
+    assert secret[:20] not in str(info.value)
+    assert ":2:" in str(info.value)
+
+
+def test_an_endless_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="larger than"):
+        load_config("/dev/zero")

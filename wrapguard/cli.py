@@ -235,6 +235,11 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         code = exc.exit_code
     except KeyboardInterrupt:
         code = 130
+    except Exception as exc:  # the last line of defence: one line, never a traceback
+        _report(WrapguardError(f"internal error: {type(exc).__name__}: {exc}"))
+        if os.environ.get("WRAPGUARD_TRACEBACK"):
+            raise
+        code = EXIT_SETUP
     sys.exit(code)
 
 

@@ -25,6 +25,8 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
+MAX_CONFIG_BYTES = 1 << 20
+_KEY_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]*")
 DEFAULT_MTU = 1420
 MTU_MIN_V4 = 576  # RFC 791: every IPv4 host must accept 576-byte datagrams
 MTU_MIN_V6 = 1280  # RFC 8200 5: the IPv6 minimum link MTU
@@ -354,8 +356,9 @@ class _Parser:
                 continue
             key_text, eq, value = line.partition("=")
             key_text, value = key_text.strip(), value.strip()
-            if not eq or not key_text:
-                # The line is not echoed: it might be a mistyped private key.
+            if not eq or not _KEY_NAME.fullmatch(key_text):
+                # The line is not echoed: it might be a mistyped or pasted private key (keys
+                # end in '=', so "PrivateKey <key>" would otherwise split at the padding).
                 raise self.error("expected 'Key = Value' or a [Section] header", lineno)
             if not sections:
                 raise self.error("comes before any [Interface] or [Peer] section", lineno, key_text)
@@ -555,7 +558,12 @@ def load_config(path: str) -> Config:
             st = os.fstat(f.fileno())
             if stat.S_ISDIR(st.st_mode):
                 raise ConfigError("is a directory, not a config file", path=path)
-            data = f.read()
+            data = f.read(MAX_CONFIG_BYTES + 1)
+            if len(data) > MAX_CONFIG_BYTES:
+                raise ConfigError(
+                    f"is larger than {MAX_CONFIG_BYTES // 1024} KiB; not a WireGuard config",
+                    path=path,
+                )
     except FileNotFoundError:
         raise ConfigError("no such file", path=path) from None
     except IsADirectoryError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import sys
 from collections.abc import MutableMapping
 from typing import IO, Any
@@ -73,8 +74,12 @@ class _LineWriter:
 def setup(level: str = "info", log_file: str | None = None) -> None:
     """Configure logging once, at startup. Raises OSError if the log file cannot be opened."""
     global _stream
-    # The log file stays open for the whole run; line buffering keeps it current.
-    _stream = None if log_file is None else open(log_file, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+    # The log file stays open for the whole run; line buffering keeps it current. It is
+    # created 0600: it names peers, endpoints and destinations.
+    _stream = None
+    if log_file is not None:
+        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        _stream = os.fdopen(fd, "a", encoding="utf-8", buffering=1)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

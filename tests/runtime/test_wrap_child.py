@@ -103,3 +103,27 @@ def test_stdin_and_stdout_pass_through(ns_conf: tuple[Netns, Path]) -> None:
     r = run_wrapped(ns, conf, ["cat"], input=data, timeout=30)
     assert r.returncode == 0
     assert r.stdout == data
+
+
+def test_unrunnable_file_is_one_line_and_126(ns_conf: tuple[Netns, Path], tmp_path: Path) -> None:
+    ns, conf = ns_conf
+    junk = tmp_path / "not-a-program"
+    junk.write_bytes(b"\x00\x01 this is neither ELF nor a script\n")
+    junk.chmod(0o755)
+    r = run_wrapped(ns, conf, [str(junk)], timeout=30)
+    assert r.returncode == 126, explain(r)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith("{")]
+    assert len(lines) == 1 and "cannot run" in lines[0], explain(r)
+    assert "Traceback" not in r.stderr
+
+
+def test_launcher_gets_room_for_many_connections_but_the_program_keeps_its_limit(
+    ns_conf: tuple[Netns, Path],
+) -> None:
+    import resource
+
+    ns, conf = ns_conf
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    r = run_wrapped(ns, conf, ["sh", "-c", "ulimit -n"], timeout=30)
+    assert r.returncode == 0, explain(r)
+    assert r.stdout.strip() == str(soft)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import signal
 from collections.abc import Mapping, Sequence
 
@@ -21,6 +22,24 @@ from wrapguard.errors import WrapguardError
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 KILL_GRACE = 5.0
+
+
+_child_nofile: tuple[int, int] | None = None
+
+
+def raise_fd_limit(want: int = 65536) -> None:
+    """Give the launcher room for many connections (two fds each); the child gets the
+    limits it would have had without wrapguard."""
+    global _child_nofile
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft >= target:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError):
+        return
+    _child_nofile = (soft, hard)
 
 
 def exit_status(returncode: int) -> int:
@@ -105,14 +124,28 @@ async def run_child(
     logger = log.get()
     loop = asyncio.get_running_loop()
     terminal = _Terminal()
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        executable=executable,
-        env=dict(env),
-        process_group=0,
-        pass_fds=tuple(pass_fds),
-        close_fds=True,
-    )
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)
+    child_nofile = _child_nofile
+
+    def restore_limits() -> None:  # in the child, between fork and exec
+        if child_nofile is not None and child_nofile != nofile:
+            resource.setrlimit(resource.RLIMIT_NOFILE, child_nofile)
+
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            executable=executable,
+            env=dict(env),
+            process_group=0,
+            pass_fds=tuple(pass_fds),
+            close_fds=True,
+            preexec_fn=restore_limits if child_nofile is not None else None,
+        )
+    except OSError as exc:
+        # ENOEXEC (no #! line, wrong architecture), EACCES, ...: one line, as env(1) does.
+        err = WrapguardError(f"cannot run {argv[0]}: {exc.strerror or exc}")
+        err.exit_code = 126
+        raise err from None
     pgid = proc.pid
     terminal.give(pgid)
     logger.info("started program", pid=proc.pid, program=argv[0])

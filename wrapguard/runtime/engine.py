@@ -56,6 +56,7 @@ from wrapguard.wire.ip import IPv4Packet, IPv6Packet, emit_ip, parse_ip
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _PROTO = {6: RouteProto.TCP, 17: RouteProto.UDP}
+FLUSH_EVERY = 32  # inbound packets between flushes within one receive batch
 
 
 class FlowHandler(Protocol):
@@ -114,6 +115,7 @@ class Engine:
         self._peer_cache: dict[tuple[bytes, int, int], int | None] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_scheduled = False
+        self._rx_pending = 0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self.unrouted_drops = 0
@@ -171,7 +173,13 @@ class Engine:
         if self._pings and self._take_echo_reply(packet):
             return
         self.stack.receive_packet(packet, self.now())
-        self.schedule_flush()
+        self._rx_pending += 1
+        if self._rx_pending >= FLUSH_EVERY:
+            # Do not hold ACKs (and window updates) for a whole receive batch: the sender's
+            # clock runs on them.
+            self.flush()
+        else:
+            self.schedule_flush()
 
     # ------------------------------------------------------------------ ping (self-test)
 
@@ -229,6 +237,13 @@ class Engine:
     def flush(self) -> None:
         """Send what the stack produced and hand its events to their owners."""
         self._flush_scheduled = False
+        self._rx_pending = 0
+        try:
+            self._flush()
+        finally:
+            self._rearm()
+
+    def _flush(self) -> None:
         stack = self.stack
         for _ in range(64):  # events may produce packets and packets events: bounded rounds
             batch = []
@@ -244,9 +259,11 @@ class Engine:
             if event is None:
                 break
             while event is not None:
-                self._dispatch(event)
+                try:
+                    self._dispatch(event)
+                except Exception as exc:  # one flow's bug must not stop the others
+                    self.log.error("flow event failed", event=type(event).__name__, error=repr(exc))
                 event = stack.next_event()
-        self._rearm()
 
     def _dispatch(self, event: Event) -> None:
         if isinstance(event, Accepted):
@@ -284,8 +301,10 @@ class Engine:
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
-        self.stack.handle_timeout(self.now())
-        self.flush()
+        try:
+            self.stack.handle_timeout(self.now())
+        finally:
+            self.flush()
 
     def _tunnel_event(self, out: Output) -> None:
         if isinstance(out, HandshakeCompleted):

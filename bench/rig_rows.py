@@ -1,0 +1,303 @@
+"""Rows 1, 2, 4, 5 and 6 of `make bench` (root): our launcher against the kernel path.
+
+One rig (tests/rig): wireguard-go as the peer in its namespace, servers behind it. "Ours" is a
+program wrapped by our launcher in the client namespace; the reference is the same program in
+the same namespace through `rig.start_kernel_client()` (wireguard-go + the kernel's TCP). The
+kernel client runs only during its own turns (it holds our key and tunnel address), and the
+peer forgets its sessions before every turn, so each turn starts with a fresh handshake.
+Turns alternate A, B / B, A round by round.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import resource
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from clients import write_clients
+from procs import GiB, Row, Stat, cpu_times, python_env, ratio, rss_mb, run_tracked, tail
+from rig.harness import Rig, build_rig
+from rig.netns import Netns
+from rig.support import FileStore
+
+MB = 1e6
+
+
+def _raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 16384)), hard))
+
+
+class RigBench:
+    """The rig plus the two ways to run a program in its client namespace."""
+
+    def __init__(self, workdir: Path, down_mib: int, up_mib: int) -> None:
+        self.workdir = workdir
+        files = workdir / "files"
+        files.mkdir(parents=True, exist_ok=True)
+        self.down_name = f"{down_mib}MiB.bin"
+        self.rig: Rig = build_rig(
+            workdir / "rig", FileStore(files), file_sizes={self.down_name: down_mib << 20}
+        )
+        self.conf = self.rig.write_client_config(workdir / "client.conf", second_peer=False)
+        self.up_file = workdir / "upload.bin"
+        data = os.urandom(up_mib << 20)
+        self.up_file.write_bytes(data)
+        self.up_size, self.up_sha = len(data), hashlib.sha256(data).hexdigest()
+        self.scripts = write_clients(workdir)
+        self.env = python_env(Netns.python_env(), workdir.parent / "pycache")
+
+    def close(self) -> list[str]:
+        return self.rig.close()
+
+    # -- the two paths ----------------------------------------------------------------------
+    @property
+    def ns(self) -> str:
+        return self.rig.client.name
+
+    def wrapped(self, cmd: Sequence[str]) -> list[str]:
+        return [
+            "ip", "netns", "exec", self.ns, sys.executable, "-m", "wrapguard",
+            "--config", str(self.conf), "--log-level", "warn", "--", *cmd,
+        ]  # fmt: skip
+
+    def direct(self, cmd: Sequence[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.ns, *cmd]
+
+    def kernel_up(self) -> int:
+        """Start the kernel client (fresh handshake); returns its wireguard-go pid."""
+        self.rig.reset_peer()
+        kc = self.rig.kernel_client
+        kc = self.rig.start_kernel_client() if kc is None else kc.start()
+        assert kc.proc is not None
+        return kc.proc.pid
+
+    def kernel_down(self) -> None:
+        if self.rig.kernel_client is not None:
+            self.rig.kernel_client.stop()
+        self.rig.reset_peer()
+
+    def run(self, ours: bool, cmd: Sequence[str], timeout: float) -> tuple[str, float, float]:
+        """Run cmd on one path: (stdout, wall seconds, launcher's own CPU seconds or 0)."""
+        argv = self.wrapped(cmd) if ours else self.direct(cmd)
+        t = run_tracked(argv, timeout=timeout, env=self.env, preexec_fn=_raise_nofile)
+        if t.returncode != 0:
+            raise RuntimeError(f"exit {t.returncode}: {tail(t.stderr or t.stdout)}")
+        return t.stdout, t.wall, t.own_cpu if ours else 0.0
+
+    # -- rows 1 and 2 -----------------------------------------------------------------------
+    def _curl_down(self, ours: bool, check: bool) -> tuple[float, float, int]:
+        out = str(self.workdir / "down.bin") if check else "/dev/null"
+        w = "%{http_code} %{size_download} %{time_total}\n"
+        cmd = ["curl", "-sS", "-o", out, "-w", w, self.rig.url(self.down_name)]
+        stdout, _wall, cpu = self.run(ours, cmd, timeout=120)
+        code, size, secs = stdout.split()[-3:]
+        want_size, want_sha = self.rig.files[self.down_name]
+        if code != "200" or int(size) != want_size:
+            raise RuntimeError(f"download: HTTP {code}, {size} bytes")
+        if check:
+            got = hashlib.sha256(Path(out).read_bytes()).hexdigest()
+            Path(out).unlink()
+            if got != want_sha:
+                raise RuntimeError("download: sha256 mismatch")
+        return int(size) / float(secs) / MB, cpu, int(size)
+
+    def _curl_up(self, ours: bool) -> tuple[float, float, int]:
+        w = "\n%{http_code} %{size_upload} %{time_total}\n"
+        url = self.rig.url("upload")
+        cmd = ["curl", "-sS", "-H", "Expect:", "-T", str(self.up_file), "-w", w, url]
+        stdout, _wall, cpu = self.run(ours, cmd, timeout=120)
+        lines = [line for line in stdout.splitlines() if line.strip()]
+        code, size, secs = lines[-1].split()
+        body = json.loads(lines[-2])
+        if code != "200" or body != {"sha256": self.up_sha, "length": self.up_size}:
+            raise RuntimeError(f"upload: HTTP {code}, server saw {body}")
+        return int(size) / float(secs) / MB, cpu, int(size)
+
+    def startup_cpu(self, runs: int = 3) -> float:
+        """The launcher's own CPU seconds for `-- true` (start-up and exit), median."""
+        samples = [self.run(True, ["true"], timeout=30)[2] for _ in range(runs)]
+        return Stat.of(samples).median
+
+    def rows_transfer(self, rounds: int, deadline: float) -> list[Row]:
+        base = self.startup_cpu()
+        speeds: dict[tuple[str, bool], list[float]] = {}
+        cpu: dict[tuple[str, bool], list[float]] = {}  # CPU seconds per GiB
+        errors: dict[str, str] = {}
+        for r in range(rounds):
+            if r >= 2 and time.monotonic() > deadline:
+                break
+            order = [False, True] if r % 2 == 0 else [True, False]
+            for ours in order:
+                kc_pid = 0 if ours else self.kernel_up()
+                try:
+                    for kind in ("down", "up"):
+                        if kind in errors:
+                            continue
+                        before = cpu_times(kc_pid) if kc_pid else None
+                        try:
+                            if kind == "down":
+                                mbps, own, size = self._curl_down(ours, check=r == 0)
+                            else:
+                                mbps, own, size = self._curl_up(ours)
+                        except Exception as e:
+                            errors[kind] = f"{'ours' if ours else 'kernel'}: {e}"
+                            continue
+                        after = cpu_times(kc_pid) if kc_pid else None
+                        if before is not None and after is not None:
+                            own = after.own - before.own
+                        else:
+                            own = max(0.0, own - base)
+                        speeds.setdefault((kind, ours), []).append(mbps)
+                        cpu.setdefault((kind, ours), []).append(own / (size / GiB))
+                finally:
+                    if not ours:
+                        self.kernel_down()
+        rows = []
+        down_mib, up_mib = self.rig.files[self.down_name][0] >> 20, self.up_size >> 20
+        for kind, key, label in (
+            ("down", "1", f"Download {down_mib} MiB, curl via wireguard-go peer (MB/s)"),
+            ("up", "2", f"Upload {up_mib} MiB, curl -T via wireguard-go peer (MB/s)"),
+        ):
+            row = Row(key, label)
+            if kind in errors:
+                row.ours = f"error: {errors[kind]}"
+            else:
+                o, k = Stat.of(speeds[(kind, True)]), Stat.of(speeds[(kind, False)])
+                co, ck = Stat.of(cpu[(kind, True)]), Stat.of(cpu[(kind, False)])
+                row.ours, row.ref, row.ratio = o.fmt(), k.fmt(), ratio(o.median, k.median)
+                row.notes = (
+                    f"ours {o.spread()}, kernel {k.spread()}; CPU s/GiB: launcher "
+                    f"{co.fmt(1)} (net of its {base:.2f} s start-up), wireguard-go client "
+                    f"{ck.fmt(1)}"
+                )
+            rows.append(row)
+        return rows
+
+    # -- row 4 --------------------------------------------------------------------------------
+    def row_connect(self, rounds: int, n: int = 200) -> Row:
+        row = Row("4", f"Connect round trip, {n} sequential connect+close (median us)")
+        host, port = self.rig.peer_tunnel_v4, str(self.rig.tcp_echo_port)
+        cmd = [sys.executable, str(self.scripts["connect_rtt.py"]), host, port, str(n)]
+        got: dict[bool, dict[str, list[float]]] = {True: {}, False: {}}
+        per_round: dict[bool, list[float]] = {True: [], False: []}
+        for r in range(rounds):
+            for ours in [True, False] if r % 2 == 0 else [False, True]:
+                if not ours:
+                    self.kernel_up()
+                try:
+                    stdout, _, _ = self.run(ours, cmd, timeout=60)
+                finally:
+                    if not ours:
+                        self.kernel_down()
+                data = json.loads(stdout.strip().splitlines()[-1])
+                for k, v in data.items():
+                    got[ours].setdefault(k, []).extend(v)
+                per_round[ours].append(Stat.of(data["connect"]).median)
+        o, k = Stat.of(got[True]["connect"]), Stat.of(got[False]["connect"])
+        fo, fk = Stat.of(got[True]["first_byte"]), Stat.of(got[False]["first_byte"])
+        ro, rk = Stat.of(per_round[True]), Stat.of(per_round[False])
+        row.ours, row.ref, row.ratio = o.fmt(0), k.fmt(0), ratio(o.median, k.median)
+        row.notes = (
+            f"per-round medians ours {ro.spread(0)}, kernel {rk.spread(0)}; connect+first "
+            f"byte {fo.fmt(0)} vs {fk.fmt(0)} us ({ratio(fo.median, fk.median)})"
+        )
+        return row
+
+    # -- row 5 --------------------------------------------------------------------------------
+    def row_startup(self, runs: int = 15) -> Row:
+        row = Row("5", "`wrapguard -- true` vs `true` (median wall ms)")
+        times: dict[str, list[float]] = {"ours": [], "true": [], "python": []}
+        cpu = []
+        py = [sys.executable, "-c", "pass"]  # the interpreter's own start-up, for scale
+        for i in range(runs):
+            order = ["ours", "true", "python"]
+            for kind in order if i % 2 == 0 else order[::-1]:
+                ours = kind == "ours"
+                _, wall, own = self.run(ours, py if kind == "python" else ["true"], timeout=30)
+                times[kind].append(wall * 1e3)
+                if ours:
+                    cpu.append(own * 1e3)
+        o, k, p, c = (Stat.of(x) for x in (times["ours"], times["true"], times["python"], cpu))
+        row.ours, row.ref, row.ratio = o.fmt(), k.fmt(), f"+{o.median - k.median:.1f} ms"
+        row.notes = (
+            f"ours {o.spread()}, true {k.spread()} (both via ip netns exec); launcher CPU "
+            f"{c.fmt(0)} ms; `python -c pass` alone {p.fmt()} ms"
+        )
+        return row
+
+    # -- row 6 --------------------------------------------------------------------------------
+    def row_rss(self, n: int = 1000) -> Row:
+        row = Row("6", f"Launcher RSS, {n} concurrent open connections (MB)")
+        host, port = self.rig.peer_tunnel_v4, str(self.rig.tcp_echo_port)
+        cmd = [sys.executable, str(self.scripts["hold_conns.py"]), host, port, str(n)]
+        errlog = self.workdir / "hold_conns.err"
+        with open(errlog, "wb") as err:
+            proc = subprocess.Popen(
+                self.wrapped(cmd),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                env=self.env,
+                start_new_session=True,
+                preexec_fn=_raise_nofile,
+            )
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            _expect(proc, "UP", 30, errlog)
+            rss1, _ = rss_mb(proc.pid)
+            t0 = time.perf_counter()
+            proc.stdin.write(b"go\n")
+            proc.stdin.flush()
+            _expect(proc, "HELD", 120, errlog)
+            opened = time.perf_counter() - t0
+            rss, hwm = rss_mb(proc.pid)
+            proc.stdin.write(b"done\n")
+            proc.stdin.flush()
+            proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                with contextlib.suppress(OSError):
+                    os.killpg(proc.pid, 9)
+                proc.wait(10)
+        row.ours, row.ref = f"{rss:.1f}", f"{rss1:.1f} (1 conn)"
+        row.ratio = f"+{(rss - rss1) * 1e3 / (n - 1):.1f} KB/conn"
+        row.notes = f"VmHWM {hwm:.1f} MB; {n} connections opened and echoed in {opened:.1f} s"
+        return row
+
+
+def _expect(proc: subprocess.Popen[bytes], word: str, timeout: float, errlog: Path) -> str:
+    """Wait for a stdout line starting with `word` from proc; raise with its stderr if not."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    fd = proc.stdout.fileno()
+    buf = b""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise RuntimeError(f"no {word} line after {timeout:.0f}s")
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            err = errlog.read_text(errors="replace")
+            raise RuntimeError(f"client exited before {word}: {tail(err)}")
+        buf += chunk
+        for line in buf.decode(errors="replace").splitlines():
+            if line.startswith(word):
+                return line
+
+
+def guarded(row: Row, fn: Callable[[], Row]) -> Row:
+    """fn() or `row` with the error in it."""
+    try:
+        return fn()
+    except Exception as e:
+        row.ours = f"error: {type(e).__name__}: {tail(str(e), 200)}"
+        return row
