@@ -6,6 +6,7 @@ import base64
 import os
 import string
 from ipaddress import IPv4Address, IPv6Address, ip_address, ip_interface, ip_network
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
