@@ -69,6 +69,7 @@ static int read_all(int fd, uint8_t *buf, size_t len, long long deadline) {
 static int ctl_connect(long long deadline) {
     int fd = wg_real.socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (fd < 0) return -1;
+    wg_slot_clear(fd); /* read()/send() below go through our hooks: no stale state */
     if (wg_real.connect(fd, (const struct sockaddr *)&wg_cfg.ctl, wg_cfg.ctl_len) == 0)
         return fd;
     if (errno == EINPROGRESS || errno == EAGAIN || errno == EINTR) {

@@ -50,16 +50,18 @@ struct wg_fd *wg_slot_set(int fd) {
 
 void wg_slot_clear(int fd) {
     struct wg_fd *s = wg_slot(fd);
-    if (s == NULL || (s->kind == WG_NONE && !s->has_local)) return;
+    if (s == NULL || (s->kind == WG_NONE && !s->has_local && !s->udp_cache)) return;
     __atomic_store_n(&s->kind, WG_NONE, __ATOMIC_RELEASE);
     s->state = WG_OPEN;
     s->has_local = 0;
+    s->udp_conn = 0;
+    s->udp_cache = WG_UC_NONE;
 }
 
 void wg_slot_copy(int from, int to) {
     struct wg_fd *a = wg_slot(from), *b = wg_slot_set(to);
     if (b == NULL) return;
-    if (a == NULL || (a->kind == WG_NONE && !a->has_local)) {
+    if (a == NULL || (a->kind == WG_NONE && !a->has_local && !a->udp_cache)) {
         wg_slot_clear(to);
         return;
     }
@@ -96,6 +98,16 @@ int wg_resolve(void) {
     WG_RESOLVE(dup);
     WG_RESOLVE(dup2);
     WG_RESOLVE(dup3);
+    WG_RESOLVE(sendto);
+    WG_RESOLVE(sendmsg);
+    WG_RESOLVE(sendmmsg);
+    WG_RESOLVE(send);
+    WG_RESOLVE(write);
+    WG_RESOLVE(recvfrom);
+    WG_RESOLVE(recvmsg);
+    WG_RESOLVE(recvmmsg);
+    WG_RESOLVE(recv);
+    WG_RESOLVE(read);
     WG_RESOLVE(fcntl64);
     if (wg_real.fcntl64 == NULL) missing--; /* older glibc: fcntl only */
     WG_RESOLVE(fcntl);
@@ -174,6 +186,16 @@ void wg_init(void) {
         wg_cfg.status_timeout_ms = (int)(30 + cap) * 1000;
         wg_cfg.naddrs = 0;
         parse_addrs(getenv("WRAPGUARD_ADDRS"));
+        /* WRAPGUARD_UDP: "<port>" (127.0.0.1 and ::1) or "<port>/4" (127.0.0.1 only). */
+        const char *u = getenv("WRAPGUARD_UDP");
+        char *end = NULL;
+        long up = u != NULL ? strtol(u, &end, 10) : 0;
+        if (up > 0 && up < 65536 && end != NULL && (*end == '\0' || strcmp(end, "/4") == 0)) {
+            wg_cfg.udp_port = (uint16_t)up;
+            wg_cfg.udp_v6 = *end == '\0';
+        }
+        const char *d = getenv("WRAPGUARD_DNS");
+        wg_cfg.dns = d != NULL && strcmp(d, "1") == 0;
         /* A set but broken channel still makes the shim active: in-scope connects then
          * fail closed (ENETUNREACH) instead of leaking out directly. */
         wg_cfg.active = 1;
@@ -227,7 +249,9 @@ int wg_addr_from_sockaddr(const struct sockaddr *sa, socklen_t len, struct wg_ad
         out->port = ntohs(in->sin_port);
         return 0;
     }
-    if (sa->sa_family == AF_INET6 && len >= (socklen_t)sizeof(struct sockaddr_in6)) {
+    /* The kernel accepts a sockaddr_in6 without sin6_scope_id (SIN6_LEN_RFC2133, 24 bytes):
+     * so must we, or such a connect would bypass the tunnel. */
+    if (sa->sa_family == AF_INET6 && len >= 24) {
         const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
         if (memcmp(&in6->sin6_addr, v4mapped_prefix, 12) == 0) {
             out->family = 4;

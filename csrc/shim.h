@@ -3,6 +3,8 @@
 #define WRAPGUARD_SHIM_H
 
 #include <stdint.h>
+#include <time.h>
+#include <sys/types.h>
 #include <sys/socket.h>
 #include <netinet/in.h>
 #include <sys/un.h>
@@ -27,6 +29,17 @@ struct wg_real {
     int (*dup3)(int, int, int);
     int (*fcntl)(int, int, ...);
     int (*fcntl64)(int, int, ...); /* what _FILE_OFFSET_BITS=64 programs call */
+    /* UDP (udp.c) */
+    ssize_t (*sendto)(int, const void *, size_t, int, const struct sockaddr *, socklen_t);
+    ssize_t (*sendmsg)(int, const struct msghdr *, int);
+    int (*sendmmsg)(int, struct mmsghdr *, unsigned int, int);
+    ssize_t (*send)(int, const void *, size_t, int);
+    ssize_t (*write)(int, const void *, size_t);
+    ssize_t (*recvfrom)(int, void *, size_t, int, struct sockaddr *, socklen_t *);
+    ssize_t (*recvmsg)(int, struct msghdr *, int);
+    int (*recvmmsg)(int, struct mmsghdr *, unsigned int, int, struct timespec *);
+    ssize_t (*recv)(int, void *, size_t, int);
+    ssize_t (*read)(int, void *, size_t);
 };
 extern struct wg_real wg_real;
 /* Resolve every real call not resolved yet; 0 when all are there. Safe to call often. */
@@ -43,6 +56,9 @@ struct wg_config {
     int status_timeout_ms;            /* STATUS+WAIT: 30 s + the launcher's connect timeout */
     int naddrs;                       /* WRAPGUARD_ADDRS: our tunnel addresses */
     struct { uint8_t family; uint8_t addr[16]; } addrs[WG_MAX_ADDRS];
+    uint16_t udp_port;                /* WRAPGUARD_UDP: the launcher's UDP relay port (0: none) */
+    uint8_t udp_v6;                   /* the relay also listens on ::1 */
+    uint8_t dns;                      /* WRAPGUARD_DNS=1: names are resolved by the launcher */
 };
 extern struct wg_config wg_cfg;
 void wg_init(void);
@@ -68,7 +84,9 @@ int wg_addr_is_ours(const struct wg_addr *a);
 void wg_copy_out(struct sockaddr *dst, socklen_t *dstlen, const void *src, socklen_t srclen);
 
 /* -- per-fd state (shim.c): a fixed table indexed by fd, plain stores only ------------------ */
-enum wg_kind { WG_NONE = 0, WG_TUNNEL = 1, WG_LISTENER = 2, WG_ACCEPTED = 3 };
+enum wg_kind { WG_NONE = 0, WG_TUNNEL = 1, WG_LISTENER = 2, WG_ACCEPTED = 3, WG_UDP = 4 };
+/* UDP route cache (udp.c): the last destination asked about and the answer. */
+enum wg_ucache { WG_UC_NONE = 0, WG_UC_DIRECT = 1, WG_UC_TUNNEL = 2 };
 enum wg_tstate { WG_OPEN = 0, WG_PENDING = 1, WG_FAILED = 2 };
 struct wg_fd {
     uint8_t kind;        /* enum wg_kind */
@@ -79,6 +97,14 @@ struct wg_fd {
     socklen_t peer_len;
     struct wg_addr local;          /* tunnel source (WG_TUNNEL) or requested bind (WG_LISTENER) */
     struct wg_addr announced;      /* WG_LISTENER: what LISTEN announced (for UNLISTEN) */
+    /* UDP (udp.c) */
+    uint8_t udp_conn;              /* WG_UDP: connect()ed through the tunnel (to the relay) */
+    uint8_t udp_cache;             /* enum wg_ucache for udp_last (valid for any kind) */
+    uint8_t udp_domain;            /* WG_UDP: 4 (AF_INET) or 6 (AF_INET6) */
+    struct wg_addr udp_key;        /* WG_UDP: the socket's loopback side (the association) */
+    struct wg_addr udp_peer;       /* WG_UDP + udp_conn: the tunnel destination */
+    struct wg_addr udp_last;       /* the destination of udp_cache */
+    int udp_pid;                   /* WG_UDP: the process that associated it (releases it) */
 };
 #define WG_MAX_FDS 65536
 struct wg_fd *wg_slot(int fd);     /* NULL when fd is out of the table's range */
@@ -89,7 +115,7 @@ int wg_slot_max(void); /* highest fd whose slot was ever set, for rare scans */
 
 /* -- control channel (ctl.c) ---------------------------------------------------------------- */
 enum wg_op { WG_HELLO = 1, WG_CONNECT = 2, WG_STATUS = 3, WG_LISTEN = 4, WG_UNLISTEN = 5,
-             WG_PEER = 6 };
+             WG_PEER = 6, WG_UDP_ASSOC = 7, WG_UDP_RELEASE = 8, WG_RESOLVE = 9 };
 #define WG_FLAG_WAIT 1
 #define WG_CTL_TIMEOUT_MS 5000
 #define WG_MAX_BODY 512
@@ -114,5 +140,14 @@ int wg_addr_decode(const uint8_t in[19], struct wg_addr *a);
 /* STATUS for a token: 0 = open, >0 = errno of the failure, -1 = pending (only !wait),
  * -2 = the channel failed. */
 int wg_status(const uint8_t token[16], int wait);
+
+/* -- UDP (udp.c), called from the hooks in tcp.c ------------------------------------------ */
+/* connect()/bind() on an inet datagram socket: 1 handled (*rc set), 0 not ours. */
+int wg_udp_connect(int fd, const struct sockaddr *sa, socklen_t len, int *rc);
+int wg_udp_bind(int fd, const struct sockaddr *sa, socklen_t len, int *rc);
+/* close() of an fd in state WG_UDP: release the association if no other fd of this process
+ * uses it (call before the real close, `s` is about to be cleared). 1 if UDP_RELEASE is due. */
+int wg_udp_closing(int fd, const struct wg_fd *s);
+void wg_udp_release(const struct wg_addr *key);
 
 #endif

@@ -107,6 +107,8 @@ WG_EXPORT int connect(int fd, const struct sockaddr *sa, socklen_t len) {
     wg_init();
     int saved = errno, domain = 0;
     struct wg_addr dst;
+    int urc;
+    if (wg_cfg.active && wg_udp_connect(fd, sa, len, &urc)) return urc; /* udp.c */
     if (!wg_cfg.active || wg_addr_from_sockaddr(sa, len, &dst) != 0 ||
         wg_addr_is_loopback(&dst) || !is_inet_stream(fd, &domain) || sa->sa_family != domain)
         return wg_real.connect(fd, sa, len);
@@ -189,8 +191,9 @@ static int real_peer_is_loopback(const union wg_sa *sa, socklen_t len) {
 WG_EXPORT int getpeername(int fd, struct sockaddr *addr, socklen_t *addrlen) {
     REAL(getpeername);
     struct wg_fd *s = wg_slot(fd);
-    if (s == NULL || (s->kind != WG_TUNNEL && s->kind != WG_ACCEPTED) || addr == NULL ||
-        addrlen == NULL)
+    if (s == NULL ||
+        (s->kind != WG_TUNNEL && s->kind != WG_ACCEPTED && !(s->kind == WG_UDP && s->udp_conn)) ||
+        addr == NULL || addrlen == NULL)
         return wg_real.getpeername(fd, addr, addrlen);
     int saved = errno;
     union wg_sa real;
@@ -228,7 +231,8 @@ WG_EXPORT int getsockname(int fd, struct sockaddr *addr, socklen_t *addrlen) {
         return 0;
     }
     struct wg_addr local = s->local;
-    if (s->kind != WG_TUNNEL) { /* a rebound listener: the requested address, the real port */
+    if (s->kind != WG_TUNNEL && !(s->kind == WG_UDP && s->udp_conn)) {
+        /* a rebound listener: the requested address, the real port */
         struct wg_addr r;
         if (wg_addr_from_sockaddr(&real.sa, rl, &r) == 0) local.port = r.port;
     }
@@ -242,20 +246,23 @@ WG_EXPORT int getsockname(int fd, struct sockaddr *addr, socklen_t *addrlen) {
 WG_EXPORT int bind(int fd, const struct sockaddr *sa, socklen_t len) {
     REAL(bind);
     wg_init();
-    int domain = 0;
+    int domain = 0, urc;
     struct wg_addr a;
+    if (wg_cfg.active && wg_udp_bind(fd, sa, len, &urc)) return urc; /* udp.c */
     if (!wg_cfg.active || wg_cfg.naddrs == 0 || wg_addr_from_sockaddr(sa, len, &a) != 0 ||
         !wg_addr_is_ours(&a) || !is_inet_stream(fd, &domain) || sa->sa_family != domain)
         return wg_real.bind(fd, sa, len);
-    /* One of our tunnel addresses: the host does not have it, so bind the wildcard of the same
-     * family (same port); the launcher listens on the tunnel address for us. */
+    /* One of our tunnel addresses: the host does not have it, so bind the loopback address of
+     * the same family (same port), never the wildcard: a service meant for the tunnel must not
+     * be reachable from the host's networks. The launcher listens on the tunnel address and
+     * relays over loopback. */
     union wg_sa any;
     memset(&any, 0, sizeof any);
     memcpy(&any, sa, domain == AF_INET ? sizeof any.in : sizeof any.in6);
     if (domain == AF_INET)
-        memset(&any.in.sin_addr, 0, sizeof any.in.sin_addr);
+        any.in.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     else
-        memset(&any.in6.sin6_addr, 0, sizeof any.in6.sin6_addr);
+        any.in6.sin6_addr = in6addr_loopback;
     int rc = wg_real.bind(fd, &any.sa, domain == AF_INET ? sizeof any.in : sizeof any.in6);
     struct wg_fd *s = wg_slot_set(fd);
     if (rc == 0 && s != NULL) {
@@ -279,7 +286,8 @@ WG_EXPORT int listen(int fd, int backlog) {
     socklen_t rl = sizeof real;
     struct wg_addr a;
     if (wg_real.getsockname(fd, &real.sa, &rl) == 0 &&
-        wg_addr_from_sockaddr(&real.sa, rl, &a) == 0 && !wg_addr_is_loopback(&a)) {
+        wg_addr_from_sockaddr(&real.sa, rl, &a) == 0 &&
+        (!wg_addr_is_loopback(&a) || s->has_local)) {
         if (s->has_local) {
             uint16_t port = a.port;
             a = s->local;
@@ -379,11 +387,14 @@ static int last_listener(int fd, const struct wg_addr *a) {
 WG_EXPORT int close(int fd) {
     REAL(close);
     struct wg_fd *s = wg_slot(fd);
-    if (s == NULL || (s->kind == WG_NONE && !s->has_local)) return wg_real.close(fd);
+    if (s == NULL || (s->kind == WG_NONE && !s->has_local && !s->udp_cache))
+        return wg_real.close(fd);
     int unlisten = s->kind == WG_LISTENER && last_listener(fd, &s->announced);
-    struct wg_addr a = s->announced;
+    int release = s->kind == WG_UDP && wg_udp_closing(fd, s); /* udp.c */
+    struct wg_addr a = s->announced, key = s->udp_key;
     wg_slot_clear(fd);
     int rc = wg_real.close(fd);
+    if (release) wg_udp_release(&key);
     if (unlisten) {
         int saved = errno;
         uint8_t body[20];

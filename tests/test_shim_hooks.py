@@ -532,10 +532,9 @@ def test_getpeername_truncates_like_the_kernel_and_errno_is_preserved(world: Wor
 
 
 @pytest.mark.root
-def test_inert_without_ctl_and_udp_untouched(world: World) -> None:
+def test_inert_without_ctl_and_udp_fails_closed_without_a_relay(world: World) -> None:
     # Only in the private namespace (no routes): a real connect to 10.150.0.1 fails there.
     assert world.isolated
-    routes = len(world.backend.routes)
     code = """
         import json, socket, sys
         port = int(sys.argv[1])
@@ -545,7 +544,12 @@ def test_inert_without_ctl_and_udp_untouched(world: World) -> None:
         tcp = t.connect_ex(("10.150.0.1", port)) if len(sys.argv) > 2 else None
         print(json.dumps([udp, tcp]))
     """
-    assert world.python(code) == [errno.ENETUNREACH, None]  # UDP: the kernel's own answer
+    # This world's launcher has no UDP relay (no WRAPGUARD_UDP): a tunnelled UDP destination
+    # fails closed after asking the route.
+    before = len(world.backend.routes)
+    assert world.python(code) == [errno.ENETUNREACH, None]
+    assert world.backend.routes[before:] == [Address(IPv4Address("10.150.0.1"), world.port)]
+    routes = len(world.backend.routes)
     argv = [sys.executable, "-c", textwrap.dedent(code), str(world.port), "tcp"]
     proc = world.run(argv, WRAPGUARD_CTL="")
     assert proc.returncode == 0, proc.stderr
@@ -605,3 +609,27 @@ def test_unreachable_channel_fails_closed(world: World, tmp_path: Any) -> None:
     bad = world.server.stats.bad_secret
     assert world.python(code, WRAPGUARD_SECRET="00" * 32) == errno.ENETUNREACH
     assert world.server.stats.bad_secret >= bad + 2  # the HELLO and the CONNECT
+
+
+def test_udp_and_names_fail_closed_when_the_channel_is_unreachable(
+    world: World, tmp_path: Any
+) -> None:
+    code = """
+        import json, socket, sys
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s.sendto(b"x", ("10.150.0.1", int(sys.argv[1])))
+            udp = "sent"
+        except OSError as e:
+            udp = e.errno
+        try:
+            gai = socket.getaddrinfo("web.wg.test", 80)[0][4][0]
+        except socket.gaierror as e:
+            gai = e.errno
+        loop = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        loop.bind(("127.0.0.1", 0))
+        s.sendto(b"lo", loop.getsockname())  # loopback never asks the launcher
+        print(json.dumps([udp, gai, loop.recv(10).decode()]))
+    """
+    gone = {"WRAPGUARD_CTL": str(tmp_path / "gone.sock"), "WRAPGUARD_DNS": "1"}
+    assert world.python(code, **gone) == [errno.ENETUNREACH, socket.EAI_AGAIN, "lo"]

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from wrapguard.errors import DecodeError
 from wrapguard.runtime import channel as channel_mod
 from wrapguard.runtime.channel import ChannelServer, Decision
 from wrapguard.wire.ipc import (
@@ -35,13 +36,26 @@ from wrapguard.wire.ipc import (
     Proto,
     Reply,
     Request,
+    ResolveAction,
+    ResolveReply,
+    ResolveRequest,
     StatusAction,
     StatusReply,
     StatusRequest,
+    UdpAssocReply,
+    UdpAssocRequest,
+    UdpHeader,
+    UdpKind,
+    UdpReleaseReply,
+    UdpReleaseRequest,
     UnlistenReply,
     UnlistenRequest,
+    emit_reply,
     emit_request,
+    emit_udp_header,
     parse_reply,
+    parse_request,
+    parse_udp_header,
 )
 
 SECRET = bytes(range(1, 33))
@@ -95,6 +109,26 @@ class Backend:
 
     def peer_of(self, loopback: Address) -> Address | None:
         return SRC if loopback.port == 5555 else None
+
+    def udp_assoc(self, local: Address, dst: Address) -> tuple[Decision, Address | None]:
+        decision = self.route(Proto.UDP, dst)
+        self.calls.append(("udp_assoc", (local, dst)))
+        if dst.port == 2:
+            raise OSError(errno.EADDRNOTAVAIL, "no port")
+        return decision, SRC if decision.action is Action.TUNNEL else None
+
+    def udp_release(self, local: Address) -> None:
+        self.calls.append(("udp_release", local))
+
+    async def resolve(
+        self, name: str, family: int, flags: int
+    ) -> tuple[int, list[IPv4Address | IPv6Address], str]:
+        self.calls.append(("resolve", (name, family, flags)))
+        if name == "many.test":
+            return 0, [IPv4Address(f"10.0.0.{i}") for i in range(1, 30)], "many.test"
+        if name == "web.test":
+            return 0, [IPv4Address("10.150.0.1"), IPv6Address("fd15::1")], "www.test"
+        return 2, [], ""
 
 
 async def raw(path: str, data: bytes) -> bytes:
@@ -257,6 +291,76 @@ def test_other_replies(tmp_path: Path) -> None:
     run_with_server(body, tmp_path)
 
 
+def test_udp_assoc_and_release(tmp_path: Path) -> None:
+    async def body(server: ChannelServer, backend: Backend) -> None:
+        lo = Address(IPv4Address("127.0.0.1"), 41000)
+        tunnelled = Address(IPv4Address("10.150.0.1"), 53)
+        direct = Address(IPv4Address("192.0.2.1"), 53)
+        refused = Address(IPv4Address("10.150.0.99"), 53)
+        assert await ask(server, UdpAssocRequest(lo, tunnelled)) == UdpAssocReply(
+            Action.TUNNEL, 0, SRC
+        )
+        assert ("udp_assoc", (lo, tunnelled)) in backend.calls
+        assert await ask(server, UdpAssocRequest(lo, direct)) == UdpAssocReply(Action.DIRECT)
+        assert await ask(server, UdpAssocRequest(lo, refused)) == UdpAssocReply(
+            Action.FAIL, errno.ECONNREFUSED
+        )
+        no_port = Address(IPv4Address("10.150.0.1"), 2)
+        assert await ask(server, UdpAssocRequest(lo, no_port)) == UdpAssocReply(
+            Action.FAIL, errno.EADDRNOTAVAIL
+        )
+        # A local side that is not loopback, or port 0, only routes: never associated.
+        before = len(backend.calls)
+        for local in (Address(IPv4Address("192.0.2.7"), 41000), Address(lo.ip, 0)):
+            assert await ask(server, UdpAssocRequest(local, tunnelled)) == UdpAssocReply(
+                Action.FAIL, errno.ENETUNREACH
+            )
+            assert await ask(server, UdpAssocRequest(local, direct)) == UdpAssocReply(Action.DIRECT)
+        assert backend.calls[before:] == []
+        assert await ask(server, UdpReleaseRequest(lo)) == UdpReleaseReply()
+        assert await ask(server, UdpReleaseRequest(SRC)) == UdpReleaseReply()  # not loopback
+        assert [c for c in backend.calls if c[0] == "udp_release"] == [("udp_release", lo)]
+        env = server.env()
+        assert channel_mod.ENV_UDP not in env
+        server.udp_env = "4242"
+        assert server.env()[channel_mod.ENV_UDP] == "4242"
+
+    run_with_server(body, tmp_path)
+
+
+def test_resolve(tmp_path: Path) -> None:
+    async def body(server: ChannelServer, backend: Backend) -> None:
+        web = await ask(server, ResolveRequest("web.test", 0, 1))
+        assert web == ResolveReply(
+            ResolveAction.FOUND, 0, (IPv4Address("10.150.0.1"), IPv6Address("fd15::1")), "www.test"
+        )
+        assert ("resolve", ("web.test", 0, 1)) in backend.calls
+        assert await ask(server, ResolveRequest("nope.test", 4)) == ResolveReply(
+            ResolveAction.FAIL, 2
+        )
+        many = await ask(server, ResolveRequest("many.test", 4))
+        assert isinstance(many, ResolveReply) and len(many.addresses) == 12  # fits a frame
+        assert channel_mod.ENV_DNS not in server.env()
+        server.resolve_names = True
+        assert server.env()[channel_mod.ENV_DNS] == "1"
+
+    run_with_server(body, tmp_path)
+
+
+def test_udp_header_codec() -> None:
+    dst = Address(IPv6Address("fd15::1"), 53)
+    hdr = emit_udp_header(UdpHeader(UdpKind.DATA, dst))
+    assert hdr == bytes([1, 0, 6]) + dst.ip.packed + (53).to_bytes(2, "big")
+    assert parse_udp_header(hdr + b"payload") == (UdpHeader(UdpKind.DATA, dst), b"payload")
+    err = emit_udp_header(UdpHeader(UdpKind.ERROR, SRC)) + errno.ECONNREFUSED.to_bytes(4, "big")
+    assert parse_udp_header(err)[0].kind is UdpKind.ERROR
+    short, version, kind = hdr[:20], bytes([2]) + hdr[1:], hdr[:1] + bytes([7]) + hdr[2:]
+    family = hdr[:2] + bytes([5]) + hdr[3:]
+    for bad in (short, version, kind, family):
+        with pytest.raises(DecodeError):
+            parse_udp_header(bad)
+
+
 def test_wrong_secret_and_malformed_frames_are_dropped_unanswered(tmp_path: Path) -> None:
     async def body(server: ChannelServer, backend: Backend) -> None:
         assert server.ctl_path is not None
@@ -357,3 +461,38 @@ def test_data_listener_is_loopback_only(tmp_path: Path) -> None:
         assert socket.has_ipv6
 
     run_with_server(body, tmp_path)
+
+
+NEW_FRAMES: list[Request | Reply] = [
+    UdpAssocRequest(Address(IPv4Address("127.0.0.1"), 41000), Address(IPv6Address("fd15::1"), 53)),
+    UdpReleaseRequest(Address(IPv6Address("::1"), 41000)),
+    ResolveRequest("web.wg.test", 6, 1),
+    UdpAssocReply(Action.TUNNEL, 0, SRC),
+    UdpAssocReply(Action.DIRECT),
+    UdpAssocReply(Action.FAIL, errno.ENETUNREACH),
+    UdpReleaseReply(),
+    ResolveReply(ResolveAction.FOUND, 0, (IPv4Address("10.150.0.1"),), "web.wg.test"),
+    ResolveReply(ResolveAction.FAIL, 5),
+]
+
+
+@pytest.mark.parametrize("frame", NEW_FRAMES, ids=repr)
+def test_udp_and_resolve_frames_round_trip(frame: Request | Reply) -> None:
+    if isinstance(frame, UdpAssocRequest | UdpReleaseRequest | ResolveRequest):
+        assert parse_request(emit_request(frame, SECRET)) == (SECRET, frame)
+    else:
+        assert parse_reply(emit_reply(frame)) == frame
+
+
+def test_malformed_resolve_frames_raise_decode_error() -> None:
+    good = emit_request(ResolveRequest("ab", 4), SECRET)
+    bad_family = good[:40] + bytes([5]) + good[41:]
+    not_utf8 = good[:43] + b"\xff\xfe"
+    long_len = good[:42] + bytes([9]) + good[43:]
+    for data in (bad_family, not_utf8, long_len):
+        with pytest.raises(DecodeError):
+            parse_request(data)
+    found = emit_reply(ResolveReply(ResolveAction.FOUND, 0, (IPv4Address("10.0.0.1"),), "x"))
+    zero = found[:12] + bytes([0]) + found[13:]
+    with pytest.raises(DecodeError):
+        parse_reply(zero)

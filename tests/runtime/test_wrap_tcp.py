@@ -502,24 +502,7 @@ def test_unrouted_destination_goes_direct(rig: Rig, tmp_path: Path) -> None:
     assert out["sock"][0] == rig.client_veth_v4
 
 
-NOT_INTERCEPTED_YET = (
-    "the shim does not hook sendto()/sendmsg() yet (UDP and TCP Fast Open's implicit connect): "
-    "issue 6 adds csrc/udp.c"
-)
-
-
-@pytest.mark.parametrize(
-    "probe",
-    [
-        pytest.param(
-            name,
-            marks=pytest.mark.xfail(strict=True, reason=NOT_INTERCEPTED_YET)
-            if name in ("tcp-fastopen", "udp-sendto")
-            else (),
-        )
-        for name in sorted(LEAK_PROBES)
-    ],
-)
+@pytest.mark.parametrize("probe", sorted(LEAK_PROBES))
 def test_implicit_connects_never_leak(rig: Rig, tmp_path: Path, probe: str) -> None:
     """With a real route to 10.150.0.0/24 in the client namespace (as a host with a default
     route has), traffic to a tunnelled destination must still never go out directly."""

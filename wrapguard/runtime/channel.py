@@ -29,6 +29,7 @@ import structlog
 
 from wrapguard.errors import DecodeError, WrapguardError
 from wrapguard.wire.ipc import (
+    MAX_RESOLVE_ADDRS,
     PREFIX_LEN,
     TOKEN_LEN,
     Action,
@@ -45,9 +46,16 @@ from wrapguard.wire.ipc import (
     Proto,
     Reply,
     Request,
+    ResolveAction,
+    ResolveReply,
+    ResolveRequest,
     StatusAction,
     StatusReply,
     StatusRequest,
+    UdpAssocReply,
+    UdpAssocRequest,
+    UdpReleaseReply,
+    UdpReleaseRequest,
     UnlistenReply,
     UnlistenRequest,
     emit_reply,
@@ -60,7 +68,9 @@ __all__ = [
     "ENV_ADDRS",
     "ENV_CONNECT_TIMEOUT",
     "ENV_CTL",
+    "ENV_DNS",
     "ENV_SECRET",
+    "ENV_UDP",
     "ChannelBackend",
     "ChannelServer",
     "ChannelStats",
@@ -73,6 +83,8 @@ ENV_CTL = "WRAPGUARD_CTL"
 ENV_SECRET = "WRAPGUARD_SECRET"
 ENV_CONNECT_TIMEOUT = "WRAPGUARD_CONNECT_TIMEOUT"
 ENV_ADDRS = "WRAPGUARD_ADDRS"
+ENV_UDP = "WRAPGUARD_UDP"  # the UDP relay's loopback port; "/4": no ::1 socket
+ENV_DNS = "WRAPGUARD_DNS"  # "1": the shim asks RESOLVE for names (DNS= is set)
 LOCAL_STEP_TIMEOUT = 5.0  # docs/channel.md: a request or a token must arrive within 5 s
 TOKEN_TTL = 10.0  # a token not presented by then is dropped and counted
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -120,6 +132,21 @@ class ChannelBackend(Protocol):
 
     def peer_of(self, loopback: Address) -> Address | None:
         """The tunnel client behind a loopback connection we made to the program."""
+        ...
+
+    def udp_assoc(self, local: Address, dst: Address) -> tuple[Decision, Address | None]:
+        """Route a datagram to `dst` from the program's UDP socket whose loopback side is
+        `local`; on TUNNEL associate that socket and return our tunnel source for `dst`."""
+        ...
+
+    def udp_release(self, local: Address) -> None:
+        """The program closed the socket whose loopback side is `local`."""
+        ...
+
+    async def resolve(
+        self, name: str, family: int, flags: int
+    ) -> tuple[int, Sequence[IPv4Address | IPv6Address], str]:
+        """(0, addresses, canonical name) or (EAI code magnitude, (), "")."""
         ...
 
 
@@ -174,6 +201,8 @@ class ChannelServer:
         self.ctl_path: str | None = None
         self.data_port = 0
         self._has_v6 = False
+        self.udp_env: str | None = None  # set by the launcher once its UDP relay is up
+        self.resolve_names = False  # set by the launcher when it answers RESOLVE (DNS=)
 
     def __repr__(self) -> str:  # never shows the secret
         return f"ChannelServer(ctl={self.ctl_path!r}, data_port={self.data_port})"
@@ -227,6 +256,10 @@ class ChannelServer:
         }
         if self._addrs:
             env[ENV_ADDRS] = ",".join(str(a) for a in self._addrs)
+        if self.udp_env is not None:
+            env[ENV_UDP] = self.udp_env
+        if self.resolve_names:
+            env[ENV_DNS] = "1"
         return env
 
     def close(self) -> None:
@@ -310,6 +343,18 @@ class ChannelServer:
                 if peer is None:
                     return PeerReply(PeerAction.UNKNOWN)
                 return PeerReply(PeerAction.FOUND, peer)
+            case UdpAssocRequest(local, dst):
+                return self._udp_assoc(local, dst)
+            case ResolveRequest(name, family, flags):
+                eai, addrs, canon = await b.resolve(name, family, flags)
+                addrs = tuple(addrs)[:MAX_RESOLVE_ADDRS]
+                if eai or not addrs:
+                    return ResolveReply(ResolveAction.FAIL, eai or 2)
+                return ResolveReply(ResolveAction.FOUND, 0, addrs, canon[:255])
+            case UdpReleaseRequest(local):
+                if local.ip.is_loopback:
+                    b.udp_release(local)
+                return UdpReleaseReply()
         raise AssertionError(req)  # pragma: no cover - the match is exhaustive
 
     def _connect(self, proto: Proto, dst: Address) -> ConnectReply:
@@ -330,6 +375,24 @@ class ChannelServer:
         if dst.family == 6 and self._has_v6:
             lo_ip = IPv6Address("::1")
         return ConnectReply(Action.TUNNEL, 0, Address(lo_ip, self.data_port), token, source)
+
+    def _udp_assoc(self, local: Address, dst: Address) -> UdpAssocReply:
+        if not local.ip.is_loopback or local.port == 0:  # route only: never associated
+            decision = self._backend.route(Proto.UDP, dst)
+            if decision.action is Action.DIRECT:
+                return UdpAssocReply(Action.DIRECT)
+            return UdpAssocReply(Action.FAIL, decision.errno or errno.ENETUNREACH)
+        try:
+            decision, source = self._backend.udp_assoc(local, dst)
+        except OSError as exc:
+            return UdpAssocReply(Action.FAIL, exc.errno or errno.ENETUNREACH)
+        if decision.action is Action.TUNNEL:
+            if source is None:
+                return UdpAssocReply(Action.FAIL, errno.ENETUNREACH)
+            return UdpAssocReply(Action.TUNNEL, 0, source)
+        if decision.action is Action.FAIL:
+            return UdpAssocReply(Action.FAIL, decision.errno or errno.ENETUNREACH)
+        return UdpAssocReply(Action.DIRECT)
 
     async def _status(self, token: bytes, wait: bool) -> StatusReply:
         fut = self._backend.status(token)

@@ -24,11 +24,13 @@ from wrapguard.errors import WrapguardError
 from wrapguard.netstack.events import ConnId
 from wrapguard.routing import RoutingTable
 from wrapguard.runtime.channel import ChannelServer, Decision
-from wrapguard.runtime.child import run_child
+from wrapguard.runtime.child import raise_fd_limit, run_child
+from wrapguard.runtime.dns import DnsResolver, ResolveError
 from wrapguard.runtime.engine import Engine, IPAddress
 from wrapguard.runtime.relay import TcpRelay
+from wrapguard.runtime.udpassoc import UdpRelay
 from wrapguard.tunnel.timers import TimerConfig
-from wrapguard.wire.ipc import Action, Address, Proto
+from wrapguard.wire.ipc import RESOLVE_ADDRCONFIG, Action, Address, Proto
 
 HELLO_TIMEOUT = 3.0  # compat.md: READY from the shim within 3 s
 STATUS_KEEP = 60.0  # seconds an outcome stays askable after its flow ended
@@ -56,16 +58,18 @@ class TunnelBackend:
         self.inbound: dict[tuple[str, int], Address] = {}
         self.listeners: dict[int, int] = {}  # port -> ListenerId
         self.tcp_bound: dict[int, dict[int, Address]] = {}  # port -> {4|6: what it bound}
-        self.hello_pids: set[int] = set()
+        self.hellos = 0  # processes that loaded the shim
         self.hello_event = asyncio.Event()
         self._tasks: set[asyncio.Future[None]] = set()
         self.v4 = any(a.version == 4 for a in engine.addresses)
         self.v6 = any(a.version == 6 for a in engine.addresses)
+        self.udp = UdpRelay(engine)
+        self.resolver: DnsResolver | None = None  # set when the config has DNS=
 
     # -- requests ------------------------------------------------------------------------------
 
     def hello(self, pid: int, version: str) -> None:
-        self.hello_pids.add(pid)
+        self.hellos += 1
         self.hello_event.set()
         self.log.debug("shim loaded", pid=pid, version=version)
 
@@ -78,9 +82,8 @@ class TunnelBackend:
         peer = self.engine.route(ip, int(proto), dst.port)
         if peer is None:
             return Decision(Action.DIRECT)
-        if proto != Proto.TCP:
-            # UDP through the tunnel is a later issue; never let it leak out directly.
-            return Decision(Action.FAIL, errno.ENETUNREACH)
+        if dst.port == 0:
+            return Decision(Action.FAIL, errno.ECONNREFUSED)  # as the kernel answers port 0
         if (ip.version == 4 and not self.v4) or (ip.version == 6 and not self.v6):
             return Decision(Action.FAIL, errno.ENETUNREACH)
         return Decision(Action.TUNNEL)
@@ -116,6 +119,29 @@ class TunnelBackend:
             return
         relay.attach_socket(sock, initial)
 
+    def udp_assoc(self, local: Address, dst: Address) -> tuple[Decision, Address | None]:
+        decision = self.route(Proto.UDP, dst)
+        if decision.action is not Action.TUNNEL:
+            return decision, None
+        return decision, self.udp.assoc(local, dst)
+
+    def udp_release(self, local: Address) -> None:
+        self.udp.release(local)
+
+    async def resolve(
+        self, name: str, family: int, flags: int
+    ) -> tuple[int, Sequence[ipaddress.IPv4Address | ipaddress.IPv6Address], str]:
+        if self.resolver is None:
+            return 4, (), ""  # EAI_FAIL: the shim asks only when DNS= is set
+        try:
+            addrs, canon = await self.resolver.resolve(name, family)
+        except ResolveError as exc:
+            self.log.debug("name not resolved", name=name, eai=exc.eai)
+            return exc.eai, (), ""
+        if flags & RESOLVE_ADDRCONFIG:
+            addrs = [a for a in addrs if (self.v4 if a.version == 4 else self.v6)]
+        return (0, addrs, canon) if addrs else (2, (), "")
+
     def token_expired(self, token: bytes) -> None:
         relay = self.relays.pop(token, None)
         self.futures.pop(token, None)
@@ -142,6 +168,9 @@ class TunnelBackend:
     # -- inbound -------------------------------------------------------------------------------
 
     def listen(self, proto: Proto, addr: Address) -> None:
+        if proto == Proto.UDP:
+            self.udp.bind(addr)
+            return
         if proto != Proto.TCP:
             return
         port = addr.port
@@ -264,6 +293,7 @@ class Launcher:
 
     async def run(self) -> int:
         shim_path = shim.shim_path()
+        raise_fd_limit()
         engine = Engine(self.config, self.routing, timers=self.timers)
         backend = TunnelBackend(engine)
         channel = ChannelServer(
@@ -278,6 +308,17 @@ class Launcher:
             except OSError as exc:
                 raise WrapguardError(f"cannot open the WireGuard UDP socket: {exc}") from None
             await channel.start()
+            await backend.udp.start()
+            channel.udp_env = backend.udp.env_value()
+            iface = self.config.interface
+            if iface.dns_servers:
+                backend.resolver = DnsResolver(engine, iface.dns_servers, iface.dns_search)
+                backend.resolver.start()
+                channel.resolve_names = True
+            else:
+                self.log.info(
+                    "no DNS= in the config: names resolve on the host, outside the tunnel"
+                )
             env = self.child_env(channel)
             self.log.debug("starting program", program=self.argv[0], shim=shim_path)
             return await run_child(
@@ -289,6 +330,9 @@ class Launcher:
             )
         finally:
             channel.close()
+            backend.udp.close()
+            if backend.resolver is not None:
+                backend.resolver.close()
             engine.close()
 
 

@@ -22,9 +22,12 @@ __all__ = [
     "ADDR_LEN",
     "FLAG_WAIT",
     "MAX_BODY",
+    "MAX_RESOLVE_ADDRS",
     "PREFIX_LEN",
+    "RESOLVE_ADDRCONFIG",
     "SECRET_LEN",
     "TOKEN_LEN",
+    "UDP_HDR_LEN",
     "VERSION",
     "Action",
     "Address",
@@ -41,18 +44,29 @@ __all__ = [
     "Proto",
     "Reply",
     "Request",
+    "ResolveAction",
+    "ResolveReply",
+    "ResolveRequest",
     "StatusAction",
     "StatusReply",
     "StatusRequest",
+    "UdpAssocReply",
+    "UdpAssocRequest",
+    "UdpHeader",
+    "UdpKind",
+    "UdpReleaseReply",
+    "UdpReleaseRequest",
     "UnlistenReply",
     "UnlistenRequest",
     "emit_address",
     "emit_reply",
     "emit_request",
+    "emit_udp_header",
     "frame_body_len",
     "parse_address",
     "parse_reply",
     "parse_request",
+    "parse_udp_header",
     "secret_matches",
 ]
 
@@ -64,12 +78,17 @@ TOKEN_LEN = 16
 ADDR_LEN = 19
 FLAG_WAIT = 0x0001
 MAX_VERSION_TEXT = 255
+MAX_NAME_TEXT = 255
+MAX_RESOLVE_ADDRS = 12  # 12 addresses + a 255-byte name fit in MAX_BODY
+RESOLVE_ADDRCONFIG = 0x01  # AI_ADDRCONFIG: only families we have a tunnel address of
 
 _PREFIX = struct.Struct("!I")
 _REQ_HDR = struct.Struct("!BBH32s")  # version, op, flags, secret
 _REP_HDR = struct.Struct("!BBHi")  # version, op, action, errno
 _ADDR = struct.Struct("!B16sH")
 _HELLO = struct.Struct("!IB")
+_UDP_HDR = struct.Struct("!BB")
+UDP_HDR_LEN = _UDP_HDR.size + ADDR_LEN
 _E = TypeVar("_E", bound=IntEnum)
 
 
@@ -80,6 +99,9 @@ class Op(IntEnum):
     LISTEN = 4
     UNLISTEN = 5
     PEER = 6
+    UDP_ASSOC = 7
+    UDP_RELEASE = 8
+    RESOLVE = 9
 
 
 class Proto(IntEnum):
@@ -98,6 +120,18 @@ class Action(IntEnum):
 class StatusAction(IntEnum):
     DONE = 0  # errno is the outcome: 0 = the tunnel connection is open
     PENDING = 1  # only without WAIT
+
+
+class UdpKind(IntEnum):
+    """What a relayed datagram's header announces (docs/channel.md, "UDP")."""
+
+    DATA = 0  # the payload is one datagram to / from `addr`
+    ERROR = 1  # the payload is a u32 errno: an ICMP error about a datagram sent to `addr`
+
+
+class ResolveAction(IntEnum):
+    FOUND = 0
+    FAIL = 2  # errno is the magnitude of a getaddrinfo EAI_* code (EAI_NONAME -2 -> 2)
 
 
 class PeerAction(IntEnum):
@@ -156,8 +190,38 @@ class PeerRequest:
     addr: Address
 
 
+@dataclass(frozen=True, slots=True)
+class UdpAssocRequest:
+    """Route `dst` for the UDP socket whose loopback side is `local`; associate it if TUNNEL."""
+
+    local: Address
+    dst: Address
+
+
+@dataclass(frozen=True, slots=True)
+class UdpReleaseRequest:
+    local: Address
+
+
+@dataclass(frozen=True, slots=True)
+class ResolveRequest:
+    """Resolve `name` (family 0: both, 4, 6) through the launcher (docs/channel.md, "DNS")."""
+
+    name: str
+    family: int = 0
+    flags: int = 0
+
+
 Request = (
-    HelloRequest | ConnectRequest | StatusRequest | ListenRequest | UnlistenRequest | PeerRequest
+    HelloRequest
+    | ConnectRequest
+    | StatusRequest
+    | ListenRequest
+    | UnlistenRequest
+    | PeerRequest
+    | UdpAssocRequest
+    | UdpReleaseRequest
+    | ResolveRequest
 )
 
 
@@ -200,7 +264,51 @@ class PeerReply:
     peer: Address | None = None
 
 
-Reply = HelloReply | ConnectReply | StatusReply | ListenReply | UnlistenReply | PeerReply
+@dataclass(frozen=True, slots=True)
+class UdpAssocReply:
+    """DIRECT, FAIL(errno), or TUNNEL with our tunnel source (address and port) for `dst`."""
+
+    action: Action
+    errno: int = 0
+    source: Address | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UdpReleaseReply:
+    errno: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ResolveReply:
+    """FOUND with the addresses (IPv4 first) and the canonical name, or FAIL(EAI code)."""
+
+    action: ResolveAction
+    errno: int = 0
+    addresses: tuple[IPv4Address | IPv6Address, ...] = ()
+    canonical: str = ""
+
+
+Reply = (
+    HelloReply
+    | ConnectReply
+    | StatusReply
+    | ListenReply
+    | UnlistenReply
+    | PeerReply
+    | UdpAssocReply
+    | UdpReleaseReply
+    | ResolveReply
+)
+
+
+@dataclass(frozen=True, slots=True)
+class UdpHeader:
+    """The header in front of every datagram between the shim and the launcher's UDP relay:
+    `u8 version | u8 kind | address` (21 bytes). `addr` is the real destination (shim to
+    launcher) or the real source (launcher to shim)."""
+
+    kind: UdpKind
+    addr: Address
 
 
 def secret_matches(expected: bytes, got: bytes) -> bool:
@@ -256,6 +364,13 @@ def _op(value: int) -> Op:
         raise DecodeError(f"ipc: unknown op {value}") from None
 
 
+def _text(raw: bytes, what: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DecodeError(f"ipc: {what} is not UTF-8") from None
+
+
 def _frame(payload: bytes) -> bytes:
     if len(payload) > MAX_BODY:
         raise ValueError(f"ipc: frame body {len(payload)} > {MAX_BODY}")
@@ -302,6 +417,15 @@ def emit_request(req: Request, secret: bytes) -> bytes:
             op, body = Op.UNLISTEN, bytes([proto]) + emit_address(addr)
         case PeerRequest(addr):
             op, body = Op.PEER, emit_address(addr)
+        case UdpAssocRequest(local, dst):
+            op, body = Op.UDP_ASSOC, emit_address(local) + emit_address(dst)
+        case UdpReleaseRequest(local):
+            op, body = Op.UDP_RELEASE, emit_address(local)
+        case ResolveRequest(name, family, rflags):
+            raw = name.encode("utf-8")
+            if len(raw) > MAX_NAME_TEXT or family not in (0, 4, 6) or not 0 <= rflags <= 0xFF:
+                raise ValueError("ipc: bad RESOLVE request")
+            op, body = Op.RESOLVE, bytes([family, rflags, len(raw)]) + raw
     return _frame(_REQ_HDR.pack(VERSION, op, flags, secret) + body)
 
 
@@ -343,6 +467,19 @@ def parse_request(data: bytes) -> tuple[bytes, Request]:
         case Op.PEER:
             _exact(body, ADDR_LEN, "PEER")
             req = PeerRequest(parse_address(body))
+        case Op.UDP_ASSOC:
+            _exact(body, 2 * ADDR_LEN, "UDP_ASSOC")
+            req = UdpAssocRequest(parse_address(body), parse_address(body, ADDR_LEN))
+        case Op.UDP_RELEASE:
+            _exact(body, ADDR_LEN, "UDP_RELEASE")
+            req = UdpReleaseRequest(parse_address(body))
+        case Op.RESOLVE:
+            if len(body) < 3:
+                raise DecodeError("ipc: short RESOLVE")
+            _exact(body, 3 + body[2], "RESOLVE")
+            if body[0] not in (0, 4, 6):
+                raise DecodeError(f"ipc: bad RESOLVE family {body[0]}")
+            req = ResolveRequest(_text(body[3:], "RESOLVE name"), body[0], body[1])
     return bytes(secret), req
 
 
@@ -375,6 +512,22 @@ def emit_reply(rep: Reply) -> bytes:
                 if peer is None:
                     raise ValueError("ipc: PEER FOUND needs the peer address")
                 body = emit_address(peer)
+        case UdpAssocReply(act, err, source):
+            op, action = Op.UDP_ASSOC, act
+            if act is Action.TUNNEL:
+                if source is None:
+                    raise ValueError("ipc: UDP_ASSOC TUNNEL needs the source address")
+                body = emit_address(source)
+        case UdpReleaseReply(err):
+            op = Op.UDP_RELEASE
+        case ResolveReply(ract, err, addrs, canon):
+            op, action = Op.RESOLVE, ract
+            if ract is ResolveAction.FOUND:
+                raw = canon.encode("utf-8")
+                if not 0 < len(addrs) <= MAX_RESOLVE_ADDRS or len(raw) > MAX_NAME_TEXT:
+                    raise ValueError("ipc: RESOLVE FOUND needs 1-12 addresses, a short name")
+                body = bytes([len(addrs)]) + b"".join(emit_address(Address(a, 0)) for a in addrs)
+                body += bytes([len(raw)]) + raw
     return _frame(_REP_HDR.pack(VERSION, op, action, err) + body)
 
 
@@ -415,6 +568,26 @@ def parse_reply(data: bytes) -> Reply:
                 return PeerReply(pact, parse_address(body))
             _exact(body, 0, "PEER reply")
             return PeerReply(pact)
+        case Op.UDP_ASSOC:
+            act = _enum(Action, action, "UDP_ASSOC")
+            if act is Action.TUNNEL:
+                _exact(body, ADDR_LEN, "UDP_ASSOC reply")
+                return UdpAssocReply(act, err, parse_address(body))
+            _exact(body, 0, "UDP_ASSOC reply")
+            return UdpAssocReply(act, err)
+        case Op.RESOLVE:
+            ract = _enum(ResolveAction, action, "RESOLVE")
+            if ract is ResolveAction.FAIL:
+                _exact(body, 0, "RESOLVE reply")
+                return ResolveReply(ract, err)
+            if not body or not 0 < body[0] <= MAX_RESOLVE_ADDRS:
+                raise DecodeError("ipc: bad RESOLVE address count")
+            pos = 1 + body[0] * ADDR_LEN
+            if len(body) < pos + 1:
+                raise DecodeError("ipc: short RESOLVE reply")
+            _exact(body, pos + 1 + body[pos], "RESOLVE reply")
+            addrs = tuple(parse_address(body, 1 + i * ADDR_LEN).ip for i in range(body[0]))
+            return ResolveReply(ract, err, addrs, _text(body[pos + 1 :], "RESOLVE name"))
         case Op.STATUS:
             _exact(body, 0, "STATUS reply")
             return StatusReply(_enum(StatusAction, action, "STATUS"), err)
@@ -425,4 +598,27 @@ def parse_reply(data: bytes) -> Reply:
         return HelloReply(err)
     if op is Op.LISTEN:
         return ListenReply(err)
+    if op is Op.UDP_RELEASE:
+        return UdpReleaseReply(err)
     return UnlistenReply(err)
+
+
+# -- relayed datagrams -------------------------------------------------------------------------
+
+
+def emit_udp_header(header: UdpHeader) -> bytes:
+    return _UDP_HDR.pack(VERSION, header.kind) + emit_address(header.addr)
+
+
+def parse_udp_header(data: bytes) -> tuple[UdpHeader, bytes]:
+    """A relayed datagram -> (header, payload); DecodeError if the header is malformed."""
+    if len(data) < UDP_HDR_LEN:
+        raise DecodeError("ipc: short UDP header")
+    version, kind = _UDP_HDR.unpack_from(data)
+    if version != VERSION:
+        raise DecodeError(f"ipc: unknown UDP header version {version}")
+    try:
+        k = UdpKind(kind)
+    except ValueError:
+        raise DecodeError(f"ipc: unknown UDP header kind {kind}") from None
+    return UdpHeader(k, parse_address(data, _UDP_HDR.size)), bytes(data[UDP_HDR_LEN:])
