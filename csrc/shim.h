@@ -92,6 +92,8 @@ struct wg_fd {
     uint8_t kind;        /* enum wg_kind */
     uint8_t state;       /* enum wg_tstate, for WG_TUNNEL */
     uint8_t has_local;   /* `local` is valid (what getsockname reports) */
+    uint8_t gated;       /* WG_TUNNEL: TCP_NOTSENT_LOWAT holds writability (gate_lowat saved) */
+    int gate_lowat;      /* the program's TCP_NOTSENT_LOWAT before the gate */
     uint8_t token[16];   /* WG_TUNNEL: the data connection's token (for STATUS) */
     union wg_sa peer;              /* what getpeername reports (caller's form) */
     socklen_t peer_len;
@@ -115,8 +117,10 @@ int wg_slot_max(void); /* highest fd whose slot was ever set, for rare scans */
 
 /* -- control channel (ctl.c) ---------------------------------------------------------------- */
 enum wg_op { WG_HELLO = 1, WG_CONNECT = 2, WG_STATUS = 3, WG_LISTEN = 4, WG_UNLISTEN = 5,
-             WG_PEER = 6, WG_UDP_ASSOC = 7, WG_UDP_RELEASE = 8, WG_RESOLVE = 9 };
-#define WG_FLAG_WAIT 1
+             WG_PEER = 6, WG_UDP_ASSOC = 7, WG_UDP_RELEASE = 8, WG_RESOLVE = 9, WG_GATE = 10 };
+#define WG_FLAG_WAIT 1 /* STATUS */
+#define WG_FLAG_GATE 1 /* CONNECT: non-blocking, a GATE request follows */
+#define WG_GATE_MAX (4u << 20) /* filler cap: past it the gate is given up (see tcp.c) */
 #define WG_CTL_TIMEOUT_MS 5000
 #define WG_MAX_BODY 512
 struct wg_reply {

@@ -7,6 +7,8 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <stdarg.h>
 #include <string.h>
@@ -90,6 +92,47 @@ static int fail(int err) {
     return -1;
 }
 
+/* The gate of a non-blocking connect (docs/channel.md): the program's socket must not become
+ * writable before the tunnel's outcome is known, or its own connect timeout (poll, then
+ * SO_ERROR) could never fire. With TCP_NOTSENT_LOWAT at 1, a TCP socket is writable only while
+ * none of its data waits unsent; the launcher does not read, and its small receive window
+ * fills with filler bytes, so some filler stays unsent. When the tunnel connection opens, the
+ * launcher discards exactly `filler` bytes (the GATE request says how many) and the socket
+ * becomes writable; when it fails, the launcher resets the loopback connection and SO_ERROR
+ * reports the real errno. Returns 1 when the gate holds. */
+static int gate_fd(int fd, const uint8_t token[16], int *old_lowat) {
+    static const uint8_t zeros[4096];
+    int old = 0, one = 1, shut = 0;
+    socklen_t ol = sizeof old;
+    uint32_t total = 0;
+    if (wg_real.getsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &old, &ol) == 0 &&
+        setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &one, sizeof one) == 0) {
+        while (total < WG_GATE_MAX) {
+            ssize_t n = wg_real.sendto(fd, zeros, sizeof zeros, MSG_DONTWAIT | MSG_NOSIGNAL,
+                                       NULL, 0);
+            if (n > 0) {
+                total += (uint32_t)n;
+            } else if (n < 0 && errno == EINTR) {
+                continue;
+            } else {
+                shut = n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
+                break;
+            }
+        }
+        if (!shut) setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &old, sizeof old);
+    }
+    uint8_t body[20];
+    memcpy(body, token, 16);
+    body[16] = (uint8_t)(total >> 24);
+    body[17] = (uint8_t)(total >> 16);
+    body[18] = (uint8_t)(total >> 8);
+    body[19] = (uint8_t)total;
+    struct wg_reply rep;
+    wg_ctl_request(WG_GATE, 0, body, sizeof body, &rep, WG_CTL_TIMEOUT_MS);
+    *old_lowat = old;
+    return shut;
+}
+
 /* connect() again on a tunnelled fd: EALREADY while pending, then EISCONN (as the kernel). */
 static int reconnect(struct wg_fd *s) {
     if (s->state == WG_PENDING) {
@@ -119,7 +162,10 @@ WG_EXPORT int connect(int fd, const struct sockaddr *sa, socklen_t len) {
     body[0] = 6; /* TCP */
     wg_addr_encode(&dst, body + 1);
     struct wg_reply rep;
-    if (wg_ctl_request(WG_CONNECT, 0, body, sizeof body, &rep, WG_CTL_TIMEOUT_MS) != 0)
+    int fl0 = wg_real.fcntl(fd, F_GETFL);
+    int gate = fl0 >= 0 && (fl0 & O_NONBLOCK);
+    if (wg_ctl_request(WG_CONNECT, gate ? WG_FLAG_GATE : 0, body, sizeof body, &rep,
+                       WG_CTL_TIMEOUT_MS) != 0)
         return fail(ENETUNREACH); /* fail closed: never fall back to a direct connect */
     if (rep.action == 0) {
         errno = saved;
@@ -133,6 +179,7 @@ WG_EXPORT int connect(int fd, const struct sockaddr *sa, socklen_t len) {
     int fl = wg_real.fcntl(fd, F_GETFL);
     if (fl < 0 || local_attach(fd, domain, lo.port, rep.body + 19) != 0) return fail(ENETUNREACH);
 
+    int lowat = 0, gated = gate ? gate_fd(fd, rep.body + 19, &lowat) : 0;
     s = wg_slot_set(fd);
     if (s == NULL) { /* beyond the table: tunnelled, but without getpeername/SO_ERROR state */
         if (fl & O_NONBLOCK) return fail(EINPROGRESS);
@@ -150,6 +197,8 @@ WG_EXPORT int connect(int fd, const struct sockaddr *sa, socklen_t len) {
     s->has_local = (uint8_t)have_src;
     if (have_src) s->local = src;
     s->state = WG_PENDING;
+    s->gated = (uint8_t)gated;
+    s->gate_lowat = lowat;
     __atomic_store_n(&s->kind, WG_TUNNEL, __ATOMIC_RELEASE);
     if (fl & O_NONBLOCK) return fail(EINPROGRESS);
 
@@ -174,9 +223,19 @@ WG_EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
     int rc = wg_real.getsockopt(fd, level, name, val, len);
     if (rc != 0 || val == NULL || len == NULL || *len < sizeof(int)) return rc;
     int saved = errno;
-    int st = wg_status(s->token, 1);
+    /* Gated: writability already waits for the outcome, so never block here: while pending,
+     * report what the kernel says of a connecting socket (0). Not gated: wait for it. */
+    int st = wg_status(s->token, s->gated && *(int *)val == 0 ? 0 : 1);
+    if (st == -1) {
+        errno = saved;
+        return 0;
+    }
     int err = st == 0 ? 0 : st > 0 ? st : ENETUNREACH;
     s->state = err == 0 ? WG_OPEN : WG_FAILED;
+    if (s->gated) {
+        setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &s->gate_lowat, sizeof s->gate_lowat);
+        s->gated = 0;
+    }
     if (err != 0) *(int *)val = err; /* else keep what the loopback socket says */
     errno = saved;
     return 0;

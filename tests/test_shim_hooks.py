@@ -51,6 +51,7 @@ class FakeBackend:
     peers: dict[Address, Address] = field(default_factory=dict)
     futures: dict[bytes, asyncio.Future[int]] = field(default_factory=dict)
     upstreams: dict[bytes, asyncio.Future[tuple[Any, Any] | None]] = field(default_factory=dict)
+    gates: dict[bytes, asyncio.Future[int]] = field(default_factory=dict)
     expired: list[bytes] = field(default_factory=list)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -65,13 +66,15 @@ class FakeBackend:
             return Decision(Action.TUNNEL)
         return Decision(Action.DIRECT)
 
-    def open_tcp(self, dst: Address, token: bytes) -> Address | None:
+    def open_tcp(self, dst: Address, token: bytes, gate: bool = False) -> Address | None:
+        if gate:
+            self.gates[token] = self.loop.create_future()
         status: asyncio.Future[int] = self.loop.create_future()
         upstream: asyncio.Future[tuple[Any, Any] | None] = self.loop.create_future()
         self.futures[token], self.upstreams[token] = status, upstream
         if dst.ip == SLOW_FAIL:
             self.loop.call_later(0.3, status.set_result, errno.ETIMEDOUT)
-            upstream.set_result(None)
+            self.loop.call_later(0.3, upstream.set_result, None)
         else:
             self._spawn(self._open(dst.port, status, upstream))
         return SOURCE4 if dst.family == 4 else SOURCE6
@@ -88,20 +91,35 @@ class FakeBackend:
         status.set_result(0)
         upstream.set_result(streams)
 
-    def tcp_attached(
-        self, token: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        self._spawn(self._relay(self.upstreams[token], reader, writer))
+    def tcp_attached(self, token: bytes, sock: socket.socket) -> None:
+        self._spawn(self._relay(self.upstreams[token], self.gates.get(token), sock))
+
+    def gate(self, token: bytes, filler: int) -> None:
+        gate = self.gates.get(token)
+        if gate is not None and not gate.done():
+            gate.set_result(filler)
 
     async def _relay(
-        self, upstream: asyncio.Future[Any], reader: asyncio.StreamReader, writer: Any
+        self,
+        upstream: asyncio.Future[Any],
+        gate: asyncio.Future[int] | None,
+        sock: socket.socket,
     ) -> None:
+        # As the launcher does: read nothing past the token until the outcome is known.
         streams = await upstream
         if streams is None:  # failed: reset the program's loopback side (docs/channel.md)
-            sock = writer.get_extra_info("socket")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
-            writer.transport.abort()
+            sock.close()
             return
+        if gate is not None:
+            left = await gate
+            while left:
+                chunk = await self.loop.sock_recv(sock, min(left, 65536))
+                if not chunk:
+                    sock.close()
+                    return
+                left -= len(chunk)
+        reader, writer = await asyncio.open_connection(sock=sock)
         ureader, uwriter = streams
         await asyncio.gather(pump(reader, uwriter), pump(ureader, writer))
 

@@ -67,6 +67,7 @@ SRC = Address(IPv4Address("10.150.0.2"), 40000)
 class Backend:
     status_futures: dict[bytes, asyncio.Future[int]] = field(default_factory=dict)
     attached: list[bytes] = field(default_factory=list)
+    gated: list[tuple[bytes, int]] = field(default_factory=list)
     expired: list[bytes] = field(default_factory=list)
     calls: list[tuple[str, Any]] = field(default_factory=list)
 
@@ -82,16 +83,20 @@ class Backend:
             return Decision(Action.TUNNEL)
         return Decision(Action.DIRECT)
 
-    def open_tcp(self, dst: Address, token: bytes) -> Address | None:
+    def open_tcp(self, dst: Address, token: bytes, gate: bool = False) -> Address | None:
         if dst.ip == IPv4Address("10.150.0.97"):
             raise OSError(errno.EHOSTUNREACH, "no")
         self.status_futures[token] = asyncio.get_running_loop().create_future()
         return SRC
 
-    def tcp_attached(self, token: bytes, reader: Any, writer: Any) -> None:
+    def tcp_attached(self, token: bytes, sock: Any) -> None:
         self.attached.append(token)
-        writer.write(b"attached")
-        writer.close()
+        sock.setblocking(True)
+        sock.sendall(b"attached")
+        sock.close()
+
+    def gate(self, token: bytes, filler: int) -> None:
+        self.gated.append((token, filler))
 
     def token_expired(self, token: bytes) -> None:
         self.expired.append(token)

@@ -141,7 +141,7 @@ def test_frame_length_limits() -> None:
         lambda f: struct.pack("!I", len(f) - 3) + f[4:] + b"\0",  # trailing byte
         lambda f: f[:41] + b"\x05" + f[42:],  # address family 5
         lambda f: f[:40] + b"\x07" + f[41:],  # protocol 7
-        lambda f: f[:6] + b"\x00\x01" + f[8:],  # flags on CONNECT
+        lambda f: f[:6] + b"\x00\x02" + f[8:],  # unknown flags on CONNECT
     ],
 )
 def test_malformed_requests_raise_decode_error(mutate: object) -> None:
@@ -237,3 +237,18 @@ def test_mutated_requests_decode_or_raise_decode_error(req: Request, data: st.Da
     for candidate in (bytes(frame), bytes(frame[:cut])):
         with contextlib.suppress(DecodeError):
             parse_request(candidate)
+
+
+def test_gate_request_and_connect_gate_flag_round_trip() -> None:
+    from wrapguard.wire.ipc import GateReply, GateRequest
+
+    token = bytes(range(16))
+    for req in (
+        GateRequest(token, 0),
+        GateRequest(token, 70000),
+        ConnectRequest(Proto.TCP, V4, True),
+    ):
+        assert parse_request(emit_request(req, SECRET)) == (SECRET, req)
+    assert parse_reply(emit_reply(GateReply())) == GateReply()
+    with pytest.raises(DecodeError):
+        parse_request(emit_request(GateRequest(token, 1), SECRET)[:-1])

@@ -36,6 +36,8 @@ from wrapguard.wire.ipc import (
     Address,
     ConnectReply,
     ConnectRequest,
+    GateReply,
+    GateRequest,
     HelloReply,
     HelloRequest,
     ListenReply,
@@ -85,6 +87,8 @@ ENV_CONNECT_TIMEOUT = "WRAPGUARD_CONNECT_TIMEOUT"
 ENV_ADDRS = "WRAPGUARD_ADDRS"
 ENV_UDP = "WRAPGUARD_UDP"  # the UDP relay's loopback port; "/4": no ::1 socket
 ENV_DNS = "WRAPGUARD_DNS"  # "1": the shim asks RESOLVE for names (DNS= is set)
+MAX_PENDING_DATA = 256  # data connections that have not sent their token yet
+DATA_RCVBUF = 4096  # see start(): small, so that a gate's filler closes the window quickly
 LOCAL_STEP_TIMEOUT = 5.0  # docs/channel.md: a request or a token must arrive within 5 s
 TOKEN_TTL = 10.0  # a token not presented by then is dropped and counted
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -105,15 +109,19 @@ class ChannelBackend(Protocol):
 
     def route(self, proto: Proto, dst: Address) -> Decision: ...
 
-    def open_tcp(self, dst: Address, token: bytes) -> Address | None:
+    def open_tcp(self, dst: Address, token: bytes, gate: bool = False) -> Address | None:
         """Start the tunnel connection for `token`; return our tunnel source address (what the
         program's getsockname() reports) if already known. Raise OSError to fail the connect."""
         ...
 
-    def tcp_attached(
-        self, token: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        """The program's loopback side of `token` arrived (the token is already consumed)."""
+    def tcp_attached(self, token: bytes, sock: socket.socket) -> None:
+        """The program's loopback side of `token` arrived: a non-blocking socket, the token
+        already consumed and nothing after it read."""
+        ...
+
+    def gate(self, token: bytes, filler: int) -> None:
+        """The shim wrote `filler` bytes after the token of a gated (non-blocking) connect:
+        discard them once the tunnel connection is open, then relay."""
         ...
 
     def token_expired(self, token: bytes) -> None:
@@ -195,6 +203,8 @@ class ChannelServer:
         self._token_ttl = token_ttl
         self._tokens: dict[bytes, asyncio.TimerHandle] = {}
         self._servers: list[asyncio.Server] = []
+        self._data_listeners: list[socket.socket] = []
+        self._data_pending: dict[socket.socket, tuple[bytearray, asyncio.TimerHandle]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.stats = ChannelStats()
         self.directory: str | None = None
@@ -217,8 +227,16 @@ class ChannelServer:
             ctl = await asyncio.start_unix_server(self._on_ctl, path=self.ctl_path)
             self._servers.append(ctl)
             os.chmod(self.ctl_path, 0o600)
+            loop = asyncio.get_running_loop()
             for sock in self._data_sockets():
-                self._servers.append(await asyncio.start_server(self._on_data, sock=sock))
+                # A small receive buffer (inherited by accepted sockets): a non-blocking
+                # connect's filler fills it, so the program's socket stays unwritable until
+                # the tunnel's outcome is known (docs/channel.md, "gate").
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, DATA_RCVBUF)
+                sock.listen(512)
+                sock.setblocking(False)
+                loop.add_reader(sock.fileno(), self._accept_data, sock)
+                self._data_listeners.append(sock)
         except BaseException:
             self.close()
             raise
@@ -268,12 +286,19 @@ class ChannelServer:
         try:
             for server in self._servers:
                 server.close()
+            for lsock in self._data_listeners:
+                with contextlib.suppress(Exception):
+                    asyncio.get_event_loop().remove_reader(lsock.fileno())
+                lsock.close()
+            for conn in list(self._data_pending):
+                self._drop_data(conn)
             for handle in self._tokens.values():
                 handle.cancel()
             for task in self._tasks:
                 task.cancel()
         finally:
             self._servers.clear()
+            self._data_listeners.clear()
             self._tokens.clear()
             if self.directory is not None:
                 shutil.rmtree(self.directory, ignore_errors=True)
@@ -325,8 +350,11 @@ class ChannelServer:
             case HelloRequest(pid, version):
                 b.hello(pid, version)
                 return HelloReply()
-            case ConnectRequest(proto, dst):
-                return self._connect(proto, dst)
+            case ConnectRequest(proto, dst, gate):
+                return self._connect(proto, dst, gate)
+            case GateRequest(token, filler):
+                b.gate(token, filler)
+                return GateReply()
             case StatusRequest(token, wait):
                 return await self._status(token, wait)
             case ListenRequest(proto, addr):
@@ -357,7 +385,7 @@ class ChannelServer:
                 return UdpReleaseReply()
         raise AssertionError(req)  # pragma: no cover - the match is exhaustive
 
-    def _connect(self, proto: Proto, dst: Address) -> ConnectReply:
+    def _connect(self, proto: Proto, dst: Address, gate: bool = False) -> ConnectReply:
         decision = self._backend.route(proto, dst)
         if decision.action is Action.DIRECT:
             return ConnectReply(Action.DIRECT)
@@ -367,7 +395,7 @@ class ChannelServer:
         loop = asyncio.get_running_loop()
         self._tokens[token] = loop.call_later(self._token_ttl, self._expire, token)
         try:
-            source = self._backend.open_tcp(dst, token)
+            source = self._backend.open_tcp(dst, token, gate)
         except OSError as exc:
             self._tokens.pop(token).cancel()
             return ConnectReply(Action.FAIL, exc.errno or errno.ENETUNREACH)
@@ -417,18 +445,64 @@ class ChannelServer:
 
     # -- data connections --------------------------------------------------------------------
 
-    async def _on_data(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(LOCAL_STEP_TIMEOUT):
-                token = await reader.readexactly(TOKEN_LEN)
-        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+    def _accept_data(self, lsock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(64):
+            try:
+                conn, _addr = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: count, keep serving
+                self.stats.no_token += 1
+                log.warning("data channel accept failed", error=str(exc))
+                return
+            if len(self._data_pending) >= MAX_PENDING_DATA:
+                self.stats.no_token += 1  # too many silent connections: do not hold more
+                conn.close()
+                continue
+            conn.setblocking(False)
+            timer = loop.call_later(LOCAL_STEP_TIMEOUT, self._no_token, conn)
+            self._data_pending[conn] = (bytearray(), timer)
+            loop.add_reader(conn.fileno(), self._read_token, conn)
+
+    def _no_token(self, conn: socket.socket) -> None:
+        if conn in self._data_pending:
             self.stats.no_token += 1
-            writer.close()
+            self._drop_data(conn)
+
+    def _drop_data(self, conn: socket.socket) -> None:
+        entry = self._data_pending.pop(conn, None)
+        if entry is not None:
+            entry[1].cancel()
+            with contextlib.suppress(Exception):
+                asyncio.get_event_loop().remove_reader(conn.fileno())
+        conn.close()
+
+    def _read_token(self, conn: socket.socket) -> None:
+        """Read exactly the 16-byte token and nothing more: the bytes after it (a gate's
+        filler, or the program's data) are the backend's."""
+        buf, timer = self._data_pending[conn]
+        try:
+            data = conn.recv(TOKEN_LEN - len(buf))
+        except (BlockingIOError, InterruptedError):
             return
+        except OSError:
+            data = b""
+        if not data:
+            self.stats.no_token += 1
+            self._drop_data(conn)
+            return
+        buf += data
+        if len(buf) < TOKEN_LEN:
+            return
+        timer.cancel()
+        del self._data_pending[conn]
+        asyncio.get_running_loop().remove_reader(conn.fileno())
+        token = bytes(buf)
         handle = self._tokens.pop(token, None)
         if handle is None:
             self.stats.bad_token += 1
-            writer.close()
+            conn.close()
             return
         handle.cancel()
-        self._backend.tcp_attached(token, reader, writer)
+        self._backend.tcp_attached(token, conn)

@@ -56,6 +56,7 @@ from wrapguard.wire.ip import IPv4Packet, IPv6Packet, emit_ip, parse_ip
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _PROTO = {6: RouteProto.TCP, 17: RouteProto.UDP}
+HANDSHAKE_WARN_AFTER = 5.0  # seconds: one REKEY_TIMEOUT without an answer
 FLUSH_EVERY = 32  # inbound packets between flushes within one receive batch
 
 
@@ -116,6 +117,7 @@ class Engine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_scheduled = False
         self._rx_pending = 0
+        self._hs_watched: set[int] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self.unrouted_drops = 0
@@ -319,7 +321,30 @@ class Engine:
         cid = self.stack.connect(dst, port, self.now())
         self.handlers[cid] = handler
         self.schedule_flush()
+        peer = self.route(dst, 6, port)
+        if peer is not None:
+            self.watch_handshake(peer)
         return cid
+
+    def watch_handshake(self, peer: int) -> None:
+        """Say so, once, when traffic waits on a peer that does not answer our handshake: the
+        user otherwise sees nothing until the program's connect times out."""
+        if peer in self.handshakes_done or peer in self._hs_watched or self._loop is None:
+            return
+        self._hs_watched.add(peer)
+
+        def check() -> None:
+            if peer in self.handshakes_done:
+                return
+            ep = self.device.peers[peer].endpoint
+            self.log.warning(
+                "no handshake response from peer yet: wrong keys, peer down, or UDP blocked?",
+                peer=peer + 1,
+                endpoint=None if ep is None else f"{ep[0]}:{ep[1]}",
+                waited_s=HANDSHAKE_WARN_AFTER,
+            )
+
+        self._loop.call_later(HANDSHAKE_WARN_AFTER, check)
 
     def listen(
         self,

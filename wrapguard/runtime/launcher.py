@@ -27,24 +27,31 @@ from wrapguard.runtime.channel import ChannelServer, Decision
 from wrapguard.runtime.child import raise_fd_limit, run_child
 from wrapguard.runtime.dns import DnsResolver, ResolveError
 from wrapguard.runtime.engine import Engine, IPAddress
-from wrapguard.runtime.relay import TcpRelay
+from wrapguard.runtime.relay import TcpRelay, reset_socket
 from wrapguard.runtime.udpassoc import UdpRelay
 from wrapguard.tunnel.timers import TimerConfig
 from wrapguard.wire.ipc import RESOLVE_ADDRCONFIG, Action, Address, Proto
 
+RELAY_RCVBUF = 1 << 20  # bytes; the kernel caps it at net.core.rmem_max
 HELLO_TIMEOUT = 3.0  # compat.md: READY from the shim within 3 s
 STATUS_KEEP = 60.0  # seconds an outcome stays askable after its flow ended
 
 
-def _detach(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-) -> tuple[socket.socket, bytes]:
-    """Take the raw socket out of an asyncio stream (the relay drives it directly), with any
-    bytes the stream had already read past the token."""
-    initial = bytes(reader._buffer)
-    fd = os.dup(writer.get_extra_info("socket").fileno())
-    writer.transport.abort()  # closes only the original descriptor
-    return socket.socket(fileno=fd), initial
+def _open_rcvbuf(sock: socket.socket) -> None:
+    """Data sockets start with the small receive buffer of a gate; give relaying room."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RELAY_RCVBUF)
+
+
+class _Gate:
+    """A gated (non-blocking) connect: the program's socket, held unread until the tunnel
+    connection is open and the shim has said how many filler bytes to discard."""
+
+    __slots__ = ("filler", "sock")
+
+    def __init__(self) -> None:
+        self.sock: socket.socket | None = None
+        self.filler: int | None = None
 
 
 class TunnelBackend:
@@ -54,6 +61,7 @@ class TunnelBackend:
         self.engine = engine
         self.log = log.get("wrapguard.backend")
         self.relays: dict[bytes, TcpRelay] = {}
+        self.gates: dict[bytes, _Gate] = {}
         self.futures: dict[bytes, asyncio.Future[int]] = {}
         self.inbound: dict[tuple[str, int], Address] = {}
         self.listeners: dict[int, int] = {}  # port -> ListenerId
@@ -88,7 +96,7 @@ class TunnelBackend:
             return Decision(Action.FAIL, errno.ENETUNREACH)
         return Decision(Action.TUNNEL)
 
-    def open_tcp(self, dst: Address, token: bytes) -> Address | None:
+    def open_tcp(self, dst: Address, token: bytes, gate: bool = False) -> Address | None:
         ip = dst.ip
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
@@ -99,6 +107,8 @@ class TunnelBackend:
                 future.set_result(status)
             if status:
                 self.log.debug("tunnel connect failed", dst=f"{ip}:{dst.port}", errno=status)
+            if token in self.gates:
+                self._gate_progress(token)
 
         relay = TcpRelay(self.engine, on_status=on_status, on_done=self._relay_done)
         relay.token = token
@@ -106,18 +116,70 @@ class TunnelBackend:
         relay.attach_conn(cid)
         self.relays[token] = relay
         self.futures[token] = future
+        if gate:
+            self.gates[token] = _Gate()
         local = self.engine.stack.conn_info(cid).local
         return Address(local[0], local[1])
 
-    def tcp_attached(
-        self, token: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        sock, initial = _detach(reader, writer)
+    def tcp_attached(self, token: bytes, sock: socket.socket) -> None:
         relay = self.relays.get(token)
         if relay is None:
             sock.close()
             return
-        relay.attach_socket(sock, initial)
+        g = self.gates.get(token)
+        if g is None:
+            _open_rcvbuf(sock)
+            relay.attach_socket(sock)
+            return
+        g.sock = sock
+        self._gate_progress(token)
+
+    def gate(self, token: bytes, filler: int) -> None:
+        g = self.gates.get(token)
+        if g is not None and g.filler is None:
+            g.filler = filler
+            self._gate_progress(token)
+
+    def _gate_progress(self, token: bytes) -> None:
+        """Open the gate once the outcome and the filler count are known (docs/channel.md)."""
+        g = self.gates[token]
+        if g.sock is None:
+            return
+        relay = self.relays.get(token)
+        if relay is None or relay.status not in (None, 0):
+            # Failed: reset the program's side; its SO_ERROR then reports the real errno.
+            del self.gates[token]
+            reset_socket(g.sock)
+            return
+        if relay.status is None or g.filler is None:
+            return  # wait for the other half
+        sock, remaining = g.sock, g.filler
+        loop = asyncio.get_running_loop()
+        buf = bytearray(min(remaining, 65536) or 1)
+
+        def discard() -> None:
+            nonlocal remaining
+            while remaining > 0:
+                try:
+                    n = sock.recv_into(buf, min(remaining, len(buf)))
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:
+                    n = 0
+                if n == 0:  # the program went away before the gate opened
+                    loop.remove_reader(sock.fileno())
+                    self.gates.pop(token, None)
+                    relay.attach_socket(sock)  # the relay sees the EOF and cleans up
+                    return
+                remaining -= n
+            loop.remove_reader(sock.fileno())
+            self.gates.pop(token, None)
+            _open_rcvbuf(sock)
+            relay.attach_socket(sock)
+
+        g.sock = None  # from here on, discard() owns it
+        loop.add_reader(sock.fileno(), discard)
+        loop.call_soon(discard)
 
     def udp_assoc(self, local: Address, dst: Address) -> tuple[Decision, Address | None]:
         decision = self.route(Proto.UDP, dst)
@@ -143,6 +205,7 @@ class TunnelBackend:
         return (0, addrs, canon) if addrs else (2, (), "")
 
     def token_expired(self, token: bytes) -> None:
+        self.gates.pop(token, None)
         relay = self.relays.pop(token, None)
         self.futures.pop(token, None)
         if relay is not None and relay.cid is not None:

@@ -20,6 +20,7 @@ from wrapguard.errors import DecodeError
 
 __all__ = [
     "ADDR_LEN",
+    "FLAG_GATE",
     "FLAG_WAIT",
     "MAX_BODY",
     "MAX_RESOLVE_ADDRS",
@@ -33,6 +34,8 @@ __all__ = [
     "Address",
     "ConnectReply",
     "ConnectRequest",
+    "GateReply",
+    "GateRequest",
     "HelloReply",
     "HelloRequest",
     "ListenReply",
@@ -76,7 +79,8 @@ PREFIX_LEN = 4
 SECRET_LEN = 32
 TOKEN_LEN = 16
 ADDR_LEN = 19
-FLAG_WAIT = 0x0001
+FLAG_WAIT = 0x0001  # STATUS: hold the reply until the outcome is known
+FLAG_GATE = 0x0001  # CONNECT: a non-blocking socket; a GATE request follows (docs/channel.md)
 MAX_VERSION_TEXT = 255
 MAX_NAME_TEXT = 255
 MAX_RESOLVE_ADDRS = 12  # 12 addresses + a 255-byte name fit in MAX_BODY
@@ -102,6 +106,7 @@ class Op(IntEnum):
     UDP_ASSOC = 7
     UDP_RELEASE = 8
     RESOLVE = 9
+    GATE = 10
 
 
 class Proto(IntEnum):
@@ -165,6 +170,16 @@ class HelloRequest:
 class ConnectRequest:
     proto: Proto
     dst: Address
+    gate: bool = False  # non-blocking: the shim holds writability back with filler bytes
+
+
+@dataclass(frozen=True, slots=True)
+class GateRequest:
+    """After the token, the shim wrote `filler` bytes to hold the socket unwritable until the
+    tunnel's outcome; the launcher discards exactly that many before relaying."""
+
+    token: bytes
+    filler: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +237,7 @@ Request = (
     | UdpAssocRequest
     | UdpReleaseRequest
     | ResolveRequest
+    | GateRequest
 )
 
 
@@ -279,6 +295,11 @@ class UdpReleaseReply:
 
 
 @dataclass(frozen=True, slots=True)
+class GateReply:
+    errno: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class ResolveReply:
     """FOUND with the addresses (IPv4 first) and the canonical name, or FAIL(EAI code)."""
 
@@ -289,7 +310,8 @@ class ResolveReply:
 
 
 Reply = (
-    HelloReply
+    GateReply
+    | HelloReply
     | ConnectReply
     | StatusReply
     | ListenReply
@@ -405,8 +427,13 @@ def emit_request(req: Request, secret: bytes) -> bytes:
             if len(text) > MAX_VERSION_TEXT:
                 raise ValueError("ipc: version text too long")
             op, body = Op.HELLO, _HELLO.pack(pid, len(text)) + text
-        case ConnectRequest(proto, dst):
+        case ConnectRequest(proto, dst, gate):
             op, body = Op.CONNECT, bytes([proto]) + emit_address(dst)
+            flags = FLAG_GATE if gate else 0
+        case GateRequest(token, filler):
+            if len(token) != TOKEN_LEN or not 0 <= filler <= 0xFFFFFFFF:
+                raise ValueError("ipc: bad GATE request")
+            op, body = Op.GATE, token + filler.to_bytes(4, "big")
         case StatusRequest(token, wait):
             if len(token) != TOKEN_LEN:
                 raise ValueError("ipc: a token is 16 bytes")
@@ -436,8 +463,10 @@ def parse_request(data: bytes) -> tuple[bytes, Request]:
     if version != VERSION:
         raise DecodeError(f"ipc: unknown version {version}")
     op = _op(op_num)
-    if op is not Op.STATUS and flags != 0:
+    if op not in (Op.STATUS, Op.CONNECT) and flags != 0:
         raise DecodeError("ipc: unknown flags")
+    if op is Op.CONNECT and flags & ~FLAG_GATE:
+        raise DecodeError("ipc: unknown CONNECT flags")
     req: Request
     match op:
         case Op.HELLO:
@@ -454,7 +483,9 @@ def parse_request(data: bytes) -> tuple[bytes, Request]:
             _exact(body, 1 + ADDR_LEN, op.name)
             proto, addr = _proto(body[0]), parse_address(body, 1)
             if op is Op.CONNECT:
-                req = ConnectRequest(proto, addr)
+                req = ConnectRequest(proto, addr, bool(flags & FLAG_GATE))
+            elif flags:
+                raise DecodeError("ipc: unknown flags")
             elif op is Op.LISTEN:
                 req = ListenRequest(proto, addr)
             else:
@@ -467,6 +498,9 @@ def parse_request(data: bytes) -> tuple[bytes, Request]:
         case Op.PEER:
             _exact(body, ADDR_LEN, "PEER")
             req = PeerRequest(parse_address(body))
+        case Op.GATE:
+            _exact(body, TOKEN_LEN + 4, "GATE")
+            req = GateRequest(bytes(body[:TOKEN_LEN]), int.from_bytes(body[TOKEN_LEN:], "big"))
         case Op.UDP_ASSOC:
             _exact(body, 2 * ADDR_LEN, "UDP_ASSOC")
             req = UdpAssocRequest(parse_address(body), parse_address(body, ADDR_LEN))
@@ -520,6 +554,8 @@ def emit_reply(rep: Reply) -> bytes:
                 body = emit_address(source)
         case UdpReleaseReply(err):
             op = Op.UDP_RELEASE
+        case GateReply(err):
+            op = Op.GATE
         case ResolveReply(ract, err, addrs, canon):
             op, action = Op.RESOLVE, ract
             if ract is ResolveAction.FOUND:
@@ -598,6 +634,8 @@ def parse_reply(data: bytes) -> Reply:
         return HelloReply(err)
     if op is Op.LISTEN:
         return ListenReply(err)
+    if op is Op.GATE:
+        return GateReply(err)
     if op is Op.UDP_RELEASE:
         return UdpReleaseReply(err)
     return UnlistenReply(err)
