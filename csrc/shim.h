@@ -120,6 +120,7 @@ enum wg_op { WG_HELLO = 1, WG_CONNECT = 2, WG_STATUS = 3, WG_LISTEN = 4, WG_UNLI
              WG_PEER = 6, WG_UDP_ASSOC = 7, WG_UDP_RELEASE = 8, WG_RESOLVE = 9, WG_GATE = 10 };
 #define WG_FLAG_WAIT 1 /* STATUS */
 #define WG_FLAG_GATE 1 /* CONNECT: non-blocking, a GATE request follows */
+#define WG_FLAG_V6ONLY 1 /* LISTEN: an AF_INET6 socket with IPV6_V6ONLY */
 #define WG_GATE_MAX (4u << 20) /* filler cap: past it the gate is given up (see tcp.c) */
 #define WG_CTL_TIMEOUT_MS 5000
 #define WG_MAX_BODY 512

@@ -158,13 +158,24 @@ WG_EXPORT int connect(int fd, const struct sockaddr *sa, socklen_t len) {
     struct wg_fd *s = wg_slot(fd);
     if (s != NULL && s->kind == WG_TUNNEL && s->state != WG_FAILED) return reconnect(s);
 
-    uint8_t body[20];
+    uint8_t body[22];
+    uint32_t body_len = 20;
     body[0] = 6; /* TCP */
     wg_addr_encode(&dst, body + 1);
+    /* A port the program bound before connect() is kept through the tunnel. */
+    union wg_sa bound;
+    socklen_t bl = sizeof bound;
+    struct wg_addr b;
+    if (wg_real.getsockname(fd, &bound.sa, &bl) == 0 &&
+        wg_addr_from_sockaddr(&bound.sa, bl, &b) == 0 && b.port != 0) {
+        body[20] = (uint8_t)(b.port >> 8);
+        body[21] = (uint8_t)b.port;
+        body_len = 22;
+    }
     struct wg_reply rep;
     int fl0 = wg_real.fcntl(fd, F_GETFL);
     int gate = fl0 >= 0 && (fl0 & O_NONBLOCK);
-    if (wg_ctl_request(WG_CONNECT, gate ? WG_FLAG_GATE : 0, body, sizeof body, &rep,
+    if (wg_ctl_request(WG_CONNECT, gate ? WG_FLAG_GATE : 0, body, body_len, &rep,
                        WG_CTL_TIMEOUT_MS) != 0)
         return fail(ENETUNREACH); /* fail closed: never fall back to a direct connect */
     if (rep.action == 0) {
@@ -355,8 +366,13 @@ WG_EXPORT int listen(int fd, int backlog) {
         uint8_t body[20];
         body[0] = 6;
         wg_addr_encode(&a, body + 1);
+        int v6only = 0;
+        socklen_t vl = sizeof v6only;
+        if (domain == AF_INET6)
+            wg_real.getsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &v6only, &vl);
         struct wg_reply rep;
-        if (wg_ctl_request(WG_LISTEN, 0, body, sizeof body, &rep, WG_CTL_TIMEOUT_MS) == 0 &&
+        if (wg_ctl_request(WG_LISTEN, v6only ? WG_FLAG_V6ONLY : 0, body, sizeof body, &rep,
+                           WG_CTL_TIMEOUT_MS) == 0 &&
             rep.err == 0) {
             s = wg_slot_set(fd);
             s->announced = a;
@@ -386,6 +402,9 @@ static void map_peer(int lfd, int cfd, struct sockaddr *addr, socklen_t *addrlen
             if (cs != NULL) {
                 cs->peer = out;
                 cs->peer_len = ol;
+                /* our tunnel address the client connected to, for getsockname() */
+                cs->has_local = (uint8_t)(rep.body_len >= 38 &&
+                                          wg_addr_decode(rep.body + 19, &cs->local) == 0);
                 __atomic_store_n(&cs->kind, WG_ACCEPTED, __ATOMIC_RELEASE);
             }
             wg_copy_out(addr, addrlen, &out, ol);

@@ -66,7 +66,9 @@ class FakeBackend:
             return Decision(Action.TUNNEL)
         return Decision(Action.DIRECT)
 
-    def open_tcp(self, dst: Address, token: bytes, gate: bool = False) -> Address | None:
+    def open_tcp(
+        self, dst: Address, token: bytes, gate: bool = False, src_port: int = 0
+    ) -> Address | None:
         if gate:
             self.gates[token] = self.loop.create_future()
         status: asyncio.Future[int] = self.loop.create_future()
@@ -129,7 +131,7 @@ class FakeBackend:
     def status(self, token: bytes) -> asyncio.Future[int] | None:
         return self.futures.get(token)
 
-    def listen(self, proto: Proto, addr: Address) -> None:
+    def listen(self, proto: Proto, addr: Address, v6only: bool = False) -> None:
         self.listens.append(addr)
 
     def unlisten(self, proto: Proto, addr: Address) -> None:

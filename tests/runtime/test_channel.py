@@ -83,7 +83,9 @@ class Backend:
             return Decision(Action.TUNNEL)
         return Decision(Action.DIRECT)
 
-    def open_tcp(self, dst: Address, token: bytes, gate: bool = False) -> Address | None:
+    def open_tcp(
+        self, dst: Address, token: bytes, gate: bool = False, src_port: int = 0
+    ) -> Address | None:
         if dst.ip == IPv4Address("10.150.0.97"):
             raise OSError(errno.EHOSTUNREACH, "no")
         self.status_futures[token] = asyncio.get_running_loop().create_future()
@@ -104,7 +106,7 @@ class Backend:
     def status(self, token: bytes) -> asyncio.Future[int] | None:
         return self.status_futures.get(token)
 
-    def listen(self, proto: Proto, addr: Address) -> None:
+    def listen(self, proto: Proto, addr: Address, v6only: bool = False) -> None:
         if addr.port == 1:
             raise OSError(errno.EACCES, "no")
         self.calls.append(("listen", addr))

@@ -254,13 +254,6 @@ def test_peer_downloads_from_wrapped_server_concurrently(rig: Rig, tmp_path: Pat
         proc.wait(10)
 
 
-FAMILY_IGNORED = (
-    "IPV6_V6ONLY is not reported: the shim's LISTEN request carries the bound address but not "
-    "the socket's IPV6_V6ONLY flag, so the launcher (TunnelBackend._listener_family) treats a "
-    "'::' listener as dual-stack and hands it IPv4 tunnel clients as ::ffff:10.150.0.1; "
-    "a v6-only listener should refuse them"
-)
-
 FAMILY_SERVER = """
     import socket, sys, threading, time
     def serve(family, port, v6only=None):
@@ -285,7 +278,6 @@ FAMILY_SERVER = """
 """
 
 
-@pytest.mark.xfail(strict=True, reason=FAMILY_IGNORED)
 def test_listener_family_is_respected(rig: Rig, tmp_path: Path) -> None:
     conf = rig.write_client_config(tmp_path / "c.conf", keepalive=25)
     proc = popen_wrapped(
@@ -328,14 +320,6 @@ def test_listener_family_is_respected(rig: Rig, tmp_path: Path) -> None:
         proc.wait(10)
 
 
-ACCEPTED_SOCKNAME = (
-    "csrc/tcp.c getsockname() maps only sockets with has_local (outbound TUNNEL connects); an "
-    "accepted inbound socket reports the loopback leg ('127.0.0.1', port) instead of our tunnel "
-    "address ('10.150.0.2', port) that the peer connected to"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=ACCEPTED_SOCKNAME)
 def test_accepted_socket_reports_tunnel_addresses(rig: Rig, tmp_path: Path) -> None:
     conf = rig.write_client_config(tmp_path / "c.conf", keepalive=25)
     server = """

@@ -39,18 +39,23 @@ def half_close():  # our FIN reaches the server, its FIN comes back after all th
     s.shutdown(socket.SHUT_WR)
     return len(f.read())
 
-def nonblocking_early_write():  # bytes written before the outcome are held, then sent
+def nonblocking_early_write():  # as the kernel: EAGAIN until connected, then it flows
     s = socket.socket()
     s.setblocking(False)
     rc = s.connect_ex((P, PORT))
-    s.send(b"early\\n")
+    try:
+        s.send(b"too early\\n")
+        early = "sent"
+    except BlockingIOError:
+        early = "EAGAIN"
     select.select([], [s], [], 10)
     err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    s.send(b"early\\n")
     s.setblocking(True)
     s.settimeout(10)
     f = s.makefile("rb")
     first = f.readline().decode().split()[0]
-    return [errno.errorcode.get(rc, rc), err, first, f.readline().decode().strip()]
+    return [errno.errorcode.get(rc, rc), early, err, first, f.readline().decode().strip()]
 
 def v4_mapped():  # an AF_INET6 socket to ::ffff:10.150.0.1 goes through the tunnel as IPv4
     s = socket.socket(socket.AF_INET6)

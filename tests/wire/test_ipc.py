@@ -252,3 +252,12 @@ def test_gate_request_and_connect_gate_flag_round_trip() -> None:
     assert parse_reply(emit_reply(GateReply())) == GateReply()
     with pytest.raises(DecodeError):
         parse_request(emit_request(GateRequest(token, 1), SECRET)[:-1])
+
+
+def test_connect_source_port_round_trips_and_zero_is_refused() -> None:
+    req = ConnectRequest(Proto.TCP, V4, False, 41000)
+    assert parse_request(emit_request(req, SECRET)) == (SECRET, req)
+    frame = emit_request(ConnectRequest(Proto.TCP, V4), SECRET)
+    bad = struct.pack("!I", len(frame) - 4 + 2) + frame[4:] + b"\0\0"
+    with pytest.raises(DecodeError):
+        parse_request(bad)

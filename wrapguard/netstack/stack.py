@@ -375,15 +375,23 @@ class Stack:
             raise OSError(errno.EBADF, f"no such connection {cid}")
         return conn
 
-    def connect(self, dst: IPAddress | str, port: int, now: float) -> ConnId:
-        """Start an active open; `Connected` or `ConnectFailed` follows."""
+    def connect(self, dst: IPAddress | str, port: int, now: float, local_port: int = 0) -> ConnId:
+        """Start an active open (from `local_port`, or an ephemeral one); `Connected` or
+        `ConnectFailed` follows. EADDRINUSE if that exact flow exists."""
         rip = (ip_address(dst) if isinstance(dst, str) else dst).packed
-        if not 0 < port < 65536:
+        if not 0 < port < 65536 or not 0 <= local_port < 65536:
             raise ValueError(f"bad port {port}")
         srcs = self.addr4 if len(rip) == 4 else self.addr6
         if not srcs:
             raise OSError(errno.ENETUNREACH, "no tunnel address of that family")
         lip = srcs[0]
+        if local_port:
+            if (rip, port, lip, local_port) in self._conns:
+                raise OSError(errno.EADDRINUSE, "that flow already exists")
+            conn = self._new_conn(lip, local_port, rip, port, None)
+            conn.open_active(now)
+            self._after(conn)
+            return conn.id
         span = EPHEMERAL_HIGH - EPHEMERAL_LOW + 1
         start = self.rng(16) % span
         for i in range(span):

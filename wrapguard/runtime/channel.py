@@ -109,7 +109,9 @@ class ChannelBackend(Protocol):
 
     def route(self, proto: Proto, dst: Address) -> Decision: ...
 
-    def open_tcp(self, dst: Address, token: bytes, gate: bool = False) -> Address | None:
+    def open_tcp(
+        self, dst: Address, token: bytes, gate: bool = False, src_port: int = 0
+    ) -> Address | None:
         """Start the tunnel connection for `token`; return our tunnel source address (what the
         program's getsockname() reports) if already known. Raise OSError to fail the connect."""
         ...
@@ -132,8 +134,9 @@ class ChannelBackend(Protocol):
         """A future resolving to 0 (open) or the errno of the failure; None if unknown."""
         ...
 
-    def listen(self, proto: Proto, addr: Address) -> None:
-        """Listen on `addr.port` of our tunnel addresses. Raise OSError to refuse."""
+    def listen(self, proto: Proto, addr: Address, v6only: bool = False) -> None:
+        """Listen on `addr.port` of our tunnel addresses (an AF_INET6 listener takes IPv4
+        clients too unless `v6only`). Raise OSError to refuse."""
         ...
 
     def unlisten(self, proto: Proto, addr: Address) -> None: ...
@@ -350,16 +353,16 @@ class ChannelServer:
             case HelloRequest(pid, version):
                 b.hello(pid, version)
                 return HelloReply()
-            case ConnectRequest(proto, dst, gate):
-                return self._connect(proto, dst, gate)
+            case ConnectRequest(proto, dst, gate, src_port):
+                return self._connect(proto, dst, gate, src_port)
             case GateRequest(token, filler):
                 b.gate(token, filler)
                 return GateReply()
             case StatusRequest(token, wait):
                 return await self._status(token, wait)
-            case ListenRequest(proto, addr):
+            case ListenRequest(proto, addr, v6only):
                 try:
-                    b.listen(proto, addr)
+                    b.listen(proto, addr, v6only)
                 except OSError as exc:
                     return ListenReply(exc.errno or errno.EADDRNOTAVAIL)
                 return ListenReply()
@@ -370,7 +373,9 @@ class ChannelServer:
                 peer = b.peer_of(addr)
                 if peer is None:
                     return PeerReply(PeerAction.UNKNOWN)
-                return PeerReply(PeerAction.FOUND, peer)
+                local_of = getattr(b, "local_of", None)
+                local = local_of(addr) if local_of is not None else None
+                return PeerReply(PeerAction.FOUND, peer, local)
             case UdpAssocRequest(local, dst):
                 return self._udp_assoc(local, dst)
             case ResolveRequest(name, family, flags):
@@ -385,7 +390,9 @@ class ChannelServer:
                 return UdpReleaseReply()
         raise AssertionError(req)  # pragma: no cover - the match is exhaustive
 
-    def _connect(self, proto: Proto, dst: Address, gate: bool = False) -> ConnectReply:
+    def _connect(
+        self, proto: Proto, dst: Address, gate: bool = False, src_port: int = 0
+    ) -> ConnectReply:
         decision = self._backend.route(proto, dst)
         if decision.action is Action.DIRECT:
             return ConnectReply(Action.DIRECT)
@@ -395,7 +402,7 @@ class ChannelServer:
         loop = asyncio.get_running_loop()
         self._tokens[token] = loop.call_later(self._token_ttl, self._expire, token)
         try:
-            source = self._backend.open_tcp(dst, token, gate)
+            source = self._backend.open_tcp(dst, token, gate, src_port)
         except OSError as exc:
             self._tokens.pop(token).cancel()
             return ConnectReply(Action.FAIL, exc.errno or errno.ENETUNREACH)

@@ -317,8 +317,10 @@ class Engine:
 
     # ------------------------------------------------------------------ flows
 
-    def connect(self, dst: IPAddress, port: int, handler: FlowHandler) -> ConnId:
-        cid = self.stack.connect(dst, port, self.now())
+    def connect(
+        self, dst: IPAddress, port: int, handler: FlowHandler, local_port: int = 0
+    ) -> ConnId:
+        cid = self.stack.connect(dst, port, self.now(), local_port)
         self.handlers[cid] = handler
         self.schedule_flush()
         peer = self.route(dst, 6, port)

@@ -63,9 +63,10 @@ class TunnelBackend:
         self.relays: dict[bytes, TcpRelay] = {}
         self.gates: dict[bytes, _Gate] = {}
         self.futures: dict[bytes, asyncio.Future[int]] = {}
-        self.inbound: dict[tuple[str, int], Address] = {}
+        self.inbound: dict[tuple[str, int], tuple[Address, Address]] = {}
         self.listeners: dict[int, int] = {}  # port -> ListenerId
         self.tcp_bound: dict[int, dict[int, Address]] = {}  # port -> {4|6: what it bound}
+        self.v6only: dict[int, bool] = {}  # port -> its AF_INET6 listener has IPV6_V6ONLY
         self.hellos = 0  # processes that loaded the shim
         self.hello_event = asyncio.Event()
         self._tasks: set[asyncio.Future[None]] = set()
@@ -96,7 +97,9 @@ class TunnelBackend:
             return Decision(Action.FAIL, errno.ENETUNREACH)
         return Decision(Action.TUNNEL)
 
-    def open_tcp(self, dst: Address, token: bytes, gate: bool = False) -> Address | None:
+    def open_tcp(
+        self, dst: Address, token: bytes, gate: bool = False, src_port: int = 0
+    ) -> Address | None:
         ip = dst.ip
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
@@ -112,7 +115,7 @@ class TunnelBackend:
 
         relay = TcpRelay(self.engine, on_status=on_status, on_done=self._relay_done)
         relay.token = token
-        cid = self.engine.connect(ip, dst.port, relay)
+        cid = self.engine.connect(ip, dst.port, relay, src_port)
         relay.attach_conn(cid)
         self.relays[token] = relay
         self.futures[token] = future
@@ -230,7 +233,7 @@ class TunnelBackend:
 
     # -- inbound -------------------------------------------------------------------------------
 
-    def listen(self, proto: Proto, addr: Address) -> None:
+    def listen(self, proto: Proto, addr: Address, v6only: bool = False) -> None:
         if proto == Proto.UDP:
             self.udp.bind(addr)
             return
@@ -239,6 +242,8 @@ class TunnelBackend:
         port = addr.port
         bound = self.tcp_bound.setdefault(port, {})
         bound[addr.ip.version] = addr
+        if addr.ip.version == 6:
+            self.v6only[port] = v6only
         if port in self.listeners:
             return
 
@@ -288,13 +293,20 @@ class TunnelBackend:
             if takes(bound.get(4)):
                 return socket.AF_INET
             v6 = bound.get(6)
-            if v6 is not None and (v6.ip.is_unspecified or takes(v6)):
+            dual = not self.v6only.get(port, False)
+            if v6 is not None and dual and (v6.ip.is_unspecified or takes(v6)):
                 return socket.AF_INET6
             return None
         return socket.AF_INET6 if takes(bound.get(6)) else None
 
     def peer_of(self, loopback: Address) -> Address | None:
-        return self.inbound.get((str(loopback.ip), loopback.port))
+        entry = self.inbound.get((str(loopback.ip), loopback.port))
+        return None if entry is None else entry[0]
+
+    def local_of(self, loopback: Address) -> Address | None:
+        """Our tunnel address the client connected to (the accepted socket's getsockname)."""
+        entry = self.inbound.get((str(loopback.ip), loopback.port))
+        return None if entry is None else entry[1]
 
     async def _inbound(self, cid: ConnId, port: int) -> None:
         info = self.engine.stack.conn_info(cid)
@@ -315,7 +327,7 @@ class TunnelBackend:
             sock.bind((host, 0))
             local = sock.getsockname()
             key = (str(ipaddress.ip_address(local[0])), local[1])
-            self.inbound[key] = remote
+            self.inbound[key] = (remote, Address(info.local[0], info.local[1]))
             relay.inbound_key = key
             await asyncio.get_running_loop().sock_connect(sock, (host, port))
         except OSError as exc:

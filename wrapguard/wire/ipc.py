@@ -21,6 +21,7 @@ from wrapguard.errors import DecodeError
 __all__ = [
     "ADDR_LEN",
     "FLAG_GATE",
+    "FLAG_V6ONLY",
     "FLAG_WAIT",
     "MAX_BODY",
     "MAX_RESOLVE_ADDRS",
@@ -80,6 +81,7 @@ SECRET_LEN = 32
 TOKEN_LEN = 16
 ADDR_LEN = 19
 FLAG_WAIT = 0x0001  # STATUS: hold the reply until the outcome is known
+FLAG_V6ONLY = 0x0001  # LISTEN: the socket has IPV6_V6ONLY set
 FLAG_GATE = 0x0001  # CONNECT: a non-blocking socket; a GATE request follows (docs/channel.md)
 MAX_VERSION_TEXT = 255
 MAX_NAME_TEXT = 255
@@ -171,6 +173,7 @@ class ConnectRequest:
     proto: Proto
     dst: Address
     gate: bool = False  # non-blocking: the shim holds writability back with filler bytes
+    src_port: int = 0  # the port the program bound before connect(), 0 for any
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +195,7 @@ class StatusRequest:
 class ListenRequest:
     proto: Proto
     addr: Address
+    v6only: bool = False  # an AF_INET6 socket with IPV6_V6ONLY: no IPv4 clients
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,8 +280,12 @@ class UnlistenReply:
 
 @dataclass(frozen=True, slots=True)
 class PeerReply:
+    """The tunnel client behind a loopback connection and, when known, the tunnel address it
+    connected to (what the accepted socket's getsockname() reports)."""
+
     action: PeerAction
     peer: Address | None = None
+    local: Address | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -427,8 +435,12 @@ def emit_request(req: Request, secret: bytes) -> bytes:
             if len(text) > MAX_VERSION_TEXT:
                 raise ValueError("ipc: version text too long")
             op, body = Op.HELLO, _HELLO.pack(pid, len(text)) + text
-        case ConnectRequest(proto, dst, gate):
+        case ConnectRequest(proto, dst, gate, src_port):
+            if not 0 <= src_port <= 0xFFFF:
+                raise ValueError("ipc: bad CONNECT source port")
             op, body = Op.CONNECT, bytes([proto]) + emit_address(dst)
+            if src_port:
+                body += src_port.to_bytes(2, "big")
             flags = FLAG_GATE if gate else 0
         case GateRequest(token, filler):
             if len(token) != TOKEN_LEN or not 0 <= filler <= 0xFFFFFFFF:
@@ -438,8 +450,9 @@ def emit_request(req: Request, secret: bytes) -> bytes:
             if len(token) != TOKEN_LEN:
                 raise ValueError("ipc: a token is 16 bytes")
             op, body, flags = Op.STATUS, token, FLAG_WAIT if wait else 0
-        case ListenRequest(proto, addr):
+        case ListenRequest(proto, addr, v6only):
             op, body = Op.LISTEN, bytes([proto]) + emit_address(addr)
+            flags = FLAG_V6ONLY if v6only else 0
         case UnlistenRequest(proto, addr):
             op, body = Op.UNLISTEN, bytes([proto]) + emit_address(addr)
         case PeerRequest(addr):
@@ -463,7 +476,7 @@ def parse_request(data: bytes) -> tuple[bytes, Request]:
     if version != VERSION:
         raise DecodeError(f"ipc: unknown version {version}")
     op = _op(op_num)
-    if op not in (Op.STATUS, Op.CONNECT) and flags != 0:
+    if op not in (Op.STATUS, Op.CONNECT, Op.LISTEN) and flags != 0:
         raise DecodeError("ipc: unknown flags")
     if op is Op.CONNECT and flags & ~FLAG_GATE:
         raise DecodeError("ipc: unknown CONNECT flags")
@@ -480,14 +493,20 @@ def parse_request(data: bytes) -> tuple[bytes, Request]:
                 raise DecodeError("ipc: HELLO version is not UTF-8") from None
             req = HelloRequest(pid, text)
         case Op.CONNECT | Op.LISTEN | Op.UNLISTEN:
+            src_port = 0
+            if op is Op.CONNECT and len(body) == 3 + ADDR_LEN:
+                src_port = int.from_bytes(body[1 + ADDR_LEN :], "big")
+                if src_port == 0:
+                    raise DecodeError("ipc: CONNECT source port 0 must be left out")
+                body = body[: 1 + ADDR_LEN]
             _exact(body, 1 + ADDR_LEN, op.name)
             proto, addr = _proto(body[0]), parse_address(body, 1)
             if op is Op.CONNECT:
-                req = ConnectRequest(proto, addr, bool(flags & FLAG_GATE))
-            elif flags:
-                raise DecodeError("ipc: unknown flags")
+                req = ConnectRequest(proto, addr, bool(flags & FLAG_GATE), src_port)
             elif op is Op.LISTEN:
-                req = ListenRequest(proto, addr)
+                if flags & ~FLAG_V6ONLY:
+                    raise DecodeError("ipc: unknown LISTEN flags")
+                req = ListenRequest(proto, addr, bool(flags & FLAG_V6ONLY))
             else:
                 req = UnlistenRequest(proto, addr)
         case Op.STATUS:
@@ -540,12 +559,14 @@ def emit_reply(rep: Reply) -> bytes:
             op = Op.LISTEN
         case UnlistenReply(err):
             op = Op.UNLISTEN
-        case PeerReply(act, peer):
+        case PeerReply(act, peer, local):
             op, action = Op.PEER, act
             if act is PeerAction.FOUND:
                 if peer is None:
                     raise ValueError("ipc: PEER FOUND needs the peer address")
                 body = emit_address(peer)
+                if local is not None:
+                    body += emit_address(local)
         case UdpAssocReply(act, err, source):
             op, action = Op.UDP_ASSOC, act
             if act is Action.TUNNEL:
@@ -600,8 +621,10 @@ def parse_reply(data: bytes) -> Reply:
         case Op.PEER:
             pact = _enum(PeerAction, action, "PEER")
             if pact is PeerAction.FOUND:
-                _exact(body, ADDR_LEN, "PEER reply")
-                return PeerReply(pact, parse_address(body))
+                if len(body) not in (ADDR_LEN, 2 * ADDR_LEN):
+                    raise DecodeError("ipc: bad PEER reply length")
+                local = parse_address(body, ADDR_LEN) if len(body) > ADDR_LEN else None
+                return PeerReply(pact, parse_address(body), local)
             _exact(body, 0, "PEER reply")
             return PeerReply(pact)
         case Op.UDP_ASSOC:
