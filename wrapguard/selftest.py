@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import os
-import secrets
 import sys
 import time
 
 from wrapguard import shim
-from wrapguard.errors import UsageError
+from wrapguard.errors import UsageError, WrapguardError
 from wrapguard.launch import Plan
-from wrapguard.runtime.channel import ChannelServer
 from wrapguard.runtime.child import run_child
 from wrapguard.runtime.engine import Engine, IPAddress
-from wrapguard.runtime.launcher import TunnelBackend
+from wrapguard.runtime.launcher import TunnelSession
 
 HANDSHAKE_TIMEOUT = 8.0  # the first initiation and one retry after REKEY_TIMEOUT (5 s)
 PROBE_TIMEOUT = 15.0
@@ -90,19 +87,13 @@ async def _run(plan: Plan, target: tuple[IPAddress, int] | None) -> int:
     if not cfg.peers:
         report.step(False, "handshake", "the config has no [Peer]")
         return 1
-    engine = Engine(cfg, plan.routing)
-    backend = TunnelBackend(engine)
-    channel = ChannelServer(
-        backend,  # type: ignore[arg-type]
-        secret=secrets.token_bytes(32),
-        uid=os.getuid(),
-        tunnel_addrs=engine.addresses,
-    )
+    session = TunnelSession(cfg, plan.routing)
+    engine, backend = session.engine, session.backend
     try:
         try:
-            await engine.start()
-        except OSError as exc:
-            report.step(False, "tunnel", f"cannot open the UDP socket: {exc}")
+            await session.start_tunnel()
+        except WrapguardError as exc:
+            report.step(False, "tunnel", str(exc))
             return 1
         report.step(True, "tunnel", f"WireGuard listening on UDP port {engine.wg.port}")
         endpoint = engine.device.peers[0].endpoint
@@ -131,10 +122,8 @@ async def _run(plan: Plan, target: tuple[IPAddress, int] | None) -> int:
             f"with peer 1 at {endpoint[0]}:{endpoint[1]} "
             f"in {(time.monotonic() - started) * 1000:.0f} ms",
         )
-        await channel.start()
-        env = dict(os.environ)
-        env.update(channel.env())
-        env[shim.ENV_PRELOAD] = shim.preload_value(env.get(shim.ENV_PRELOAD), shim.shim_path())
+        await session.start_channel()
+        env = session.child_env()
         if target is not None and engine.route(target[0], 6, target[1]) is None:
             report.step(
                 False,
@@ -168,8 +157,7 @@ async def _run(plan: Plan, target: tuple[IPAddress, int] | None) -> int:
     except TimeoutError:
         report.step(False, "probe", f"did not finish within {PROBE_TIMEOUT:g} s")
     finally:
-        channel.close()
-        engine.close()
+        session.close()
     if report.failed:
         print(f"self-test: {report.failed} step(s) failed")
         return 1

@@ -341,6 +341,58 @@ class TunnelBackend:
         relay.attach_socket(sock)
 
 
+class TunnelSession:
+    """Everything a wrapped program needs on the loop: engine, backend, channel, UDP relay and
+    resolver. `start_tunnel()` (the WireGuard socket), then `start_channel()`, then
+    `child_env()`; `close()` on every exit path. Used by the launcher and by --self-test."""
+
+    def __init__(
+        self, config: Config, routing: RoutingTable, *, timers: TimerConfig | None = None
+    ) -> None:
+        self.config = config
+        self.log = log.get("wrapguard.launcher")
+        self.engine = Engine(config, routing, timers=timers)
+        self.backend = TunnelBackend(self.engine)
+        self.channel = ChannelServer(
+            self.backend,
+            secret=secrets.token_bytes(32),
+            uid=os.getuid(),
+            tunnel_addrs=self.engine.addresses,
+        )
+
+    async def start_tunnel(self) -> None:
+        try:
+            await self.engine.start()
+        except OSError as exc:
+            raise WrapguardError(f"cannot open the WireGuard UDP socket: {exc}") from None
+
+    async def start_channel(self) -> None:
+        backend, channel = self.backend, self.channel
+        await channel.start()
+        await backend.udp.start()
+        channel.udp_env = backend.udp.env_value()
+        iface = self.config.interface
+        if iface.dns_servers:
+            backend.resolver = DnsResolver(self.engine, iface.dns_servers, iface.dns_search)
+            backend.resolver.start()
+            channel.resolve_names = True
+        else:
+            self.log.info("no DNS= in the config: names resolve on the host, outside the tunnel")
+
+    def child_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.channel.env())
+        env[shim.ENV_PRELOAD] = shim.preload_value(env.get(shim.ENV_PRELOAD), shim.shim_path())
+        return env
+
+    def close(self) -> None:
+        self.channel.close()
+        self.backend.udp.close()
+        if self.backend.resolver is not None:
+            self.backend.resolver.close()
+        self.engine.close()
+
+
 class Launcher:
     """One run: everything up, the program to its end, everything down."""
 
@@ -360,55 +412,23 @@ class Launcher:
         self.timers = timers
         self.log = log.get("wrapguard.launcher")
 
-    def child_env(self, channel: ChannelServer) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(channel.env())
-        env[shim.ENV_PRELOAD] = shim.preload_value(env.get(shim.ENV_PRELOAD), shim.shim_path())
-        return env
-
     async def run(self) -> int:
         shim_path = shim.shim_path()
         raise_fd_limit()
-        engine = Engine(self.config, self.routing, timers=self.timers)
-        backend = TunnelBackend(engine)
-        channel = ChannelServer(
-            backend,  # type: ignore[arg-type]
-            secret=secrets.token_bytes(32),
-            uid=os.getuid(),
-            tunnel_addrs=engine.addresses,
-        )
+        session = TunnelSession(self.config, self.routing, timers=self.timers)
         try:
-            try:
-                await engine.start()
-            except OSError as exc:
-                raise WrapguardError(f"cannot open the WireGuard UDP socket: {exc}") from None
-            await channel.start()
-            await backend.udp.start()
-            channel.udp_env = backend.udp.env_value()
-            iface = self.config.interface
-            if iface.dns_servers:
-                backend.resolver = DnsResolver(engine, iface.dns_servers, iface.dns_search)
-                backend.resolver.start()
-                channel.resolve_names = True
-            else:
-                self.log.info(
-                    "no DNS= in the config: names resolve on the host, outside the tunnel"
-                )
-            env = self.child_env(channel)
+            await session.start_tunnel()
+            await session.start_channel()
             self.log.debug("starting program", program=self.argv[0], shim=shim_path)
             return await run_child(
                 self.argv,
                 self.executable,
-                env,
-                ready=backend.hello_event,
+                session.child_env(),
+                ready=session.backend.hello_event,
                 ready_timeout=HELLO_TIMEOUT,
             )
         finally:
-            channel.close()
-            backend.udp.close()
-            if backend.resolver is not None:
-                backend.resolver.close()
-            engine.close()
+            session.close()
 
 
 def run(config: Config, routing: RoutingTable, argv: Sequence[str], executable: str) -> int:
