@@ -47,7 +47,7 @@ from wrapguard.wire.ip import (
     emit_ip,
     parse_ip,
 )
-from wrapguard.wire.tcp import ACK, NO_OPTIONS, RST, SYN, parse_options, parse_tcp
+from wrapguard.wire.tcp import ACK, NO_OPTIONS, PSH, RST, SYN, parse_options, parse_tcp
 from wrapguard.wire.tcp import HEADER as TCP_HEADER
 from wrapguard.wire.udp import UdpDatagram, emit_udp, parse_udp
 
@@ -161,6 +161,16 @@ class Stack:
         if conn is None or doff < 20 or off + doff > total:
             self._rx_tcp(src, dst, packet[off:total], now)
             return
+        if doff == 20 and flags & ~PSH == ACK:
+            # In-order data on an established flow: header prediction without a Seg.
+            delack = conn.t_delack
+            if conn.rx_predicted(seq, ack, window, packet[off + 20 : total], now):
+                if conn.t_delack is not delack:
+                    self._after(conn)  # a new deadline: the only state _after looks at
+                elif conn.ack_due and not conn.queued_ack:
+                    conn.queued_ack = True
+                    self._ack_list.append(conn)
+                return
         try:
             opts = parse_options(packet[off + 20 : off + doff]) if doff > 20 else NO_OPTIONS
         except DecodeError:

@@ -149,6 +149,38 @@ class TcpConn(TcpSender):
             return self._establish(seg, now, rcv_nxt + d)
         return self._after_ack_check(seg, rcv_nxt + d, payload, flags, now)
 
+    def rx_predicted(self, seq: int, ack: int, window: int, payload: bytes, now: float) -> bool:
+        """Header prediction straight from header fields, for a segment with no options and
+        only ACK (and maybe PSH) set: what `on_segment` does through `_predicted`, without
+        building a `Seg`. False (nothing changed) when the full path must handle it.
+        """
+        n = len(payload)
+        if (
+            self.state is not S.ESTABLISHED
+            or not n
+            or (seq - self.irs - self.rcv_nxt) & M32
+            or self.ooo
+            or self.app_closed
+            or self.peer_fin_off is not None
+            or (ack - self.iss - self.snd_una) & M32
+            or window << self.snd_ws != self.snd_wnd
+            or n > self.rcv_limit - len(self.rcv_buf)
+        ):
+            return False
+        self.snd_wl1 = self.rcv_nxt
+        self.snd_wl2 = self.snd_una
+        self.rcv_buf += payload
+        self.rcv_nxt += n
+        if not self.readable_pending:
+            self.readable_pending = True
+            self.events.append(Readable(self.id))
+        self.unacked_rcv += n
+        if self.unacked_rcv >= 2 * self.rcv_mss:
+            self.ack_due = True  # RFC 5681 4.2: at least every second full-sized segment
+        elif self.t_delack is None:
+            self.t_delack = now + self.cfg.delayed_ack
+        return True
+
     def _predicted(self, seg: Seg, now: float) -> bool:
         """Header prediction (RFC 1323 appendix A / Jacobson): the next in-order data
         segment, acking nothing new, same window, no SACK, no hole to fill. Does exactly

@@ -89,7 +89,7 @@ class Keypair:
         d = top - counter
         return d < REPLAY_WINDOW and not (self._bitmap >> d) & 1
 
-    def open(self, data: bytes, counter: int) -> bytes | None:
+    def open(self, data: bytes | memoryview, counter: int) -> bytes | None:
         """Decrypt a whole transport message (header included) whose header carries `counter`;
         None if it fails to open. `counter` must have passed `check_counter`; on success the
         window is updated.

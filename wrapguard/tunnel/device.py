@@ -62,6 +62,7 @@ class Device:
         mtu: int = 1420,
     ) -> None:
         self.timers = timers if timers is not None else TimerConfig()
+        self._rekey_rx_age = self.timers.rekey_on_receive_age  # hot path: a property
         self.mtu = mtu
         self.under_load = False  # set by the runtime; enables mac2 checks [W 5.3]
         self.counters: dict[DropReason, int] = dict.fromkeys(DropReason, 0)
@@ -141,6 +142,45 @@ class Device:
         self._send(p, packet, now, wall_time, out)
         return out
 
+    def seal_packet(
+        self,
+        packet: bytes,
+        now: float,
+        wall_time: float,
+        peer: int | None,
+        out: list[Output],
+    ) -> tuple[tuple[str, int], bytes] | None:
+        """The per-packet send path: `send_packet` without an output object for the datagram.
+
+        Returns (endpoint, transport message) to send when the packet could be sealed at
+        once; other outputs (a rekey initiation, drops, staging) go to `out` and must be
+        acted on after the returned datagram is sent, as `send_packet` orders them.
+        """
+        if peer is None:
+            b0 = packet[0] >> 4 if packet else 0
+            dst = packet[16:20] if b0 == 4 else packet[24:40] if b0 == 6 else b""
+            p = self._routes.lookup(dst)
+            if p is None:
+                out.append(self._drop(DropReason.NO_ROUTE, None))
+                return None
+        else:
+            p = self.peers[peer]
+        kp = p.current
+        ep = p.endpoint
+        if (
+            kp is None
+            or ep is None
+            or p.staged
+            or now - kp.created >= self.timers.reject_after_time  # [W 6.1]
+            or kp.send_counter >= kp.reject_after_messages
+        ):
+            self._send(p, packet, now, wall_time, out)  # staging and handshakes
+            return None
+        wire = kp.seal(packet, self.mtu)
+        assert wire is not None
+        self._sent(p, kp, len(wire), bool(packet), now, wall_time, out)
+        return ep, wire
+
     def datagram_received(
         self, data: bytes, addr: tuple[str, int], now: float, wall_time: float
     ) -> list[Output]:
@@ -168,66 +208,95 @@ class Device:
     def _on_transport(
         self, data: bytes, addr: tuple[str, int], now: float, wall_time: float
     ) -> list[Output]:
+        out: list[Output] = []
+        got = self.receive_transport(data, addr, now, wall_time, out)
+        if got is not None:
+            out.append(DeliverPacket(got[0], got[1]))
+        return out
+
+    def receive_transport(
+        self,
+        data: bytes | memoryview,
+        addr: tuple[str, int],
+        now: float,
+        wall_time: float,
+        out: list[Output],
+    ) -> tuple[int, bytes] | None:
+        """The per-packet receive path for one transport message [W 5.4.6].
+
+        `data` is the whole datagram (bytes or a memoryview the caller may reuse afterwards:
+        nothing keeps a reference to it); its length and type byte must already be checked
+        (type 4, zero reserved bytes, >= 32 bytes). Returns (peer index, inner packet) to
+        deliver, or None. Other outputs (drops, endpoint changes, handshakes) go to `out`,
+        in the order `datagram_received` would return them, before the delivery.
+        """
         _, receiver, counter = _RX_HDR.unpack_from(data)
         entry = self._index.get(receiver)
         if entry is None:
-            return [self._drop(DropReason.UNKNOWN_INDEX, None)]
+            out.append(self._drop(DropReason.UNKNOWN_INDEX, None))
+            return None
         p, kp = entry
         if kp is None:  # the index of a pending handshake, not of a keypair
-            return [self._drop(DropReason.UNKNOWN_INDEX, p)]
-        if now - kp.created >= self.timers.reject_after_time:  # [W 6.1] Reject-After-Time
-            return [self._drop(DropReason.KEYPAIR_EXPIRED, p)]
+            out.append(self._drop(DropReason.UNKNOWN_INDEX, p))
+            return None
+        t = self.timers
+        if now - kp.created >= t.reject_after_time:  # [W 6.1] Reject-After-Time
+            out.append(self._drop(DropReason.KEYPAIR_EXPIRED, p))
+            return None
         if not kp.check_counter(counter):
             if counter >= kp.reject_after_messages:
-                return [self._drop(DropReason.KEYPAIR_EXPIRED, p)]
-            return [self._drop(DropReason.REPLAYED_COUNTER, p)]
+                out.append(self._drop(DropReason.KEYPAIR_EXPIRED, p))
+            else:
+                out.append(self._drop(DropReason.REPLAYED_COUNTER, p))
+            return None
         plain = kp.open(data, counter)
         if plain is None:
-            return [self._drop(DropReason.DECRYPT_FAILED, p)]
+            out.append(self._drop(DropReason.DECRYPT_FAILED, p))
+            return None
         # Authenticated from here on.
-        out: list[Output] = []
         p.rx_bytes += len(data)
         if addr != p.endpoint:  # [W 6.5] roaming: follow the latest authenticated source
             p.endpoint = addr
             out.append(EndpointChanged(p.index, addr))
-        if kp is p.next:
-            self._confirm_next(p, now, wall_time, out)
-        elif (
-            kp is p.current
-            and kp.is_initiator
-            and now - kp.created >= self.timers.rekey_on_receive_age
-        ):
+        if kp is not p.current:
+            if kp is p.next:
+                self._confirm_next(p, now, wall_time, out)
+        elif kp.is_initiator and now - kp.created >= self._rekey_rx_age:
             self._initiate(p, now, wall_time, False, out)  # [W 6.2] keep key fresh
         p.t_new_handshake = None  # any authenticated packet received
         if p.persistent_keepalive:
             p.t_persistent = now + p.persistent_keepalive
         if not plain:
-            return out  # keepalive
+            return None  # keepalive
         # [W 6.3] passive keepalive: answer data with a keepalive if we stay silent
         if p.t_send_keepalive is None:
-            p.t_send_keepalive = now + self.timers.keepalive_timeout
+            p.t_send_keepalive = now + t.keepalive_timeout
         else:
             p.need_another_keepalive = True
-        v = plain[0] >> 4
         n = len(plain)
-        if v == 4 and n >= 20:
-            total = int.from_bytes(plain[2:4], "big")
+        b0 = plain[0]
+        if b0 >> 4 == 4 and n >= 20:
+            total = (plain[2] << 8) | plain[3]
             src = plain[12:16]
             ok = 20 <= total <= n
-        elif v == 6 and n >= 40:
-            total = 40 + int.from_bytes(plain[4:6], "big")
+        elif b0 >> 4 == 6 and n >= 40:
+            total = 40 + ((plain[4] << 8) | plain[5])
             src = plain[8:24]
             ok = total <= n
         else:
             ok = False
         if not ok:
             out.append(self._drop(DropReason.INVALID_INNER_PACKET, p))
-            return out
-        if self._routes.lookup(src) is not p and not p.source_allowed_extra(src):
-            out.append(self._drop(DropReason.DISALLOWED_SOURCE, p))  # [W 3] cryptokey routing
-            return out
-        out.append(DeliverPacket(p.index, plain if total == n else plain[:total]))
-        return out
+            return None
+        # [W 3] cryptokey routing. Routes never change after construction and extra sources
+        # are only ever added, so a source once allowed for a peer stays allowed: remember
+        # the last one (one flow's packets all carry the same source).
+        if src != p.src_ok:
+            if self._routes.lookup(src) is not p and not p.source_allowed_extra(src):
+                out.append(self._drop(DropReason.DISALLOWED_SOURCE, p))
+                return None
+            p.src_ok = src
+        return p.index, (plain if total == n else plain[:total])
 
     def _check_macs(
         self, data: bytes, sender: int, addr: tuple[str, int], now: float

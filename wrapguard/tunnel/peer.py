@@ -78,6 +78,7 @@ class Peer:
         "remote",
         "rx_bytes",
         "spec",
+        "src_ok",
         "staged",
         "t_new_handshake",
         "t_persistent",
@@ -115,6 +116,7 @@ class Peer:
         self.last_handshake_wall: float | None = None
         self.rx_bytes = 0
         self.tx_bytes = 0
+        self.src_ok = b""  # the last inner source address found allowed (cache, [W 3])
         # Timer deadlines [W 6]; None = not armed.
         self.t_retransmit: float | None = None
         self.t_send_keepalive: float | None = None
