@@ -104,6 +104,7 @@ struct wg_fd {
     uint8_t udp_cache;             /* enum wg_ucache for udp_last (valid for any kind) */
     uint8_t udp_domain;            /* WG_UDP: 4 (AF_INET) or 6 (AF_INET6) */
     struct wg_addr udp_key;        /* WG_UDP: the socket's loopback side (the association) */
+    uint8_t udp_token[16];         /* WG_UDP: proves our datagrams to the relay (channel.md) */
     struct wg_addr udp_peer;       /* WG_UDP + udp_conn: the tunnel destination */
     struct wg_addr udp_last;       /* the destination of udp_cache */
     int udp_pid;                   /* WG_UDP: the process that associated it (releases it) */

@@ -128,18 +128,29 @@ static int gate_fd(int fd, const uint8_t token[16], int *old_lowat) {
     body[18] = (uint8_t)(total >> 8);
     body[19] = (uint8_t)total;
     struct wg_reply rep;
-    wg_ctl_request(WG_GATE, 0, body, sizeof body, &rep, WG_CTL_TIMEOUT_MS);
     *old_lowat = old;
+    if (wg_ctl_request(WG_GATE, 0, body, sizeof body, &rep, WG_CTL_TIMEOUT_MS) != 0)
+        return -1; /* the launcher never learnt the count: this connection cannot be used */
     return shut;
 }
 
+/* A pending tunnelled fd learnt its outcome (st: 0 open, >0 errno): record it and give the
+ * program back its own TCP_NOTSENT_LOWAT if the gate held it. */
+static void settle(int fd, struct wg_fd *s, int st) {
+    s->state = st == 0 ? WG_OPEN : WG_FAILED;
+    if (s->gated) {
+        setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &s->gate_lowat, sizeof s->gate_lowat);
+        s->gated = 0;
+    }
+}
+
 /* connect() again on a tunnelled fd: EALREADY while pending, then EISCONN (as the kernel). */
-static int reconnect(struct wg_fd *s) {
+static int reconnect(int fd, struct wg_fd *s) {
     if (s->state == WG_PENDING) {
         int st = wg_status(s->token, 0);
         if (st == -1) return fail(EALREADY);
         if (st == -2) return fail(ENETUNREACH);
-        s->state = st == 0 ? WG_OPEN : WG_FAILED;
+        settle(fd, s, st);
         if (st > 0) return fail(st);
     }
     return fail(EISCONN);
@@ -156,7 +167,7 @@ WG_EXPORT int connect(int fd, const struct sockaddr *sa, socklen_t len) {
         wg_addr_is_loopback(&dst) || !is_inet_stream(fd, &domain) || sa->sa_family != domain)
         return wg_real.connect(fd, sa, len);
     struct wg_fd *s = wg_slot(fd);
-    if (s != NULL && s->kind == WG_TUNNEL && s->state != WG_FAILED) return reconnect(s);
+    if (s != NULL && s->kind == WG_TUNNEL && s->state != WG_FAILED) return reconnect(fd, s);
 
     uint8_t body[22];
     uint32_t body_len = 20;
@@ -191,6 +202,10 @@ WG_EXPORT int connect(int fd, const struct sockaddr *sa, socklen_t len) {
     if (fl < 0 || local_attach(fd, domain, lo.port, rep.body + 19) != 0) return fail(ENETUNREACH);
 
     int lowat = 0, gated = gate ? gate_fd(fd, rep.body + 19, &lowat) : 0;
+    if (gated < 0) { /* fail closed: the launcher will drop this flow after its deadline */
+        shutdown(fd, SHUT_RDWR);
+        return fail(ENETUNREACH);
+    }
     s = wg_slot_set(fd);
     if (s == NULL) { /* beyond the table: tunnelled, but without getpeername/SO_ERROR state */
         if (fl & O_NONBLOCK) return fail(EINPROGRESS);
@@ -242,11 +257,7 @@ WG_EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
         return 0;
     }
     int err = st == 0 ? 0 : st > 0 ? st : ENETUNREACH;
-    s->state = err == 0 ? WG_OPEN : WG_FAILED;
-    if (s->gated) {
-        setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &s->gate_lowat, sizeof s->gate_lowat);
-        s->gated = 0;
-    }
+    settle(fd, s, err);
     if (err != 0) *(int *)val = err; /* else keep what the loopback socket says */
     errno = saved;
     return 0;
@@ -276,11 +287,9 @@ WG_EXPORT int getpeername(int fd, struct sockaddr *addr, socklen_t *addrlen) {
     }
     if (s->kind == WG_TUNNEL && s->state == WG_PENDING) {
         int st = wg_status(s->token, 0); /* the kernel says ENOTCONN while connecting */
-        if (st != 0) {
-            if (st > 0) s->state = WG_FAILED;
-            return fail(ENOTCONN);
-        }
-        s->state = WG_OPEN;
+        if (st > 0) settle(fd, s, st);
+        if (st != 0) return fail(ENOTCONN);
+        settle(fd, s, 0);
     }
     if (s->kind == WG_TUNNEL && s->state == WG_FAILED) return fail(ENOTCONN);
     wg_copy_out(addr, addrlen, &s->peer, s->peer_len);

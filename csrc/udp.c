@@ -24,6 +24,7 @@
     } while (0)
 
 #define HDR_LEN 21 /* u8 version | u8 kind | 19-byte address */
+#define HDR_OUT_LEN 37 /* to the relay: the same, then the association's 16-byte token */
 #define KIND_DATA 0
 #define KIND_ERROR 1
 #define MAX_IOV 128 /* iovecs per datagram we handle (the copy lives on the stack) */
@@ -143,11 +144,12 @@ static int udp_route(int fd, int domain, const struct wg_addr *dst, struct wg_ad
         }
         return 0;
     }
-    if (rep.action != 1 || rep.body_len < 19 || !have_key)
+    if (rep.action != 1 || rep.body_len < 35 || !have_key)
         return -(rep.err > 0 ? rep.err : ENETUNREACH);
     if (src != NULL && wg_addr_decode(rep.body, src) != 0) return -ENETUNREACH;
     if (s == NULL) return -ENETUNREACH; /* beyond the table: no state, fail closed */
     s->udp_key = key;
+    memcpy(s->udp_token, rep.body + 19, 16);
     s->udp_domain = domain == AF_INET ? 4 : 6;
     s->udp_pid = (int)getpid();
     s->udp_last = *dst;
@@ -165,13 +167,14 @@ static ssize_t relay_send(int fd, const struct wg_fd *s, const struct wg_addr *d
     uint8_t fam;
     int domain = s->udp_domain == 4 ? AF_INET : AF_INET6;
     if (relay_addr(fd, domain, &relay, &rl, &fam) != 0) return fail(ENETUNREACH);
-    uint8_t hdr[HDR_LEN];
+    uint8_t hdr[HDR_OUT_LEN];
     hdr[0] = 1;
     hdr[1] = KIND_DATA;
     wg_addr_encode(dst, hdr + 2);
+    memcpy(hdr + HDR_LEN, s->udp_token, 16);
     struct iovec v[MAX_IOV];
     v[0].iov_base = hdr;
-    v[0].iov_len = HDR_LEN;
+    v[0].iov_len = HDR_OUT_LEN;
     for (size_t i = 0; i < iovlen; i++) v[i + 1] = iov[i];
     struct msghdr m;
     memset(&m, 0, sizeof m);
@@ -181,7 +184,7 @@ static ssize_t relay_send(int fd, const struct wg_fd *s, const struct wg_addr *d
     m.msg_iovlen = iovlen + 1;
     ssize_t n = wg_real.sendmsg(fd, &m, flags & ~(MSG_CONFIRM | MSG_DONTROUTE));
     if (n < 0) return -1;
-    return n >= HDR_LEN ? n - HDR_LEN : 0;
+    return n >= HDR_OUT_LEN ? n - HDR_OUT_LEN : 0;
 }
 
 /* A send on fd: 1 handled (*ret set), 0 not ours (make the real call). */
@@ -532,10 +535,17 @@ int wg_udp_bind(int fd, const struct sockaddr *sa, socklen_t len, int *rc) {
     union wg_sa any;
     memset(&any, 0, sizeof any);
     memcpy(&any, sa, domain == AF_INET ? sizeof any.in : sizeof any.in6);
-    if (domain == AF_INET)
-        memset(&any.in.sin_addr, 0, sizeof any.in.sin_addr);
-    else
+    /* A tunnel address: bind loopback (the relay reaches it), never the wildcard, so a
+     * tunnel-only service is not exposed on the host's networks. The wildcard stays the
+     * wildcard. (An AF_INET6 socket with no ::1 relay keeps the wildcard: nothing else
+     * would reach it.) */
+    if (domain == AF_INET) {
+        any.in.sin_addr.s_addr = ours ? htonl(INADDR_LOOPBACK) : 0;
+    } else if (ours && wg_cfg.udp_v6) {
+        any.in6.sin6_addr = in6addr_loopback;
+    } else {
         memset(&any.in6.sin6_addr, 0, sizeof any.in6.sin6_addr);
+    }
     *rc = wg_real.bind(fd, &any.sa, domain == AF_INET ? sizeof any.in : sizeof any.in6);
     if (*rc != 0) return 1;
     int saved = errno;
@@ -547,8 +557,9 @@ int wg_udp_bind(int fd, const struct sockaddr *sa, socklen_t len, int *rc) {
         wg_addr_encode(&key, body + 1);
         struct wg_reply rep;
         if (wg_ctl_request(WG_LISTEN, 0, body, sizeof body, &rep, WG_CTL_TIMEOUT_MS) == 0 &&
-            rep.err == 0) {
+            rep.err == 0 && rep.body_len >= 16) {
             s->udp_key = key;
+            memcpy(s->udp_token, rep.body, 16);
             s->udp_domain = domain == AF_INET ? 4 : 6;
             s->udp_pid = (int)getpid();
             s->udp_conn = 0;

@@ -302,3 +302,44 @@ def test_another_user_cannot_inject_into_an_association(rig: Rig, tmp_path: Path
     time.sleep(0.5)
     # The launcher dropped the one sent to its relay: the peer saw only "legit".
     assert [ln.split(" ", 1)[1] for ln in log.read_text().splitlines()] == ["b'legit'"]
+
+
+SAME_PORT = """
+import json, os, socket, subprocess, sys, textwrap
+P4, WHO = sys.argv[1], int(sys.argv[2])
+relay = int(os.environ["WRAPGUARD_UDP"].split("/")[0])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.settimeout(5)
+s.sendto(b"legit", (P4, WHO))
+s.recvfrom(100)  # associated
+port = s.getsockname()[1]
+hdr = bytes([1, 0, 4]) + socket.inet_aton(P4) + bytes(12) + WHO.to_bytes(2, "big")
+# Another user binds the association's own loopback port (SO_REUSEADDR lets a UDP bind share
+# it) and sends from it: the source address matches, but it cannot know the token.
+forger = textwrap.dedent(f'''
+    import socket
+    f = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    f.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    f.bind(("127.0.0.1", {port}))
+    for token in (bytes(16), b"x" * 16):
+        f.sendto({hdr!r} + token + b"forged-same-port", ("127.0.0.1", {relay}))
+    f.sendto({hdr!r} + b"forged-no-token", ("127.0.0.1", {relay}))
+''')
+env = {k: v for k, v in os.environ.items() if not k.startswith(("WRAPGUARD", "LD_PRELOAD"))}
+subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                sys.executable, "-c", forger], check=True, env=env)
+print(json.dumps({"port": port}))
+"""
+
+
+def test_another_user_on_the_same_port_cannot_send_into_the_tunnel(
+    rig: Rig, tmp_path: Path
+) -> None:
+    log = tmp_path / "whoami.log"
+    start_whoami(rig, log)
+    conf = rig.write_client_config(tmp_path / "c.conf")
+    r = run_wrapped(rig.client, conf, [*py(SAME_PORT), rig.peer_tunnel_v4, str(WHOAMI_PORT)])
+    assert r.returncode == 0, explain(r)
+    time.sleep(0.5)
+    assert [ln.split(" ", 1)[1] for ln in log.read_text().splitlines()] == ["b'legit'"]

@@ -365,6 +365,8 @@ class ChannelServer:
                     b.listen(proto, addr, v6only)
                 except OSError as exc:
                     return ListenReply(exc.errno or errno.EADDRNOTAVAIL)
+                if proto is Proto.UDP:
+                    return ListenReply(0, self._udp_token(addr))
                 return ListenReply()
             case UnlistenRequest(proto, addr):
                 b.unlisten(proto, addr)
@@ -424,10 +426,16 @@ class ChannelServer:
         if decision.action is Action.TUNNEL:
             if source is None:
                 return UdpAssocReply(Action.FAIL, errno.ENETUNREACH)
-            return UdpAssocReply(Action.TUNNEL, 0, source)
+            return UdpAssocReply(Action.TUNNEL, 0, source, self._udp_token(local))
         if decision.action is Action.FAIL:
             return UdpAssocReply(Action.FAIL, decision.errno or errno.ENETUNREACH)
         return UdpAssocReply(Action.DIRECT)
+
+    def _udp_token(self, local: Address) -> bytes:
+        """The association's token (a backend without one, e.g. a test's, gets zeros)."""
+        udp_token = getattr(self._backend, "udp_token", None)
+        token = udp_token(local) if udp_token is not None else None
+        return token if token is not None else bytes(TOKEN_LEN)
 
     async def _status(self, token: bytes, wait: bool) -> StatusReply:
         fut = self._backend.status(token)
@@ -464,9 +472,10 @@ class ChannelServer:
                 log.warning("data channel accept failed", error=str(exc))
                 return
             if len(self._data_pending) >= MAX_PENDING_DATA:
-                self.stats.no_token += 1  # too many silent connections: do not hold more
-                conn.close()
-                continue
+                # Too many silent connections: drop the oldest (dicts keep insertion order),
+                # so that another local user cannot starve the program's own connects.
+                self.stats.no_token += 1
+                self._drop_data(next(iter(self._data_pending)))
             conn.setblocking(False)
             timer = loop.call_later(LOCAL_STEP_TIMEOUT, self._no_token, conn)
             self._data_pending[conn] = (bytearray(), timer)

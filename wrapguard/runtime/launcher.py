@@ -32,6 +32,7 @@ from wrapguard.runtime.udpassoc import UdpRelay
 from wrapguard.tunnel.timers import TimerConfig
 from wrapguard.wire.ipc import RESOLVE_ADDRCONFIG, Action, Address, Proto
 
+GATE_DEADLINE = 5.0  # seconds for the GATE request to follow the token (the local step)
 RELAY_RCVBUF = 1 << 20  # bytes; the kernel caps it at net.core.rmem_max
 HELLO_TIMEOUT = 3.0  # compat.md: READY from the shim within 3 s
 STATUS_KEEP = 60.0  # seconds an outcome stays askable after its flow ended
@@ -126,16 +127,32 @@ class TunnelBackend:
 
     def tcp_attached(self, token: bytes, sock: socket.socket) -> None:
         relay = self.relays.get(token)
-        if relay is None:
-            sock.close()
-            return
         g = self.gates.get(token)
+        if relay is None:  # the flow already ended (a fast failure): the program sees a reset
+            self.gates.pop(token, None)
+            reset_socket(sock)
+            return
         if g is None:
             _open_rcvbuf(sock)
             relay.attach_socket(sock)
             return
         g.sock = sock
+        # The GATE request must follow within the local step's time, or the flow is dropped.
+        asyncio.get_running_loop().call_later(GATE_DEADLINE, self._gate_expired, token)
         self._gate_progress(token)
+
+    def _gate_expired(self, token: bytes) -> None:
+        g = self.gates.get(token)
+        if g is None or g.filler is not None:
+            return
+        del self.gates[token]
+        if g.sock is not None:
+            reset_socket(g.sock)
+        relay = self.relays.get(token)
+        if relay is not None and relay.cid is not None:
+            with contextlib.suppress(OSError):
+                self.engine.stack.abort(relay.cid, self.engine.now())
+            self.engine.schedule_flush()
 
     def gate(self, token: bytes, filler: int) -> None:
         g = self.gates.get(token)
@@ -172,11 +189,17 @@ class TunnelBackend:
                 if n == 0:  # the program went away before the gate opened
                     loop.remove_reader(sock.fileno())
                     self.gates.pop(token, None)
-                    relay.attach_socket(sock)  # the relay sees the EOF and cleans up
+                    if self.relays.get(token) is relay:
+                        relay.attach_socket(sock)  # the relay sees the EOF and cleans up
+                    else:
+                        sock.close()
                     return
                 remaining -= n
             loop.remove_reader(sock.fileno())
             self.gates.pop(token, None)
+            if self.relays.get(token) is not relay or relay.status not in (None, 0):
+                reset_socket(sock)  # the flow ended while the filler drained
+                return
             _open_rcvbuf(sock)
             relay.attach_socket(sock)
 
@@ -189,6 +212,9 @@ class TunnelBackend:
         if decision.action is not Action.TUNNEL:
             return decision, None
         return decision, self.udp.assoc(local, dst)
+
+    def udp_token(self, local: Address) -> bytes | None:
+        return self.udp.token(local)
 
     def udp_release(self, local: Address) -> None:
         self.udp.release(local)

@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hmac
 import ipaddress
+import secrets
 import socket
 import struct
 from dataclasses import dataclass
@@ -23,11 +25,12 @@ from wrapguard.errors import DecodeError, WrapguardError
 from wrapguard.netstack.events import DatagramReceived, Event, SockId, UdpError
 from wrapguard.runtime.engine import Engine
 from wrapguard.wire.ipc import (
+    TOKEN_LEN,
     Address,
     UdpHeader,
     UdpKind,
     emit_udp_header,
-    parse_udp_header,
+    parse_program_datagram,
 )
 
 __all__ = ["UdpRelay", "UdpRelayStats"]
@@ -59,10 +62,13 @@ def _plain(ip: IPAddress) -> IPAddress:
 class _Assoc:
     """One program socket <-> one netstack UDP socket; the netstack's events for it."""
 
-    __slots__ = ("key", "relay", "sock")
+    __slots__ = ("key", "relay", "sock", "token")
 
     def __init__(self, relay: UdpRelay, key: Key, sock: SockId) -> None:
         self.relay, self.key, self.sock = relay, key, sock
+        # Carried by every datagram from the program: another local user who binds the
+        # association's loopback port (after the program closed it) cannot know it.
+        self.token = secrets.token_bytes(TOKEN_LEN)
 
     def on_event(self, event: Event) -> None:
         if isinstance(event, DatagramReceived):
@@ -163,6 +169,11 @@ class UdpRelay:
         assoc = self._add(self._key(local), 0)
         return self._source(assoc, _plain(dst.ip).version)
 
+    def token(self, local: Address) -> bytes | None:
+        """The association's token, handed to the shim over the authenticated channel."""
+        assoc = self.assocs.get(self._key(local))
+        return None if assoc is None else assoc.token
+
     def bind(self, bound: Address) -> None:
         """The program bound UDP port P on the wildcard or a tunnel address; `bound` is its
         socket's loopback side (docs/channel.md: LISTEN with proto 17). Receive on port P of
@@ -191,9 +202,12 @@ class UdpRelay:
             self.stats.unknown_source += 1
             return
         try:
-            header, payload = parse_udp_header(data)
+            header, token, payload = parse_program_datagram(data)
         except DecodeError:
             self.stats.malformed += 1
+            return
+        if not hmac.compare_digest(token, assoc.token):
+            self.stats.unknown_source += 1
             return
         if header.kind is not UdpKind.DATA:
             self.stats.malformed += 1

@@ -68,6 +68,7 @@ __all__ = [
     "emit_udp_header",
     "frame_body_len",
     "parse_address",
+    "parse_program_datagram",
     "parse_reply",
     "parse_request",
     "parse_udp_header",
@@ -270,7 +271,10 @@ class StatusReply:
 
 @dataclass(frozen=True, slots=True)
 class ListenReply:
+    """For UDP (proto 17), `token` is the association's token (see UdpAssocReply)."""
+
     errno: int = 0
+    token: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,6 +299,9 @@ class UdpAssocReply:
     action: Action
     errno: int = 0
     source: Address | None = None
+    # Every datagram the program sends to the relay carries this token (docs/channel.md, UDP):
+    # the relay's loopback port is open to every local user; the token is not.
+    token: bytes = bytes(TOKEN_LEN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -555,8 +562,12 @@ def emit_reply(rep: Reply) -> bytes:
                     body += emit_address(source)
         case StatusReply(act, err):
             op, action = Op.STATUS, act
-        case ListenReply(err):
+        case ListenReply(err, ltoken):
             op = Op.LISTEN
+            if ltoken is not None:
+                if len(ltoken) != TOKEN_LEN:
+                    raise ValueError("ipc: a token is 16 bytes")
+                body = ltoken
         case UnlistenReply(err):
             op = Op.UNLISTEN
         case PeerReply(act, peer, local):
@@ -567,12 +578,12 @@ def emit_reply(rep: Reply) -> bytes:
                 body = emit_address(peer)
                 if local is not None:
                     body += emit_address(local)
-        case UdpAssocReply(act, err, source):
+        case UdpAssocReply(act, err, source, utoken):
             op, action = Op.UDP_ASSOC, act
             if act is Action.TUNNEL:
-                if source is None:
-                    raise ValueError("ipc: UDP_ASSOC TUNNEL needs the source address")
-                body = emit_address(source)
+                if source is None or len(utoken) != TOKEN_LEN:
+                    raise ValueError("ipc: UDP_ASSOC TUNNEL needs the source address and token")
+                body = emit_address(source) + utoken
         case UdpReleaseReply(err):
             op = Op.UDP_RELEASE
         case GateReply(err):
@@ -630,8 +641,8 @@ def parse_reply(data: bytes) -> Reply:
         case Op.UDP_ASSOC:
             act = _enum(Action, action, "UDP_ASSOC")
             if act is Action.TUNNEL:
-                _exact(body, ADDR_LEN, "UDP_ASSOC reply")
-                return UdpAssocReply(act, err, parse_address(body))
+                _exact(body, ADDR_LEN + TOKEN_LEN, "UDP_ASSOC reply")
+                return UdpAssocReply(act, err, parse_address(body), bytes(body[ADDR_LEN:]))
             _exact(body, 0, "UDP_ASSOC reply")
             return UdpAssocReply(act, err)
         case Op.RESOLVE:
@@ -650,6 +661,8 @@ def parse_reply(data: bytes) -> Reply:
         case Op.STATUS:
             _exact(body, 0, "STATUS reply")
             return StatusReply(_enum(StatusAction, action, "STATUS"), err)
+    if op is Op.LISTEN and len(body) == TOKEN_LEN and action == 0:
+        return ListenReply(err, bytes(body))
     _exact(body, 0, f"{op.name} reply")
     if action != 0:
         raise DecodeError(f"ipc: bad {op.name} action {action}")
@@ -683,3 +696,12 @@ def parse_udp_header(data: bytes) -> tuple[UdpHeader, bytes]:
     except ValueError:
         raise DecodeError(f"ipc: unknown UDP header kind {kind}") from None
     return UdpHeader(k, parse_address(data, _UDP_HDR.size)), bytes(data[UDP_HDR_LEN:])
+
+
+def parse_program_datagram(data: bytes) -> tuple[UdpHeader, bytes, bytes]:
+    """A datagram from the program to the relay -> (header, token, payload): the 21-byte
+    header, then the association's 16-byte token."""
+    header, rest = parse_udp_header(data)
+    if len(rest) < TOKEN_LEN:
+        raise DecodeError("ipc: short UDP token")
+    return header, bytes(rest[:TOKEN_LEN]), bytes(rest[TOKEN_LEN:])
