@@ -38,6 +38,7 @@ from wrapguard.netstack.events import (
 )
 from wrapguard.netstack.stack import Stack
 from wrapguard.routing import RoutingTable
+from wrapguard.runtime.timer import DeadlineTimer
 from wrapguard.runtime.udp import WgUdpRuntime
 from wrapguard.tunnel.device import Device
 from wrapguard.tunnel.events import HandshakeCompleted, HandshakeFailed, Output
@@ -118,8 +119,7 @@ class Engine:
         self._flush_scheduled = False
         self._rx_pending = 0
         self._hs_watched: set[int] = set()
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
+        self._timer: DeadlineTimer | None = None
         self.unrouted_drops = 0
         self.handshakes_done: set[int] = set()
         self.handshake_event = asyncio.Event()
@@ -129,6 +129,7 @@ class Engine:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._timer = DeadlineTimer(self._loop, self._on_timer)
         await self.wg.start()
         self.log.info(
             "tunnel up",
@@ -288,21 +289,10 @@ class Engine:
             self.handlers.pop(conn, None)
 
     def _rearm(self) -> None:
-        if self._loop is None:
-            return
-        deadline = self.stack.next_deadline()
-        if deadline == self._timer_at:
-            return
         if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._timer_at = deadline
-        if deadline is not None:
-            self._timer = self._loop.call_at(deadline, self._on_timer)
+            self._timer.arm(self.stack.next_deadline())
 
     def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_at = None
         try:
             self.stack.handle_timeout(self.now())
         finally:

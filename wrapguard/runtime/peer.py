@@ -35,6 +35,7 @@ from wrapguard.netstack.events import (
     Writable,
 )
 from wrapguard.netstack.stack import Stack
+from wrapguard.runtime.timer import DeadlineTimer
 from wrapguard.runtime.udp import WgUdpRuntime
 from wrapguard.tunnel.device import Device
 from wrapguard.tunnel.peer import PeerSpec
@@ -147,8 +148,7 @@ class EmbeddedPeer:
         self._conns: dict[int, _Http] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_scheduled = False
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
+        self._timer: DeadlineTimer | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -163,6 +163,7 @@ class EmbeddedPeer:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._timer = DeadlineTimer(self._loop, self._on_timer)
         self.stack.listen(self.http_port)
         await self.wg.start()
 
@@ -229,20 +230,10 @@ class EmbeddedPeer:
         self._rearm()
 
     def _rearm(self) -> None:
-        assert self._loop is not None
-        deadline = self.stack.next_deadline()
-        if deadline == self._timer_at:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._timer_at = deadline
-        if deadline is not None:
-            self._timer = self._loop.call_at(deadline, self._on_timer)
+        assert self._timer is not None
+        self._timer.arm(self.stack.next_deadline())
 
     def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_at = None
         if self._loop is None:
             return
         self.stack.handle_timeout(self._loop.time())

@@ -21,6 +21,7 @@ from typing import Any
 import structlog
 
 from wrapguard.noise.reasons import DropReason
+from wrapguard.runtime.timer import DeadlineTimer
 from wrapguard.tunnel.device import Device
 from wrapguard.tunnel.events import (
     DeliverPacket,
@@ -95,8 +96,7 @@ class WgUdpRuntime:
         self._mm_addrs = bytearray(MMSG_BATCH * _ADDR_SLOT)
         self._mm_cdata: tuple[Any, ...] = ()  # cffi pointers into the buffers above
         self._sockaddrs: dict[tuple[str, int], bytes] = {}
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
+        self._timer: DeadlineTimer | None = None
         self._resolving: set[int] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._hs_window = 0.0
@@ -117,6 +117,7 @@ class WgUdpRuntime:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._timer = DeadlineTimer(self._loop, self._on_timer, lazy=True)
         self._open_sockets()
         v4 = self._v4
         if HAVE_MMSG and v4 is not None and type(v4) is socket.socket:
@@ -146,7 +147,6 @@ class WgUdpRuntime:
     def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
-            self._timer = None
         for task in list(self._tasks):
             task.cancel()
         for sock in (self._v4, self._v6):
@@ -465,22 +465,10 @@ class WgUdpRuntime:
 
     def _rearm(self) -> None:
         # Lazy: the data path moves the device's deadlines on every packet, mostly later.
-        # Keep an armed timer that is not later than the deadline (when it fires early,
-        # `handle_timeout` finds nothing due and we re-arm); cancel only to fire sooner.
-        deadline = self.device.next_deadline()
-        if deadline is None or self._loop is None:
-            return
-        at = self._timer_at
-        if at is not None and at <= deadline:
-            return
         if self._timer is not None:
-            self._timer.cancel()
-        self._timer_at = deadline
-        self._timer = self._loop.call_at(deadline, self._on_timer)
+            self._timer.arm(self.device.next_deadline())
 
     def _on_timer(self) -> None:
         assert self._loop is not None
-        self._timer = None
-        self._timer_at = None
         self._dispatch(self.device.handle_timeout(self._loop.time(), self._wall()))
         self._rearm()
