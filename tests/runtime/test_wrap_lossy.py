@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-SIZE = 16 << 20
+SIZE = 64 << 20
 
 
 def wrapped(rig, conf: Path, *cmd: str):  # type: ignore[no-untyped-def]
@@ -21,15 +21,15 @@ def wrapped(rig, conf: Path, *cmd: str):  # type: ignore[no-untyped-def]
     return rig.client.run([*argv, *cmd], check=False, timeout=240)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_both_ways_through_a_lossy_link(make_rig, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    rig = make_rig(file_sizes={"16MiB.bin": SIZE})
+    rig = make_rig(file_sizes={"64MiB.bin": SIZE})
     relay = rig.start_relay(loss=0.03, dup=0.01, reorder=0.03, seed=11)
     conf = rig.write_client_config(tmp_path / "wg0.conf", endpoint=relay.endpoint)
     out = tmp_path / "down.bin"
-    r = wrapped(rig, conf, "curl", "-sS", "--max-time", "200", "-o", str(out), rig.url("16MiB.bin"))
+    r = wrapped(rig, conf, "curl", "-sS", "--max-time", "200", "-o", str(out), rig.url("64MiB.bin"))
     assert r.returncode == 0, r.stderr
-    size, sha = rig.files["16MiB.bin"]
+    size, sha = rig.files["64MiB.bin"]
     data = out.read_bytes()
     assert len(data) == size
     assert hashlib.sha256(data).hexdigest() == sha
