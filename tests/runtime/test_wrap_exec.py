@@ -51,3 +51,33 @@ def test_a_spawned_child_with_its_own_environment_is_still_wrapped(  # type: ign
     r = rig.client.run([*argv, *cmd], check=False, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(rig.our_tunnel_v4)
+
+
+EXECLE = r"""
+#include <unistd.h>
+int main(int argc, char **argv) {
+    char *env[] = {"PATH=/usr/bin:/bin", (char *)0};
+    if (argc < 5) return 2;
+    execle(argv[1], argv[1], "-c", argv[2], argv[3], argv[4], (char *)0, env);
+    return 127;
+}
+"""
+
+
+def test_execle_with_its_own_environment_is_still_wrapped(  # type: ignore[no-untyped-def]
+    rig, tmp_path: Path
+) -> None:
+    import shutil
+    import subprocess
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    assert cc is not None, "a C compiler is needed (make test installs gcc)"
+    src, exe = tmp_path / "execle.c", tmp_path / "execle"
+    src.write_text(EXECLE)
+    subprocess.run([cc, "-o", str(exe), str(src)], check=True, timeout=60)
+    conf = rig.write_client_config(tmp_path / "wg0.conf")
+    cmd = [str(exe), sys.executable, PROBE, str(rig.peer_tunnel_v4), str(rig.tcp_echo_port)]
+    argv = [sys.executable, "-m", "wrapguard", "--config", str(conf), "--log-level", "warn", "--"]
+    r = rig.client.run([*argv, *cmd], check=False, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(rig.our_tunnel_v4)
