@@ -153,8 +153,6 @@ def parse_args(argv: Sequence[str]) -> Options | int:
     """Parse argv; returns Options, or an exit code when --help/--version already answered."""
     try:
         result = _command.main(list(argv), prog_name="wrapguard", standalone_mode=False)
-    except click.exceptions.NoArgsIsHelpError as exc:  # pragma: no cover - not enabled
-        raise UsageError(exc.format_message()) from None
     except click.UsageError as exc:
         raise UsageError(_one_line(exc.format_message())) from None
     except click.exceptions.Abort:

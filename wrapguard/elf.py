@@ -60,7 +60,7 @@ def read_elf(path: str, *, scan_limit: int = 64 << 20) -> ElfInfo:
                 continue
             offset, filesz = (fields[2], fields[5]) if cls == 2 else (fields[1], fields[4])
             interpreter = data[offset : offset + filesz].rstrip(b"\0").decode("utf-8", "replace")
-        names = _section_names(data, shoff, shentsize, shnum, shstrndx, sh_fmt, cls == 2)
+        names = _section_names(data, shoff, shentsize, shnum, shstrndx, sh_fmt)
     except struct.error:
         raise NotElf(path) from None
     is_go = ".go.buildinfo" in names or ".note.go.buildid" in names or _GO_MAGIC in data
@@ -68,7 +68,7 @@ def read_elf(path: str, *, scan_limit: int = 64 << 20) -> ElfInfo:
 
 
 def _section_names(
-    data: bytes, shoff: int, shentsize: int, shnum: int, shstrndx: int, fmt: str, is64: bool
+    data: bytes, shoff: int, shentsize: int, shnum: int, shstrndx: int, fmt: str
 ) -> set[str]:
     if shoff == 0 or shnum == 0 or shstrndx >= shnum:
         return set()

@@ -167,18 +167,7 @@ class TcpConn(TcpSender):
             or n > self.rcv_limit - len(self.rcv_buf)
         ):
             return False
-        self.snd_wl1 = self.rcv_nxt
-        self.snd_wl2 = self.snd_una
-        self.rcv_buf += payload
-        self.rcv_nxt += n
-        if not self.readable_pending:
-            self.readable_pending = True
-            self.events.append(Readable(self.id))
-        self.unacked_rcv += n
-        if self.unacked_rcv >= 2 * self.rcv_mss:
-            self.ack_due = True  # RFC 5681 4.2: at least every second full-sized segment
-        elif self.t_delack is None:
-            self.t_delack = now + self.cfg.delayed_ack
+        self._take_in_order(payload, now)
         return True
 
     def _predicted(self, seg: Seg, now: float) -> bool:
@@ -199,6 +188,12 @@ class TcpConn(TcpSender):
             or n > self.rcv_limit - len(self.rcv_buf)
         ):
             return False
+        self._take_in_order(payload, now)
+        return True
+
+    def _take_in_order(self, payload: bytes, now: float) -> None:
+        """What both header-prediction paths do with the next in-order data."""
+        n = len(payload)
         self.snd_wl1 = self.rcv_nxt
         self.snd_wl2 = self.snd_una
         self.rcv_buf += payload
@@ -211,7 +206,6 @@ class TcpConn(TcpSender):
             self.ack_due = True  # RFC 5681 4.2: at least every second full-sized segment
         elif self.t_delack is None:
             self.t_delack = now + self.cfg.delayed_ack
-        return True
 
     def _establish(self, seg: Seg, now: float, seg_off: int) -> bool:
         """SYN-RECEIVED -> ESTABLISHED on an acceptable ACK (RFC 9293 3.10.7.4 fifth)."""

@@ -21,21 +21,7 @@ from wrapguard import log
 from wrapguard.config import Config
 from wrapguard.config import Protocol as RouteProto
 from wrapguard.errors import DecodeError
-from wrapguard.netstack.events import (
-    Accepted,
-    Closed,
-    Connected,
-    ConnectFailed,
-    ConnId,
-    DatagramReceived,
-    Event,
-    ListenerId,
-    PeerClosed,
-    Readable,
-    Reset,
-    UdpError,
-    Writable,
-)
+from wrapguard.netstack.events import Accepted, Closed, ConnId, Event, ListenerId
 from wrapguard.netstack.stack import Stack
 from wrapguard.routing import RoutingTable
 from wrapguard.runtime.timer import DeadlineTimer
@@ -354,17 +340,4 @@ class Engine:
             self.stack.unlisten(port)
 
 
-__all__ = [
-    "Accepted",
-    "Closed",
-    "ConnectFailed",
-    "Connected",
-    "DatagramReceived",
-    "Engine",
-    "FlowHandler",
-    "PeerClosed",
-    "Readable",
-    "Reset",
-    "UdpError",
-    "Writable",
-]
+__all__ = ["Engine", "FlowHandler", "IPAddress"]
