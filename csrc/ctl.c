@@ -2,7 +2,8 @@
  *
  * One fresh unix stream connection (SOCK_CLOEXEC) per request: safe across fork() and threads
  * with no shared state. Every step (connect, write, read) runs against one deadline with
- * poll(); EINTR is retried. Only real calls are used, never our own hooks.
+ * poll(); EINTR is retried. Only real calls are used, never our own hooks. Nothing, not even
+ * the secret, is sent before SO_PEERCRED shows that the launcher serves the socket.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -66,26 +67,37 @@ static int read_all(int fd, uint8_t *buf, size_t len, long long deadline) {
     return 0;
 }
 
+int wg_peer_is_launcher(int fd) {
+    /* The credentials the listening socket was created with (unix(7)): the launcher's pid,
+     * shared by every process of the program, forked or not. A socket planted by anyone else
+     * (another user, or another process of ours) has another pid. */
+    struct ucred cr;
+    socklen_t len = sizeof cr;
+    return wg_cfg.ctl_trusted &&
+           wg_real.getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cr, &len) == 0 &&
+           len == sizeof cr && cr.pid == wg_cfg.ctl_pid && cr.uid == wg_cfg.ctl_uid;
+}
+
 static int ctl_connect(long long deadline) {
     int fd = wg_real.socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (fd < 0) return -1;
     wg_slot_clear(fd); /* read()/send() below go through our hooks: no stale state */
-    if (wg_real.connect(fd, (const struct sockaddr *)&wg_cfg.ctl, wg_cfg.ctl_len) == 0)
-        return fd;
-    if (errno == EINPROGRESS || errno == EAGAIN || errno == EINTR) {
+    int ok = wg_real.connect(fd, (const struct sockaddr *)&wg_cfg.ctl, wg_cfg.ctl_len) == 0;
+    if (!ok && (errno == EINPROGRESS || errno == EAGAIN || errno == EINTR)) {
         int err = 0;
         socklen_t el = sizeof err;
-        if (wg_wait_fd(fd, POLLOUT, deadline) == 0 &&
-            wg_real.getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &el) == 0 && err == 0)
-            return fd;
+        ok = wg_wait_fd(fd, POLLOUT, deadline) == 0 &&
+             wg_real.getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &el) == 0 && err == 0;
     }
-    wg_real.close(fd);
+    if (ok && wg_peer_is_launcher(fd)) return fd;
+    wg_real.close(fd); /* fail closed: the caller fails the call, never goes direct */
     return -1;
 }
 
 int wg_ctl_request(uint8_t op, uint16_t flags, const void *body, uint32_t body_len,
                    struct wg_reply *rep, int timeout_ms) {
-    if (wg_resolve() != 0 || !wg_cfg.active || !wg_cfg.have_secret) return -1;
+    if (wg_resolve() != 0 || !wg_cfg.active || !wg_cfg.have_secret || !wg_cfg.ctl_trusted)
+        return -1;
     if (body_len > WG_MAX_BODY - 36) return -1;
     long long deadline = wg_now_ms() + timeout_ms;
     uint8_t req[4 + WG_MAX_BODY];

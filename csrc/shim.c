@@ -14,6 +14,7 @@
 #include <string.h>
 #include <unistd.h>
 #include <arpa/inet.h>
+#include <sys/stat.h>
 
 #include "shim.h"
 
@@ -56,6 +57,7 @@ void wg_slot_clear(int fd) {
     s->has_local = 0;
     s->udp_conn = 0;
     s->udp_cache = WG_UC_NONE;
+    s->udp_data = 0;
 }
 
 void wg_slot_copy(int from, int to) {
@@ -108,6 +110,7 @@ int wg_resolve(void) {
     WG_RESOLVE(recvmmsg);
     WG_RESOLVE(recv);
     WG_RESOLVE(read);
+    WG_RESOLVE(setsockopt);
     WG_RESOLVE(fcntl64);
     if (wg_real.fcntl64 == NULL) missing--; /* older glibc: fcntl only */
     WG_RESOLVE(fcntl);
@@ -166,6 +169,38 @@ static void parse_addrs(const char *s) {
     }
 }
 
+/* A decimal id from the environment (WRAPGUARD_CTL_PID, WRAPGUARD_CTL_UID); -1 if absent or
+ * malformed. */
+static long parse_id(const char *s) {
+    if (s == NULL || *s == '\0') return -1;
+    long v = 0;
+    for (const char *p = s; *p; p++) {
+        if (*p < '0' || *p > '9' || v > 0x7fffffffL / 10) return -1;
+        v = v * 10 + (*p - '0');
+    }
+    return v;
+}
+
+/* ctl.sock's directory is the launcher's own (docs/channel.md, "Security"): a real directory
+ * (lstat: not a symlink) of the launcher's uid with mode 0700, and ctl.sock in it a socket of
+ * the same owner. Whoever can write the parent (XDG_RUNTIME_DIR or TMPDIR of another user,
+ * after `su` without `-`) could otherwise put a directory of their own in its place. Checked
+ * once per process; SO_PEERCRED is checked on every connection (ctl.c), so a directory
+ * swapped later still fails closed. */
+static int ctl_dir_trusted(const char *ctl, uid_t uid) {
+    char dir[sizeof wg_cfg.ctl.sun_path];
+    const char *slash = strrchr(ctl, '/');
+    if (slash == NULL || slash == ctl) return 0;
+    size_t n = (size_t)(slash - ctl);
+    memcpy(dir, ctl, n);
+    dir[n] = '\0';
+    struct stat st;
+    if (lstat(dir, &st) != 0 || !S_ISDIR(st.st_mode) || st.st_uid != uid ||
+        (st.st_mode & 07777) != 0700)
+        return 0;
+    return lstat(ctl, &st) == 0 && S_ISSOCK(st.st_mode) && st.st_uid == uid;
+}
+
 static int wg_init_done;
 
 void wg_init(void) {
@@ -196,6 +231,23 @@ void wg_init(void) {
         }
         const char *d = getenv("WRAPGUARD_DNS");
         wg_cfg.dns = d != NULL && strcmp(d, "1") == 0;
+        /* Who must serve ctl.sock; without both, nothing is trusted (fail closed). */
+        long pid = parse_id(getenv("WRAPGUARD_CTL_PID"));
+        long uid = parse_id(getenv("WRAPGUARD_CTL_UID"));
+        wg_cfg.ctl_pid = (pid_t)pid;
+        wg_cfg.ctl_uid = (uid_t)uid;
+        wg_cfg.ctl_trusted = (uint8_t)(pid > 0 && uid >= 0 && ctl_dir_trusted(ctl, (uid_t)uid));
+        /* UDP data connections: udp.sock in the directory of ctl.sock (docs/channel.md). */
+        const char *slash = strrchr(ctl, '/');
+        size_t dir = slash != NULL ? (size_t)(slash - ctl) + 1 : 0;
+        if (dir + sizeof WG_UDP_DATA_SOCKET <= sizeof wg_cfg.udp_data.sun_path) {
+            memset(&wg_cfg.udp_data, 0, sizeof wg_cfg.udp_data);
+            wg_cfg.udp_data.sun_family = AF_UNIX;
+            memcpy(wg_cfg.udp_data.sun_path, ctl, dir);
+            memcpy(wg_cfg.udp_data.sun_path + dir, WG_UDP_DATA_SOCKET, sizeof WG_UDP_DATA_SOCKET);
+            wg_cfg.udp_data_len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + dir +
+                                              sizeof WG_UDP_DATA_SOCKET);
+        }
         /* A set but broken channel still makes the shim active: in-scope connects then
          * fail closed (ENETUNREACH) instead of leaking out directly. */
         wg_cfg.active = 1;

@@ -40,6 +40,7 @@ struct wg_real {
     int (*recvmmsg)(int, struct mmsghdr *, unsigned int, int, struct timespec *);
     ssize_t (*recv)(int, void *, size_t, int);
     ssize_t (*read)(int, void *, size_t);
+    int (*setsockopt)(int, int, int, const void *, socklen_t);
 };
 extern struct wg_real wg_real;
 /* Resolve every real call not resolved yet; 0 when all are there. Safe to call often. */
@@ -59,6 +60,11 @@ struct wg_config {
     uint16_t udp_port;                /* WRAPGUARD_UDP: the launcher's UDP relay port (0: none) */
     uint8_t udp_v6;                   /* the relay also listens on ::1 */
     uint8_t dns;                      /* WRAPGUARD_DNS=1: names are resolved by the launcher */
+    uint8_t ctl_trusted;              /* ctl.sock's directory is the launcher's (wg_init) */
+    pid_t ctl_pid;                    /* WRAPGUARD_CTL_PID: the launcher, who serves ctl.sock */
+    uid_t ctl_uid;                    /* WRAPGUARD_CTL_UID: its uid, the directory's owner */
+    struct sockaddr_un udp_data;      /* udp.sock beside ctl.sock: UDP data connections */
+    socklen_t udp_data_len;           /* 0: none (datagrams go to the relay port) */
 };
 extern struct wg_config wg_cfg;
 void wg_init(void);
@@ -80,11 +86,18 @@ union wg_sa {
 socklen_t wg_addr_to_sockaddr(const struct wg_addr *a, int sock_family, union wg_sa *out);
 int wg_addr_is_loopback(const struct wg_addr *a);
 int wg_addr_is_ours(const struct wg_addr *a);
+/* A destination the hooks leave to the kernel: loopback, except port 53 while WRAPGUARD_DNS=1
+ * (the launcher answers DNS queries to servers outside the tunnel, such as a 127.0.0.53 from
+ * resolv.conf, through the tunnel DNS: docs/channel.md "DNS"). */
+static inline int wg_dst_is_local(const struct wg_addr *a) {
+    return wg_addr_is_loopback(a) && !(wg_cfg.dns && a->port == 53);
+}
 /* Copy a sockaddr to a caller's buffer as the kernel does: truncate, report the full size. */
 void wg_copy_out(struct sockaddr *dst, socklen_t *dstlen, const void *src, socklen_t srclen);
 
 /* -- per-fd state (shim.c): a fixed table indexed by fd, plain stores only ------------------ */
-enum wg_kind { WG_NONE = 0, WG_TUNNEL = 1, WG_LISTENER = 2, WG_ACCEPTED = 3, WG_UDP = 4 };
+enum wg_kind { WG_NONE = 0, WG_TUNNEL = 1, WG_LISTENER = 2, WG_ACCEPTED = 3, WG_UDP = 4,
+               WG_UDPDATA = 5 /* our own fd: a UDP socket's data connection (udp.c) */ };
 /* UDP route cache (udp.c): the last destination asked about and the answer. */
 enum wg_ucache { WG_UC_NONE = 0, WG_UC_DIRECT = 1, WG_UC_TUNNEL = 2 };
 enum wg_tstate { WG_OPEN = 0, WG_PENDING = 1, WG_FAILED = 2 };
@@ -108,6 +121,8 @@ struct wg_fd {
     struct wg_addr udp_peer;       /* WG_UDP + udp_conn: the tunnel destination */
     struct wg_addr udp_last;       /* the destination of udp_cache */
     int udp_pid;                   /* WG_UDP: the process that associated it (releases it) */
+    int udp_data;                  /* WG_UDP: its data connection's fd + 1; 0 none yet, -1 the
+                                      launcher has none (use the relay port) */
 };
 #define WG_MAX_FDS 65536
 struct wg_fd *wg_slot(int fd);     /* NULL when fd is out of the table's range */
@@ -123,7 +138,9 @@ enum wg_op { WG_HELLO = 1, WG_CONNECT = 2, WG_STATUS = 3, WG_LISTEN = 4, WG_UNLI
 #define WG_FLAG_GATE 1 /* CONNECT: non-blocking, a GATE request follows */
 #define WG_FLAG_V6ONLY 1 /* LISTEN: an AF_INET6 socket with IPV6_V6ONLY */
 #define WG_GATE_MAX (4u << 20) /* filler cap: past it the gate is given up (see tcp.c) */
+#define WG_GATE_SLACK (32 << 10) /* filler left unsent by a shut gate (see tcp.c) */
 #define WG_CTL_TIMEOUT_MS 5000
+#define WG_UDP_DATA_SOCKET "udp.sock" /* beside ctl.sock (wire/ipc.py UDP_DATA_SOCKET) */
 #define WG_MAX_BODY 512
 struct wg_reply {
     uint8_t op;
@@ -136,6 +153,9 @@ struct wg_reply {
  * malformed reply, rejected). errno is not preserved: callers save and restore it. */
 int wg_ctl_request(uint8_t op, uint16_t flags, const void *body, uint32_t body_len,
                    struct wg_reply *rep, int timeout_ms);
+/* The peer of a connected unix socket is the launcher (SO_PEERCRED pid and uid, and its
+ * directory checked at start-up): 1, or 0 and nothing may be sent (docs/channel.md). */
+int wg_peer_is_launcher(int fd);
 long long wg_now_ms(void);
 /* poll() one fd for `events` until the deadline (EINTR retried); 0 ready, -1 timeout/error. */
 int wg_wait_fd(int fd, short events, long long deadline);
@@ -151,8 +171,9 @@ int wg_status(const uint8_t token[16], int wait);
 /* connect()/bind() on an inet datagram socket: 1 handled (*rc set), 0 not ours. */
 int wg_udp_connect(int fd, const struct sockaddr *sa, socklen_t len, int *rc);
 int wg_udp_bind(int fd, const struct sockaddr *sa, socklen_t len, int *rc);
-/* close() of an fd in state WG_UDP: release the association if no other fd of this process
- * uses it (call before the real close, `s` is about to be cleared). 1 if UDP_RELEASE is due. */
+/* close() of an fd in state WG_UDP (call before the real close, `s` is about to be cleared):
+ * when no other fd of this process uses the association, its data connection is closed, and
+ * 1 is returned if this process associated it (UDP_RELEASE is due). */
 int wg_udp_closing(int fd, const struct wg_fd *s);
 void wg_udp_release(const struct wg_addr *key);
 

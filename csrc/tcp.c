@@ -92,6 +92,30 @@ static int fail(int err) {
     return -1;
 }
 
+/* The socket's local address (port 0: not bound yet); -1 if unknown. */
+static int local_addr(int fd, struct wg_addr *a) {
+    union wg_sa sa;
+    socklen_t len = sizeof sa;
+    if (wg_real.getsockname(fd, &sa.sa, &len) != 0) return -1;
+    return wg_addr_from_sockaddr(&sa.sa, len, a);
+}
+
+/* Bind an unbound socket to the wildcard of its family, port 0 (what connect() would do) and
+ * return the port it got, or 0. A socket bound to an address but no port yet
+ * (IP_BIND_ADDRESS_NO_PORT) is left alone: binding again would lose the program's address. */
+static uint16_t bind_any(int fd, int domain, const struct wg_addr *now) {
+    static const uint8_t zeros[16];
+    union wg_sa any;
+    struct wg_addr got;
+    if (memcmp(now->addr, zeros, sizeof zeros) != 0) return 0;
+    memset(&any, 0, sizeof any); /* INADDR_ANY, in6addr_any */
+    any.sa.sa_family = (sa_family_t)domain;
+    if (wg_real.bind(fd, &any.sa, domain == AF_INET ? sizeof any.in : sizeof any.in6) != 0 ||
+        local_addr(fd, &got) != 0)
+        return 0;
+    return got.port;
+}
+
 /* The gate of a non-blocking connect (docs/channel.md): the program's socket must not become
  * writable before the tunnel's outcome is known, or its own connect timeout (poll, then
  * SO_ERROR) could never fire. With TCP_NOTSENT_LOWAT at 1, a TCP socket is writable only while
@@ -102,11 +126,17 @@ static int fail(int err) {
  * reports the real errno. Returns 1 when the gate holds. */
 static int gate_fd(int fd, const uint8_t token[16], int *old_lowat) {
     static const uint8_t zeros[4096];
-    int old = 0, one = 1, shut = 0;
+    int old = 0, one = 1, slack = WG_GATE_SLACK, shut = 0;
     socklen_t ol = sizeof old;
     uint32_t total = 0;
+    /* Fill until WG_GATE_SLACK bytes wait unsent, then hold writability at 1 byte. Filling
+     * to the first unsent byte only is not enough: the launcher's receive window grows as
+     * segments arrive (Linux tcp_grow_window), and a window update after the last write could
+     * still take the few bytes left (seen with dig, which sets TCP_MAXSEG 1220): the socket
+     * would turn writable before the outcome is known. The slack is well past anything the
+     * launcher's small receive buffer can take. */
     if (wg_real.getsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &old, &ol) == 0 &&
-        setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &one, sizeof one) == 0) {
+        setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &slack, sizeof slack) == 0) {
         while (total < WG_GATE_MAX) {
             ssize_t n = wg_real.sendto(fd, zeros, sizeof zeros, MSG_DONTWAIT | MSG_NOSIGNAL,
                                        NULL, 0);
@@ -118,6 +148,18 @@ static int gate_fd(int fd, const uint8_t token[16], int *old_lowat) {
                 shut = n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
                 break;
             }
+        }
+        if (shut) shut = setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &one, sizeof one) == 0;
+        /* Top up the last queued segment: the kernel appends a send to a tail segment with
+         * room without checking the low-water mark, so the program's own early send() would
+         * go through instead of EAGAIN (as the kernel answers before the connection is up). */
+        while (shut && total < WG_GATE_MAX) {
+            ssize_t n = wg_real.sendto(fd, zeros, sizeof zeros, MSG_DONTWAIT | MSG_NOSIGNAL,
+                                       NULL, 0);
+            if (n > 0)
+                total += (uint32_t)n;
+            else if (!(n < 0 && errno == EINTR))
+                break;
         }
         if (!shut) setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &old, sizeof old);
     }
@@ -164,24 +206,30 @@ WG_EXPORT int connect(int fd, const struct sockaddr *sa, socklen_t len) {
     int urc;
     if (wg_cfg.active && wg_udp_connect(fd, sa, len, &urc)) return urc; /* udp.c */
     if (!wg_cfg.active || wg_addr_from_sockaddr(sa, len, &dst) != 0 ||
-        wg_addr_is_loopback(&dst) || !is_inet_stream(fd, &domain) || sa->sa_family != domain)
+        wg_dst_is_local(&dst) || !is_inet_stream(fd, &domain) || sa->sa_family != domain)
         return wg_real.connect(fd, sa, len);
     struct wg_fd *s = wg_slot(fd);
     if (s != NULL && s->kind == WG_TUNNEL && s->state != WG_FAILED) return reconnect(fd, s);
 
-    uint8_t body[22];
+    uint8_t body[24];
     uint32_t body_len = 20;
     body[0] = 6; /* TCP */
     wg_addr_encode(&dst, body + 1);
-    /* A port the program bound before connect() is kept through the tunnel. */
-    union wg_sa bound;
-    socklen_t bl = sizeof bound;
-    struct wg_addr b;
-    if (wg_real.getsockname(fd, &bound.sa, &bl) == 0 &&
-        wg_addr_from_sockaddr(&bound.sa, bl, &b) == 0 && b.port != 0) {
-        body[20] = (uint8_t)(b.port >> 8);
-        body[21] = (uint8_t)b.port;
-        body_len = 22;
+    /* A port the program bound before connect() is kept through the tunnel. And the port our
+     * loopback data connection will come from is announced: the launcher's data listener lets
+     * no other port in, so another user's flood of it cannot delay us (docs/channel.md,
+     * "Security"). An unbound socket is bound now, as connect() would; one that cannot be
+     * (bound to an address with IP_BIND_ADDRESS_NO_PORT, out of ports) announces none. */
+    struct wg_addr here;
+    int known = local_addr(fd, &here) == 0;
+    uint16_t src_port = known ? here.port : 0, lo_port = src_port;
+    if (known && lo_port == 0) lo_port = bind_any(fd, domain, &here);
+    if (lo_port != 0) {
+        body[20] = (uint8_t)(src_port >> 8);
+        body[21] = (uint8_t)src_port;
+        body[22] = (uint8_t)(lo_port >> 8);
+        body[23] = (uint8_t)lo_port;
+        body_len = 24;
     }
     struct wg_reply rep;
     int fl0 = wg_real.fcntl(fd, F_GETFL);

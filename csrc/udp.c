@@ -2,14 +2,19 @@
  *
  * An AF_INET/AF_INET6 datagram socket sending to a non-loopback destination asks the launcher
  * once per destination (UDP_ASSOC): DIRECT -> the real call, FAIL -> -1/errno (fail closed),
- * TUNNEL -> the datagram goes to the launcher's loopback UDP relay with a 21-byte header naming
- * the real destination. Datagrams from the relay carry a header naming the real source; the
- * receive hooks strip it. The program's socket stays a real UDP socket (poll/epoll work).
- * errno is preserved on every path that does not fail; no malloc anywhere.
+ * TUNNEL -> the datagram goes to the launcher with a 21-byte header naming the real
+ * destination, over the socket's data connection (a unix SOCK_SEQPACKET connection whose full
+ * send buffer blocks the sender or gives EAGAIN, as the kernel would; the relay port only when
+ * there is none). Datagrams from the loopback relay port carry a header naming the real
+ * source; the receive hooks strip it. The program's socket stays a real UDP socket (poll/epoll
+ * see replies). errno is preserved on every path that does not fail; no malloc anywhere.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <string.h>
+#include <sys/resource.h>
+#include <sys/time.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -24,7 +29,7 @@
     } while (0)
 
 #define HDR_LEN 21 /* u8 version | u8 kind | 19-byte address */
-#define HDR_OUT_LEN 37 /* to the relay: the same, then the association's 16-byte token */
+#define HDR_IN_LEN 37 /* from the relay: the same, then the association's 16-byte token */
 #define KIND_DATA 0
 #define KIND_ERROR 1
 #define MAX_IOV 128 /* iovecs per datagram we handle (the copy lives on the stack) */
@@ -116,6 +121,183 @@ static int loopback_side(int fd, int domain, struct wg_addr *key) {
     return 0;
 }
 
+/* -- the data connection: program -> launcher with the kernel's flow control -------------- *
+ * One SOCK_SEQPACKET connection per associated socket to udp.sock in the launcher's private
+ * directory, opened on the first tunnelled send; its first record is the association's token,
+ * answered by one byte 0 (EOF: unknown token). Every later record is one datagram: header +
+ * payload. The fd is ours: high, close-on-exec, blocking, with the program socket's SO_SNDBUF
+ * and SO_SNDTIMEO, and its slot says WG_UDPDATA + the token, so that a program that closed or
+ * dup2()ed over it is noticed (docs/shim.md). A fork()ed child shares it: records are atomic. */
+
+/* s's data connection while it is still ours, else -1. */
+static int data_valid(const struct wg_fd *s) {
+    int d = __atomic_load_n(&s->udp_data, __ATOMIC_ACQUIRE) - 1;
+    const struct wg_fd *ds = wg_slot(d);
+    if (ds == NULL || __atomic_load_n(&ds->kind, __ATOMIC_ACQUIRE) != WG_UDPDATA ||
+        memcmp(ds->udp_token, s->udp_token, 16) != 0)
+        return -1;
+    return d;
+}
+
+static void data_close(int d) {
+    int saved = errno;
+    wg_slot_clear(d);
+    wg_real.close(d);
+    errno = saved;
+}
+
+/* The program socket's send buffer and send timeout, on its data connection. A UDP socket's
+ * SO_SNDBUF is what setsockopt doubled; so is the unix socket's: set half of it. */
+static void data_mirror(int fd, int d) {
+    int sb = 0;
+    socklen_t sl = sizeof sb;
+    if (wg_real.getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sb, &sl) == 0 && sb > 0) {
+        int half = sb / 2;
+        if (wg_real.setsockopt(d, SOL_SOCKET, SO_SNDBUFFORCE, &half, sizeof half) != 0)
+            wg_real.setsockopt(d, SOL_SOCKET, SO_SNDBUF, &half, sizeof half);
+    }
+    struct timeval tv;
+    socklen_t tl = sizeof tv;
+    if (wg_real.getsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, &tl) == 0)
+        wg_real.setsockopt(d, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+}
+
+/* Out of the way of the program's own numbers (a shell's `exec 5>f`, code that expects the
+ * lowest free fd): the top quarter below the fd limit (and the table's end), close-on-exec. */
+static int data_move_high(int u) {
+    struct rlimit rl;
+    rlim_t lim = getrlimit(RLIMIT_NOFILE, &rl) == 0 ? rl.rlim_cur : 1024;
+    if (lim > WG_MAX_FDS) lim = WG_MAX_FDS;
+    if (lim < 64) return u;
+    int h = wg_real.fcntl(u, F_DUPFD_CLOEXEC, (int)(lim - lim / 4));
+    if (h < 0) return u;
+    wg_real.close(u);
+    return h;
+}
+
+/* Open s's data connection: its fd, -1 if the launcher does not know the token (the
+ * association is gone), -2 if there can be none (no udp.sock, out of fds): use the relay. */
+static int data_open(int fd, struct wg_fd *s) {
+    if (wg_cfg.udp_data_len == 0) return -2;
+    int saved = errno;
+    int u = wg_real.socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+    if (u < 0) {
+        errno = saved;
+        return -2;
+    }
+    wg_slot_clear(u);
+    /* Blocking, but never longer than a control request for the connect, token and answer. */
+    struct timeval tv = {.tv_sec = WG_CTL_TIMEOUT_MS / 1000, .tv_usec = 0};
+    wg_real.setsockopt(u, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    wg_real.setsockopt(u, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    int rc = -2, r;
+    do {
+        r = wg_real.connect(u, (const struct sockaddr *)&wg_cfg.udp_data, wg_cfg.udp_data_len);
+    } while (r != 0 && errno == EINTR);
+    if (r == 0 && !wg_peer_is_launcher(u)) r = -1; /* never hand the token to anyone else */
+    ssize_t w = -1, n = -1;
+    uint8_t ack = 1;
+    if (r == 0) {
+        do {
+            w = wg_real.send(u, s->udp_token, 16, MSG_NOSIGNAL);
+        } while (w < 0 && errno == EINTR);
+    }
+    if (w == 16) {
+        do {
+            n = wg_real.recv(u, &ack, 1, 0);
+        } while (n < 0 && errno == EINTR);
+    }
+    if (r != 0 || n == 0 || (n == 1 && ack != 0)) rc = -1; /* refused, or the launcher is gone */
+    if (n != 1 || ack != 0) {
+        wg_real.close(u);
+        errno = saved;
+        return rc;
+    }
+    data_mirror(fd, u);
+    u = data_move_high(u);
+    struct wg_fd *ds = wg_slot_set(u);
+    if (ds == NULL) { /* beyond the table: it could not be told from a reused number */
+        wg_real.close(u);
+        errno = saved;
+        return -2;
+    }
+    wg_slot_clear(u);
+    memcpy(ds->udp_token, s->udp_token, 16);
+    __atomic_store_n(&ds->kind, WG_UDPDATA, __ATOMIC_RELEASE);
+    errno = saved;
+    return u;
+}
+
+/* A new token for s (UDP_ASSOC, LISTEN): another association's data connection goes. */
+static void set_token(struct wg_fd *s, const uint8_t token[16]) {
+    if (s->kind == WG_UDP && memcmp(s->udp_token, token, 16) == 0) return;
+    if (s->kind == WG_UDP) {
+        int d = data_valid(s);
+        if (d >= 0) data_close(d);
+    }
+    __atomic_store_n(&s->udp_data, 0, __ATOMIC_RELEASE);
+    memcpy(s->udp_token, token, 16);
+}
+
+/* One datagram on s's data connection (v[0] is the 21-byte header): 1 sent or failed as the
+ * kernel would fail it (*ret), 0 none to use (the relay port then), -1 the launcher refused
+ * the token. Blocks like the program's socket: MSG_DONTWAIT or O_NONBLOCK give EAGAIN. */
+static int data_send(int fd, struct wg_fd *s, const struct iovec *v, size_t vlen, int flags,
+                     ssize_t *ret) {
+    int seen = __atomic_load_n(&s->udp_data, __ATOMIC_ACQUIRE);
+    if (seen == -1) return 0;
+    int d = data_valid(s);
+    for (int retry = 1;; retry = 0) {
+        if (d < 0) {
+            d = data_open(fd, s);
+            if (d == -2) {
+                __atomic_store_n(&s->udp_data, -1, __ATOMIC_RELEASE);
+                return 0;
+            }
+            if (d == -1) return -1;
+            /* Another thread may have opened one meanwhile: keep the first. */
+            if (!__atomic_compare_exchange_n(&s->udp_data, &seen, d + 1, 0, __ATOMIC_ACQ_REL,
+                                             __ATOMIC_ACQUIRE)) {
+                data_close(d);
+                d = data_valid(s);
+                if (d < 0) return 0;
+            }
+        }
+        int nb = flags & MSG_DONTWAIT;
+        if (!nb) {
+            int fl = wg_real.fcntl(fd, F_GETFL);
+            nb = fl >= 0 && (fl & O_NONBLOCK);
+        }
+        struct msghdr m;
+        memset(&m, 0, sizeof m);
+        m.msg_iov = (struct iovec *)v;
+        m.msg_iovlen = vlen;
+        ssize_t n = wg_real.sendmsg(d, &m, MSG_NOSIGNAL | (nb ? MSG_DONTWAIT : 0));
+        if (n >= 0) {
+            *ret = n >= HDR_LEN ? n - HDR_LEN : 0;
+            return 1;
+        }
+        int e = errno;
+        if (!retry || (e != EPIPE && e != ECONNRESET && e != ENOTCONN && e != EBADF &&
+                       e != ENOTSOCK && e != ECONNREFUSED)) {
+            *ret = -1;
+            return 1;
+        }
+        /* Gone: the launcher closed it (the association was released) or the program closed
+         * our fd behind our back (EBADF, ENOTSOCK: then the number is not ours to close). */
+        if (e == EBADF || e == ENOTSOCK) {
+            wg_slot_clear(d);
+        } else {
+            data_close(d);
+        }
+        seen = d + 1;
+        if (__atomic_compare_exchange_n(&s->udp_data, &seen, 0, 0, __ATOMIC_ACQ_REL,
+                                        __ATOMIC_ACQUIRE))
+            seen = 0;
+        d = -1;
+    }
+}
+
 /* Route `dst` for fd: 0 DIRECT, 1 TUNNEL (fd is now WG_UDP; *src = our tunnel source when
  * asked), or -errno. One UDP_ASSOC per new destination (cached per fd). */
 static int udp_route(int fd, int domain, const struct wg_addr *dst, struct wg_addr *src) {
@@ -149,7 +331,7 @@ static int udp_route(int fd, int domain, const struct wg_addr *dst, struct wg_ad
     if (src != NULL && wg_addr_decode(rep.body, src) != 0) return -ENETUNREACH;
     if (s == NULL) return -ENETUNREACH; /* beyond the table: no state, fail closed */
     s->udp_key = key;
-    memcpy(s->udp_token, rep.body + 19, 16);
+    set_token(s, rep.body + 19);
     s->udp_domain = domain == AF_INET ? 4 : 6;
     s->udp_pid = (int)getpid();
     s->udp_last = *dst;
@@ -158,33 +340,35 @@ static int udp_route(int fd, int domain, const struct wg_addr *dst, struct wg_ad
     return 1;
 }
 
-/* One datagram to the relay: header + the caller's iovecs (control messages dropped). */
-static ssize_t relay_send(int fd, const struct wg_fd *s, const struct wg_addr *dst,
+/* One datagram to the launcher: header + the caller's iovecs (control messages dropped), on
+ * the data connection (there is no other way in). */
+static ssize_t relay_send(int fd, struct wg_fd *s, const struct wg_addr *dst,
                           const struct iovec *iov, size_t iovlen, int flags) {
     if (iovlen >= MAX_IOV) return fail(EMSGSIZE);
-    union wg_sa relay;
-    socklen_t rl;
-    uint8_t fam;
     int domain = s->udp_domain == 4 ? AF_INET : AF_INET6;
-    if (relay_addr(fd, domain, &relay, &rl, &fam) != 0) return fail(ENETUNREACH);
-    uint8_t hdr[HDR_OUT_LEN];
+    uint8_t hdr[HDR_LEN];
     hdr[0] = 1;
     hdr[1] = KIND_DATA;
     wg_addr_encode(dst, hdr + 2);
-    memcpy(hdr + HDR_LEN, s->udp_token, 16);
     struct iovec v[MAX_IOV];
     v[0].iov_base = hdr;
-    v[0].iov_len = HDR_OUT_LEN;
+    v[0].iov_len = HDR_LEN;
     for (size_t i = 0; i < iovlen; i++) v[i + 1] = iov[i];
-    struct msghdr m;
-    memset(&m, 0, sizeof m);
-    m.msg_name = &relay;
-    m.msg_namelen = rl;
-    m.msg_iov = v;
-    m.msg_iovlen = iovlen + 1;
-    ssize_t n = wg_real.sendmsg(fd, &m, flags & ~(MSG_CONFIRM | MSG_DONTROUTE));
-    if (n < 0) return -1;
-    return n >= HDR_OUT_LEN ? n - HDR_OUT_LEN : 0;
+    ssize_t sent;
+    int r = data_send(fd, s, v, iovlen + 1, flags, &sent);
+    if (r < 0) { /* the association is gone (its process released it): associate again */
+        struct wg_addr to = *dst;
+        s->udp_cache = WG_UC_NONE;
+        int act = udp_route(fd, domain, &to, NULL);
+        if (act != 1) return fail(act < 0 ? -act : ENETUNREACH);
+        s = wg_slot(fd);
+        r = data_send(fd, s, v, iovlen + 1, flags, &sent);
+        if (r < 0) return fail(ENETUNREACH);
+    }
+    if (r > 0) return sent;
+    /* No data connection could be had: fail closed. (Never the relay's UDP port: after the
+     * launcher is gone, another user may hold it; docs/channel.md, "UDP".) */
+    return fail(ENETUNREACH);
 }
 
 /* A send on fd: 1 handled (*ret set), 0 not ours (make the real call). */
@@ -201,7 +385,7 @@ static int udp_out(int fd, const struct sockaddr *sa, socklen_t salen, const str
         return 1;
     }
     struct wg_addr dst;
-    if (wg_addr_from_sockaddr(sa, salen, &dst) != 0 || wg_addr_is_loopback(&dst)) return 0;
+    if (wg_addr_from_sockaddr(sa, salen, &dst) != 0 || wg_dst_is_local(&dst)) return 0;
     int cached = s != NULL && s->udp_cache != WG_UC_NONE && same_addr(&s->udp_last, &dst);
     if (cached && s->udp_cache == WG_UC_DIRECT) return 0; /* hot path: no syscall, no request */
     int domain = is_udp(s) ? (s->udp_domain == 4 ? AF_INET : AF_INET6) : inet_dgram(fd);
@@ -228,7 +412,7 @@ static int fastopen(int fd, const struct sockaddr *sa, socklen_t salen, int flag
                     const struct iovec *iov, size_t iovlen, ssize_t *ret) {
     struct wg_addr dst;
     if (!(flags & MSG_FASTOPEN) || sa == NULL || !wg_cfg.active ||
-        wg_addr_from_sockaddr(sa, salen, &dst) != 0 || wg_addr_is_loopback(&dst))
+        wg_addr_from_sockaddr(sa, salen, &dst) != 0 || wg_dst_is_local(&dst))
         return 0;
     if (connect(fd, sa, salen) != 0) {
         *ret = -1;
@@ -242,6 +426,19 @@ static int fastopen(int fd, const struct sockaddr *sa, socklen_t salen, int flag
     return 1;
 }
 
+/* A tunnelled TCP fd whose loopback connection was reset by the launcher: the tunnel flow
+ * died, and STATUS says why (ETIMEDOUT after unanswered retransmissions or zero-window
+ * probes, EHOSTUNREACH, ...). Report that instead of the loopback's ECONNRESET/EPIPE, as the
+ * kernel would. Only on this error path; `r` and errno pass through otherwise. */
+static ssize_t tcp_err(int fd, ssize_t r) {
+    if (r >= 0 || (errno != ECONNRESET && errno != EPIPE)) return r;
+    struct wg_fd *s = wg_slot(fd);
+    if (s == NULL || s->kind != WG_TUNNEL || s->state != WG_OPEN) return r;
+    int saved = errno, st = wg_status(s->token, 0);
+    errno = (st == ETIMEDOUT || st == EHOSTUNREACH || st == ENETUNREACH) ? st : saved;
+    return r;
+}
+
 WG_EXPORT ssize_t sendto(int fd, const void *buf, size_t len, int flags,
                          const struct sockaddr *sa, socklen_t salen) {
     REAL(sendto);
@@ -250,13 +447,14 @@ WG_EXPORT ssize_t sendto(int fd, const void *buf, size_t len, int flags,
     ssize_t ret;
     if (udp_out(fd, sa, salen, &iov, 1, flags, &ret)) return ret;
     if (fastopen(fd, sa, salen, flags, &iov, 1, &ret)) return ret;
-    return wg_real.sendto(fd, buf, len, flags, sa, salen);
+    return tcp_err(fd, wg_real.sendto(fd, buf, len, flags, sa, salen));
 }
 
 WG_EXPORT ssize_t send(int fd, const void *buf, size_t len, int flags) {
     REAL(send);
     struct wg_fd *s = wg_slot(fd);
-    if (s == NULL || s->kind != WG_UDP || !s->udp_conn) return wg_real.send(fd, buf, len, flags);
+    if (s == NULL || s->kind != WG_UDP || !s->udp_conn)
+        return tcp_err(fd, wg_real.send(fd, buf, len, flags));
     struct iovec iov = {.iov_base = (void *)buf, .iov_len = len};
     ssize_t ret;
     if (udp_out(fd, NULL, 0, &iov, 1, flags, &ret)) return ret;
@@ -266,7 +464,7 @@ WG_EXPORT ssize_t send(int fd, const void *buf, size_t len, int flags) {
 WG_EXPORT ssize_t write(int fd, const void *buf, size_t len) {
     REAL(write);
     struct wg_fd *s = wg_slot(fd);
-    if (s == NULL || s->kind != WG_UDP || !s->udp_conn) return wg_real.write(fd, buf, len);
+    if (s == NULL || s->kind != WG_UDP || !s->udp_conn) return tcp_err(fd, wg_real.write(fd, buf, len));
     struct iovec iov = {.iov_base = (void *)buf, .iov_len = len};
     ssize_t ret;
     if (udp_out(fd, NULL, 0, &iov, 1, 0, &ret) && !(ret < 0 && errno == ENOTSOCK)) return ret;
@@ -281,7 +479,7 @@ WG_EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags) {
     const struct sockaddr *sa = msg->msg_name;
     if (udp_out(fd, sa, msg->msg_namelen, msg->msg_iov, msg->msg_iovlen, flags, &ret)) return ret;
     if (fastopen(fd, sa, msg->msg_namelen, flags, msg->msg_iov, msg->msg_iovlen, &ret)) return ret;
-    return wg_real.sendmsg(fd, msg, flags);
+    return tcp_err(fd, wg_real.sendmsg(fd, msg, flags));
 }
 
 WG_EXPORT int sendmmsg(int fd, struct mmsghdr *vec, unsigned int n, int flags) {
@@ -294,7 +492,7 @@ WG_EXPORT int sendmmsg(int fd, struct mmsghdr *vec, unsigned int n, int flags) {
         struct wg_addr dst;
         const struct sockaddr *sa = vec[i].msg_hdr.msg_name;
         if (sa != NULL && wg_addr_from_sockaddr(sa, vec[i].msg_hdr.msg_namelen, &dst) == 0 &&
-            !wg_addr_is_loopback(&dst))
+            !wg_dst_is_local(&dst))
             ours = 1;
     }
     if (!ours) return wg_real.sendmmsg(fd, vec, n, flags);
@@ -313,7 +511,7 @@ WG_EXPORT int sendmmsg(int fd, struct mmsghdr *vec, unsigned int n, int flags) {
  * landed in `hdr`; move them back in front of the rest in the caller's iovecs. */
 static void unsplit(const uint8_t *hdr, size_t got, const struct iovec *iov, size_t iovlen,
                     size_t total) {
-    size_t hlen = got < HDR_LEN ? got : HDR_LEN;
+    size_t hlen = got < HDR_IN_LEN ? got : HDR_IN_LEN;
     size_t rest = got - hlen; /* bytes already in the caller's buffers, at offset 0 */
     size_t keep = rest + hlen > total ? (total > hlen ? total - hlen : 0) : rest;
     /* Shift `keep` bytes right by hlen across the iovecs (backwards), then put hdr in front. */
@@ -349,10 +547,10 @@ static ssize_t udp_in(int fd, struct wg_fd *s, struct msghdr *msg, int flags) {
     for (size_t i = 0; i < msg->msg_iovlen; i++) total += msg->msg_iov[i].iov_len;
     int domain = s->udp_domain == 4 ? AF_INET : AF_INET6;
     for (;;) {
-        uint8_t hdr[HDR_LEN];
+        uint8_t hdr[HDR_IN_LEN];
         struct iovec v[MAX_IOV];
         v[0].iov_base = hdr;
-        v[0].iov_len = HDR_LEN;
+        v[0].iov_len = HDR_IN_LEN;
         for (size_t i = 0; i < msg->msg_iovlen; i++) v[i + 1] = msg->msg_iov[i];
         union wg_sa from;
         struct msghdr m = *msg;
@@ -372,12 +570,15 @@ static ssize_t udp_in(int fd, struct wg_fd *s, struct msghdr *msg, int flags) {
             return (ssize_t)((size_t)n < total ? (size_t)n : total);
         }
         struct wg_addr src;
-        int ok = n >= HDR_LEN && hdr[0] == 1 && wg_addr_decode(hdr + 2, &src) == 0;
+        /* The token proves the launcher sent it: whoever holds the relay's port after the
+         * launcher is gone cannot forge tunnel datagrams (docs/channel.md, "UDP"). */
+        int ok = n >= HDR_IN_LEN && hdr[0] == 1 && wg_addr_decode(hdr + 2, &src) == 0 &&
+                 memcmp(hdr + HDR_LEN, s->udp_token, 16) == 0;
         int drop = !ok || (s->udp_conn && !same_addr(&src, &s->udp_peer));
         if (ok && !drop && hdr[1] == KIND_ERROR) {
             drop = 1;
             uint8_t e[4] = {0, 0, 0, 0};
-            for (size_t k = 0, i = 0, off = 0; k < 4 && k + HDR_LEN < (size_t)n && i < msg->msg_iovlen; k++) {
+            for (size_t k = 0, i = 0, off = 0; k < 4 && k + HDR_IN_LEN < (size_t)n && i < msg->msg_iovlen; k++) {
                 while (i < msg->msg_iovlen && off >= msg->msg_iov[i].iov_len) {
                     i++;
                     off = 0;
@@ -399,14 +600,14 @@ static ssize_t udp_in(int fd, struct wg_fd *s, struct msghdr *msg, int flags) {
         union wg_sa out;
         socklen_t ol = wg_addr_to_sockaddr(&src, domain, &out);
         put_name(msg, &out, ol);
-        return n - HDR_LEN;
+        return n - HDR_IN_LEN;
     }
 }
 
 WG_EXPORT ssize_t recvmsg(int fd, struct msghdr *msg, int flags) {
     REAL(recvmsg);
     struct wg_fd *s = wg_slot(fd);
-    if (!is_udp(s) || msg == NULL) return wg_real.recvmsg(fd, msg, flags);
+    if (!is_udp(s) || msg == NULL) return tcp_err(fd, wg_real.recvmsg(fd, msg, flags));
     return udp_in(fd, s, msg, flags);
 }
 
@@ -415,7 +616,7 @@ WG_EXPORT ssize_t recvfrom(int fd, void *buf, size_t len, int flags, struct sock
     REAL(recvfrom);
     struct wg_fd *s = wg_slot(fd);
     if (!is_udp(s) || wg_real.recvmsg == NULL)
-        return wg_real.recvfrom(fd, buf, len, flags, addr, addrlen);
+        return tcp_err(fd, wg_real.recvfrom(fd, buf, len, flags, addr, addrlen));
     struct iovec iov = {.iov_base = buf, .iov_len = len};
     struct msghdr m;
     memset(&m, 0, sizeof m);
@@ -433,14 +634,14 @@ WG_EXPORT ssize_t recvfrom(int fd, void *buf, size_t len, int flags, struct sock
 WG_EXPORT ssize_t recv(int fd, void *buf, size_t len, int flags) {
     REAL(recv);
     struct wg_fd *s = wg_slot(fd);
-    if (!is_udp(s)) return wg_real.recv(fd, buf, len, flags);
+    if (!is_udp(s)) return tcp_err(fd, wg_real.recv(fd, buf, len, flags));
     return recvfrom(fd, buf, len, flags, NULL, NULL);
 }
 
 WG_EXPORT ssize_t read(int fd, void *buf, size_t len) {
     REAL(read);
     struct wg_fd *s = wg_slot(fd);
-    if (!is_udp(s)) return wg_real.read(fd, buf, len);
+    if (!is_udp(s)) return tcp_err(fd, wg_real.read(fd, buf, len));
     int saved = errno;
     ssize_t n = recvfrom(fd, buf, len, 0, NULL, NULL);
     if (n >= 0 || errno != ENOTSOCK) return n;
@@ -477,7 +678,7 @@ int wg_udp_connect(int fd, const struct sockaddr *sa, socklen_t len, int *rc) {
     struct wg_fd *s = wg_slot(fd);
     int was = is_udp(s) && s->udp_conn;
     struct wg_addr dst;
-    if (sa == NULL || wg_addr_from_sockaddr(sa, len, &dst) != 0 || wg_addr_is_loopback(&dst) ||
+    if (sa == NULL || wg_addr_from_sockaddr(sa, len, &dst) != 0 || wg_dst_is_local(&dst) ||
         (domain == AF_INET && sa->sa_family != AF_INET)) {
         if (was) { /* AF_UNSPEC, loopback: the real call replaces our connection */
             s->udp_conn = 0;
@@ -559,7 +760,7 @@ int wg_udp_bind(int fd, const struct sockaddr *sa, socklen_t len, int *rc) {
         if (wg_ctl_request(WG_LISTEN, 0, body, sizeof body, &rep, WG_CTL_TIMEOUT_MS) == 0 &&
             rep.err == 0 && rep.body_len >= 16) {
             s->udp_key = key;
-            memcpy(s->udp_token, rep.body, 16);
+            set_token(s, rep.body);
             s->udp_domain = domain == AF_INET ? 4 : 6;
             s->udp_pid = (int)getpid();
             s->udp_conn = 0;
@@ -575,14 +776,40 @@ int wg_udp_bind(int fd, const struct sockaddr *sa, socklen_t len, int *rc) {
 }
 
 int wg_udp_closing(int fd, const struct wg_fd *s) {
-    if (s->udp_pid != (int)getpid()) return 0; /* a forked child's copy: the parent's */
-    int max = wg_slot_max();
+    int max = wg_slot_max(), last = 1, shared = 0;
     for (int i = 0; i <= max; i++) {
         struct wg_fd *o = wg_slot(i);
-        if (i != fd && o != NULL && o->kind == WG_UDP && same_addr(&o->udp_key, &s->udp_key))
-            return 0;
+        if (i != fd && o != NULL && o->kind == WG_UDP && same_addr(&o->udp_key, &s->udp_key)) {
+            last = 0;
+            shared |= o->udp_data == s->udp_data;
+        }
     }
-    return 1;
+    if (!shared) { /* no other fd of this process sends on it */
+        int d = data_valid(s);
+        if (d >= 0) data_close(d);
+    }
+    return last && s->udp_pid == (int)getpid(); /* a forked child's copy: the parent's */
+}
+
+/* SO_SNDBUF and SO_SNDTIMEO of an associated socket apply to its data connection too. */
+WG_EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen_t len) {
+    REAL(setsockopt);
+    int rc = wg_real.setsockopt(fd, level, name, val, len);
+    if (rc != 0 || level != SOL_SOCKET) return rc;
+    if (name != SO_SNDBUF && name != SO_SNDBUFFORCE && name != SO_SNDTIMEO
+#ifdef SO_SNDTIMEO_NEW
+        && name != SO_SNDTIMEO_NEW
+#endif
+    )
+        return rc;
+    struct wg_fd *s = wg_slot(fd);
+    int d = is_udp(s) ? data_valid(s) : -1;
+    if (d >= 0) {
+        int saved = errno;
+        data_mirror(fd, d);
+        errno = saved;
+    }
+    return rc;
 }
 
 void wg_udp_release(const struct wg_addr *key) {

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the tests need (wireguard-go, wg, ip, curl, node) when they are
+# Installs the Debian packages the tests need (wireguard-go, wg, ip, curl, node, ...) when they are
 # missing. Runs only as root on a Debian-like system; otherwise says what is missing and goes on
 # (the tests that need them then skip when not root, or fail with this same advice).
 set -euo pipefail
@@ -10,7 +10,13 @@ command -v wg >/dev/null 2>&1 || need+=(wireguard-tools)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v node >/dev/null 2>&1 || need+=(nodejs)
+command -v dig >/dev/null 2>&1 || need+=(bind9-dnsutils)  # dig, host, nslookup
+command -v aria2c >/dev/null 2>&1 || need+=(aria2)
+command -v socat >/dev/null 2>&1 || need+=(socat)
+command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
+[ -x /usr/sbin/sshd ] || need+=(openssh-server)  # the tests start their own sshd; none is enabled
 command -v cc >/dev/null 2>&1 || need+=(gcc libc6-dev)
+[ -x /usr/sbin/setcap ] || need+=(libcap2-bin)  # setcap: the file-capability tests
 python3 -c 'import ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 
 if [ ${#need[@]} -eq 0 ]; then
@@ -23,4 +29,13 @@ fi
 echo "install-system-deps: installing ${need[*]}"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
+# Packages with a service (openssh-server) must not start it on this host: the tests start
+# their own, in namespaces. policy-rc.d exit 101 tells invoke-rc.d "not now".
+made_policy=
+if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    made_policy=1
+fi
 apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+if [ -n "$made_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi

@@ -18,6 +18,8 @@ Fixtures:
   every rig it made is torn down after the test, and teardown fails the test if anything
   (namespace, link, wireguard-go, socket) is left behind.
 - `rig_files` (session scope): the FileStore that creates random files once per session.
+- `module_rig` (module scope): one rig for all tests of a module, options from the module's
+  `RIG_OPTIONS` dict.
 - `make_netns(role="x") -> rig.netns.Netns`: bare namespaces (lo up, no links, no routes) with
   `run/popen/python/socket/call/iproute`, deleted (processes killed) after the test.
 
@@ -62,7 +64,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         fixtures = set(getattr(item, "fixturenames", ()))
         if "make_netns" in fixtures:
             item.add_marker(pytest.mark.root)
-        if {"rig", "make_rig"} & fixtures:
+        if {"rig", "make_rig", "module_rig"} & fixtures:
             item.add_marker(pytest.mark.root)
             item.add_marker(pytest.mark.interop)
 
@@ -109,6 +111,21 @@ def make_rig(
     for r in reversed(made):
         problems += r.close()
         problems += [f"left behind: {x}" for x in leftovers(r.id)]
+    if problems:
+        pytest.fail("rig teardown:\n  " + "\n  ".join(problems), pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def module_rig(
+    request: pytest.FixtureRequest, rig_files: FileStore, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Rig]:
+    """One rig shared by the tests of a module (saves the set-up time); its options come from
+    the module's `RIG_OPTIONS` dict (make_rig's keyword arguments)."""
+    require_rig_tools()
+    options: dict[str, Any] = getattr(request.module, "RIG_OPTIONS", {})
+    r = build_rig(tmp_path_factory.mktemp("rig"), rig_files, **options)
+    yield r
+    problems = r.close() + [f"left behind: {x}" for x in leftovers(r.id)]
     if problems:
         pytest.fail("rig teardown:\n  " + "\n  ".join(problems), pytrace=False)
 

@@ -195,6 +195,27 @@ def test_unwritable_log_file_is_a_setup_error(good_config: Path, tmp_path: Path)
     assert "log file" in one_line(r.stderr)
 
 
+def test_log_file_symlink_of_another_user_is_not_followed(
+    good_config: Path, tmp_path: Path
+) -> None:
+    """Issue 11: another user plants /tmp/x.log -> a file of root's; we must not append."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to plant a symlink owned by another user")
+    target = tmp_path / "precious"
+    target.write_text("keep\n")
+    planted = tmp_path / "planted.log"
+    planted.symlink_to(target)
+    os.lchown(planted, 65534, 65534)
+    r = run("--config", str(good_config), "--log-file", str(planted), "--", NO_CMD)
+    assert r.returncode == 1, r.stderr
+    assert "symlink owned by another user" in one_line(r.stderr)
+    assert target.read_text() == "keep\n"
+    mine = tmp_path / "mine.log"
+    mine.symlink_to(tmp_path / "real.log")  # our own symlink is followed as before
+    run("--config", str(good_config), "--log-file", str(mine), "--", NO_CMD)
+    assert (tmp_path / "real.log").read_text().startswith("{")
+
+
 def test_console_script_is_installed() -> None:
     exe = Path(sys.executable).with_name("wrapguard")
     if not exe.exists():

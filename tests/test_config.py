@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import os
 import string
+import threading
+import time
 from ipaddress import IPv4Address, IPv6Address, ip_address, ip_interface, ip_network
 from pathlib import Path
 
@@ -605,6 +607,37 @@ def test_load_config_errors_name_the_path(tmp_path: os.PathLike[str]) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(bad)
     assert str(info.value) == f"{bad}:4: MTU: 1 is out of range (576-9000)"
+
+
+def test_load_config_fifo_is_an_error_not_a_hang(tmp_path: os.PathLike[str]) -> None:
+    """A named FIFO with no writer (issue 11): one clear error within about a second."""
+    fifo = os.path.join(tmp_path, "wg0.conf")
+    os.mkfifo(fifo, 0o600)
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError) as info:
+        load_config(fifo)
+    assert time.monotonic() - t0 < 1.5
+    assert str(info.value).startswith(f"{fifo}: ") and "FIFO" in str(info.value)
+
+
+def test_load_config_from_a_pipe_that_delivers(tmp_path: os.PathLike[str]) -> None:
+    """Process substitution (`--config <(...)`) still works: a pipe with a writer."""
+    r, w = os.pipe()
+    text = cfg(*IFACE, *peer("AllowedIPs = 10.0.0.0/8"))
+
+    def writer() -> None:
+        time.sleep(0.2)
+        os.write(w, text.encode())
+        os.close(w)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        c = load_config(f"/proc/self/fd/{r}")
+    finally:
+        t.join()
+        os.close(r)
+    assert len(c.peers) == 1
 
 
 # ---------------------------------------------------------------------------- CLI values

@@ -76,3 +76,17 @@ def test_self_test_reports_a_wrong_key(rig, tmp_path: Path) -> None:  # type: ig
     assert r.returncode == 1
     assert "self-test: [FAIL] handshake: no answer from" in r.stdout
     assert "Traceback" not in r.stderr
+
+
+def test_self_test_bad_port_is_a_usage_error(tmp_path: Path) -> None:
+    """Issue 11: `--self-test IP:99999` printed a traceback from the probe."""
+    from wrapguard.errors import UsageError
+    from wrapguard.selftest import parse_target
+
+    for bad in ("10.150.0.1:99999", "10.150.0.1:0", "10.150.0.1:-1", "10.150.0.1:http"):
+        try:
+            parse_target(bad)
+        except UsageError as exc:
+            assert "1 to 65535" in str(exc)
+        else:
+            raise AssertionError(f"{bad} accepted")

@@ -17,12 +17,14 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 from collections.abc import Coroutine, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
+from pathlib import Path
 from subprocess import DEVNULL, PIPE
 from typing import Any, TypeVar
 
@@ -653,3 +655,366 @@ def test_udp_and_names_fail_closed_when_the_channel_is_unreachable(
     """
     gone = {"WRAPGUARD_CTL": str(tmp_path / "gone.sock"), "WRAPGUARD_DNS": "1"}
     assert world.python(code, **gone) == [errno.ENETUNREACH, socket.EAI_AGAIN, "lo"]
+
+
+# -- syscall(): libuv (dig, host, nslookup) makes socket calls through it -----------------------
+# Linux syscall numbers for the calls used below (asm/unistd_64.h; asm-generic for aarch64).
+SYS_NUMBERS = {
+    "x86_64": {"close": 3, "mmap": 9, "getpid": 39, "connect": 42, "getpeername": 52},
+    "aarch64": {"close": 57, "mmap": 222, "getpid": 172, "connect": 203, "getpeername": 205},
+}
+SYSCALL_PROBE = """
+    import ctypes, errno, json, mmap, os, socket, sys, tempfile
+    port, connect_too, NR = int(sys.argv[1]), sys.argv[2] == "1", json.loads(sys.argv[3])
+    libc = ctypes.CDLL(None, use_errno=True)  # the shim is preloaded: its syscall() comes first
+    call = libc.syscall
+    call.restype = ctypes.c_long
+    L = ctypes.c_long
+    res = {}
+    def peer(fd):
+        buf, n = ctypes.create_string_buffer(128), ctypes.c_uint32(128)
+        if call(L(NR["getpeername"]), L(fd), buf, ctypes.byref(n)) != 0:
+            return ["error", ctypes.get_errno()]
+        return [socket.inet_ntoa(buf.raw[4:8]), int.from_bytes(buf.raw[2:4], "big")]
+    s = socket.create_connection(("10.150.0.1", port), timeout=10)  # libc's connect: tunnelled
+    res["getpeername"] = peer(s.fileno())
+    if connect_too:  # only in the private namespace: without the hook this goes out directly
+        t = socket.socket()
+        sa = (socket.AF_INET).to_bytes(2, "little") + port.to_bytes(2, "big")
+        sa += socket.inet_aton("10.150.0.1") + bytes(8)
+        rc = call(L(NR["connect"]), L(t.fileno()), ctypes.c_char_p(sa), L(16))
+        res["connect"] = [rc, peer(t.fileno())]
+        if rc == 0:
+            t.sendall(b"raw\\n")
+            res["echo"] = t.recv(100).decode()
+    # Everything else: the real syscall(), all six words and errno unchanged.
+    res["getpid"] = call(L(NR["getpid"])) == os.getpid()
+    ctypes.set_errno(0)
+    res["close"] = [call(L(NR["close"]), L(-1)), errno.errorcode.get(ctypes.get_errno())]
+    with tempfile.TemporaryFile() as f:
+        f.write(b"a" * mmap.PAGESIZE + b"b" * mmap.PAGESIZE)
+        f.flush()
+        page = call(L(NR["mmap"]), L(0), L(mmap.PAGESIZE), L(mmap.PROT_READ),
+                    L(mmap.MAP_PRIVATE), L(f.fileno()), L(mmap.PAGESIZE))  # the 6th: offset
+        res["mmap"] = ctypes.string_at(page, 1).decode()
+    print(json.dumps(res))
+"""
+
+
+def test_syscall_reaches_the_hooks_and_passes_everything_else(world: World) -> None:
+    import platform
+
+    numbers = SYS_NUMBERS.get(platform.machine())
+    assert numbers is not None, f"add this machine's syscall numbers: {platform.machine()}"
+    code = textwrap.dedent(SYSCALL_PROBE)
+    connect_too = "1" if world.isolated else "0"
+    argv = [sys.executable, "-c", code, str(world.port), connect_too, json.dumps(numbers)]
+    proc = world.run(argv)
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = json.loads(proc.stdout)
+    assert out["getpeername"] == ["10.150.0.1", world.port], out  # not the loopback data port
+    if world.isolated:
+        assert out["connect"] == [0, ["10.150.0.1", world.port]], out
+        assert out["echo"] == "raw\n", out
+    assert out["getpid"] is True and out["close"] == [-1, "EBADF"], out
+    assert out["mmap"] == "b", out
+
+
+# -- exec of what the shim cannot load into (csrc/exec.c) ------------------------------------
+# Each case runs in a forked child of a wrapped Python: [how, target, args, as_nobody, nnp].
+# The outcome: "ran:<status>" (the exec happened) or the errno name of the refusal.
+EXEC_PROBE = r"""
+import ctypes, errno, json, os, subprocess, sys
+libc = ctypes.CDLL(None, use_errno=True)
+
+def argv_of(target, args):
+    words = [target, *args]
+    return (ctypes.c_char_p * (len(words) + 1))(*[w.encode() for w in words], None)
+
+def run(how, target, args, as_nobody, nnp):
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # what the programs print is not ours
+    if target.startswith("nosuid:"):  # a copy on a nosuid tmpfs, in a mount namespace of our own
+        src = target[7:]
+        mnt = os.path.join(os.path.dirname(src), "mnt")
+        os.makedirs(mnt, exist_ok=True)
+        assert libc.unshare(0x20000) == 0  # CLONE_NEWNS
+        assert libc.mount(b"none", b"/", None, 0x4000 | 0x40000, None) == 0  # MS_REC|MS_PRIVATE
+        assert libc.mount(b"tmpfs", mnt.encode(), b"tmpfs", 2, b"mode=755") == 0  # MS_NOSUID
+        target = os.path.join(mnt, os.path.basename(src))
+        st = os.stat(src)
+        with open(src, "rb") as f, open(target, "wb") as g:
+            g.write(f.read())
+        os.chown(target, st.st_uid, st.st_gid)
+        os.chmod(target, st.st_mode & 0o7777)
+    if as_nobody:
+        os.setgroups([]); os.setresgid(65534, 65534, 65534); os.setresuid(65534, 65534, 65534)
+    if nnp:
+        libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+    words = [target, *args]
+    if how == "execv":
+        os.execv(target, words)
+    if how == "fexecve":
+        os.execve(os.open(target, os.O_RDONLY), words, dict(os.environ))
+    if how == "subprocess":  # _posixsubprocess: vfork + execve where it can
+        return "ran:%d" % subprocess.run(words).returncode
+    if how in ("posix_spawn", "posix_spawnp"):
+        spawn = os.posix_spawn if how == "posix_spawn" else os.posix_spawnp
+        pid = spawn(target, words, os.environ)
+        return "ran:%d" % os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if how == "execveat":  # relative to a directory descriptor
+        dirfd = os.open(os.path.dirname(target), os.O_RDONLY | os.O_DIRECTORY)
+        env = ["%s=%s" % kv for kv in os.environ.items()]
+        envp = (ctypes.c_char_p * (len(env) + 1))(*[e.encode() for e in env], None)
+        name = os.path.basename(target).encode()
+        libc.execveat(dirfd, name, argv_of(target, args), envp, 0)
+        raise OSError(ctypes.get_errno(), how)
+    if how in ("execvp", "execl", "execlp"):
+        fn = getattr(libc, how)
+        if how == "execvp":
+            fn(target.encode(), argv_of(target, args))
+        else:
+            fn(target.encode(), *[w.encode() for w in words], None)
+        raise OSError(ctypes.get_errno(), how)
+    raise AssertionError(how)
+
+out = {}
+for name, case in json.loads(sys.argv[1]).items():
+    r, w = os.pipe()  # close-on-exec: empty when the exec happened
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            res = run(*case)
+        except OSError as e:
+            res = errno.errorcode.get(e.errno, str(e.errno))
+        os.write(w, res.encode())
+        os._exit(0)
+    os.close(w)
+    res = os.read(r, 100).decode()
+    os.close(r)
+    status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    out[name] = res or "ran:%d" % status
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def exec_targets() -> Iterator[dict[str, str]]:
+    """Programs the shim cannot load into and near misses, in a world-readable directory on a
+    mount that honours setuid bits and file capabilities."""
+    import struct
+    import tempfile
+
+    setcap, cc = shutil.which("setcap") or "/usr/sbin/setcap", shutil.which("cc")
+    assert cc and os.path.exists(setcap), "cc and setcap: scripts/install-system-deps.sh"
+    bases = [tempfile.gettempdir(), "/var/tmp", os.path.dirname(os.path.dirname(__file__))]
+    base = next(b for b in bases if not os.statvfs(b).f_flag & os.ST_NOSUID)
+    d = tempfile.mkdtemp(prefix="wg-exec-", dir=base)
+    os.chmod(d, 0o755)
+    true = shutil.which("true") or "/bin/true"
+    t: dict[str, str] = {"dir": d, "true": true}
+
+    def copy(name: str, mode: int = 0o755, uid: int = 0, caps: str = "") -> None:
+        t[name] = os.path.join(d, name)
+        shutil.copy(true, t[name])
+        os.chown(t[name], uid, uid)
+        os.chmod(t[name], mode)
+        if caps:
+            subprocess.run([setcap, caps, t[name]], check=True, timeout=30)
+
+    copy("suid_nobody", 0o4755, uid=65534)
+    copy("sgid_nogroup", 0o2755, uid=65534)
+    copy("suid_root", 0o4755)
+    copy("cap", caps="cap_net_bind_service=ep")
+    copy("cap_inh", caps="cap_net_bind_service=i")
+    src = os.path.join(d, "t.c")
+    with open(src, "w") as f:
+        f.write("int main(void) { return 0; }\n")
+    t["static"] = os.path.join(d, "static")
+    subprocess.run([cc, "-static", "-o", t["static"], src], check=True, timeout=120)
+    t["script_suid"] = os.path.join(d, "script_suid")  # a script run by a setuid interpreter
+    t["script_sh"] = os.path.join(d, "script_sh")
+    t["script_suid_nonl"] = os.path.join(d, "script_suid_nonl")  # no newline: the kernel runs it
+    scripts = {"script_suid": f"#!{t['suid_nobody']}\n", "script_sh": "#!/bin/sh\n"}
+    for name, text in (*scripts.items(), ("script_suid_nonl", f"#! {t['suid_nobody']}")):
+        with open(t[name], "w") as f:
+            f.write(text)
+        os.chmod(t[name], 0o755)
+    interp = b"/lib/ld-linux.so.2\0"  # a 32-bit i386 program: the 64-bit shim cannot load in
+    ehdr = struct.pack(
+        "<16sHHIIIIIHHHHHH", b"\x7fELF\x01\x01\x01" + bytes(9), 2, 3, 1, 0x8048000, 52, 0, 0,
+        52, 32, 1, 0, 0, 0,
+    )  # fmt: skip
+    phdr = struct.pack("<IIIIIIII", 3, 84, 0x8048054, 0, len(interp), len(interp), 4, 1)
+    t["elf32"] = os.path.join(d, "elf32")
+    with open(t["elf32"], "wb") as f:
+        f.write(ehdr + phdr + interp)
+    os.chmod(t["elf32"], 0o755)
+    from wrapguard.elf import read_elf
+
+    t["loader"] = read_elf(true).interpreter or "/lib64/ld-linux-x86-64.so.2"
+    t["go"] = shutil.which("wireguard-go") or "wireguard-go"  # dynamically linked, with cgo
+    try:
+        yield t
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.root
+def test_exec_refuses_what_the_shim_cannot_load_into(
+    world: World, exec_targets: dict[str, str]
+) -> None:
+    t = exec_targets
+    cases: dict[str, list[Any]] = {
+        # secure-execution mode: the exec changes the effective ids...
+        "suid_nobody": ["execv", t["suid_nobody"], [], False, False],
+        "sgid_nogroup": ["execv", t["sgid_nogroup"], [], False, False],
+        "suid_root": ["execv", t["suid_root"], [], False, False],  # root runs it: no change
+        "suid_root_by_nobody": ["execv", t["suid_root"], [], True, False],
+        "suid_nobody_nnp": ["execv", t["suid_nobody"], [], False, True],  # bits ignored
+        "suid_nobody_nosuid": ["execv", "nosuid:" + t["suid_nobody"], [], False, False],  # too
+        # ... or file capabilities grant something to a caller that is not root
+        "cap_by_nobody": ["execv", t["cap"], [], True, False],
+        "cap_by_root": ["execv", t["cap"], [], False, False],
+        "cap_inh_by_nobody": ["execv", t["cap_inh"], [], True, False],  # grants nothing
+        # no loader, own system calls, another ELF class
+        "static": ["execv", t["static"], [], False, False],
+        "go": ["execv", t["go"], ["--version"], False, False],
+        "elf32": ["execv", t["elf32"], [], False, False],
+        "loader": ["execv", t["loader"], ["--version"], False, False],
+        "true": ["execv", t["true"], [], False, False],
+        # scripts are judged by their interpreter
+        "script_suid": ["execv", t["script_suid"], [], False, False],
+        "script_sh": ["execv", t["script_sh"], [], False, False],
+        "script_suid_nonl": ["execv", t["script_suid_nonl"], [], False, False],
+        # every way in
+        "execvp": ["execvp", "suid_nobody", [], False, False],
+        "execlp": ["execlp", "suid_nobody", [], False, False],
+        "execvp_true": ["execvp", "true", [], False, False],
+        "execl": ["execl", t["suid_nobody"], [], False, False],
+        "fexecve": ["fexecve", t["suid_nobody"], [], False, False],
+        "execveat": ["execveat", t["suid_nobody"], [], False, False],
+        "execveat_true": ["execveat", t["true"], [], False, False],
+        "subprocess": ["subprocess", t["suid_nobody"], [], False, False],
+        "posix_spawn": ["posix_spawn", t["suid_nobody"], [], False, False],
+        "posix_spawnp": ["posix_spawnp", "suid_nobody", [], False, False],
+        "posix_spawnp_true": ["posix_spawnp", "true", [], False, False],
+    }
+    argv = [sys.executable, "-c", EXEC_PROBE, json.dumps(cases)]
+    path = f"{t['dir']}:{os.environ.get('PATH', '/usr/bin:/bin')}"
+    proc = world.run(argv, timeout=60, PATH=path)
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = json.loads(proc.stdout)
+    refused = {k for k, v in out.items() if v == "EPERM"}
+    assert refused == {
+        "suid_nobody", "sgid_nogroup", "suid_root_by_nobody", "cap_by_nobody", "static", "go",
+        "elf32", "script_suid", "script_suid_nonl", "execvp", "execlp", "execl", "fexecve",
+        "execveat", "subprocess", "posix_spawn", "posix_spawnp",
+    }, out  # fmt: skip
+    assert all(v == "ran:0" for k, v in out.items() if k not in refused), out
+    # The refusal prints nothing; inert (no WRAPGUARD_CTL) the same execs go to the kernel.
+    assert proc.stderr == b"", proc.stderr
+    inert = {k: cases[k] for k in ("suid_nobody", "static", "elf32")}
+    argv = [sys.executable, "-c", EXEC_PROBE, json.dumps(inert)]
+    proc = world.run(argv, timeout=60, WRAPGUARD_CTL="")
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = json.loads(proc.stdout)
+    assert out["suid_nobody"] == out["static"] == "ran:0", out
+    assert out["elf32"] in ("ENOENT", "ENOEXEC"), out  # the kernel's own answer
+
+
+# -- a control socket served by anyone but our launcher: fail closed, send nothing (issue 11) ---
+# The fake answers every complete request DIRECT and prints, per connection, how many bytes it
+# got and their hex. Run as uid 65534 ("other") it plants its own directory in a parent anyone
+# may write (XDG_RUNTIME_DIR or TMPDIR of another user after `su` without `-`); as root
+# ("same-uid") it is just another process than the launcher.
+FAKE_CTL = """
+import os, socket, struct, sys
+parent, as_other = sys.argv[1], sys.argv[2] == "other"
+if as_other:
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+d = os.path.join(parent, "wrapguard-fake")
+os.mkdir(d, 0o700)
+srv = socket.socket(socket.AF_UNIX)
+srv.bind(os.path.join(d, "ctl.sock"))
+srv.listen(16)
+print("READY", flush=True)
+while True:
+    c, _ = srv.accept()
+    c.settimeout(2)
+    got = b""
+    try:
+        while len(got) < 4 or len(got) < 4 + struct.unpack("!I", got[:4])[0]:
+            chunk = c.recv(4096)
+            if not chunk:
+                break
+            got += chunk
+        if len(got) >= 6:
+            c.sendall(struct.pack("!IBBHi", 8, 1, got[5], 0, 0))  # DIRECT
+    except OSError:
+        pass
+    print("conn", len(got), got.hex(), flush=True)
+    c.close()
+"""
+FAKE_PROBE = """
+    import errno, json, socket, sys
+    s = socket.socket()
+    s.settimeout(5)
+    rc = s.connect_ex(("10.150.0.200", int(sys.argv[1])))
+    print(json.dumps(errno.errorcode.get(rc, rc)))
+"""
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("who", ["other", "same-uid"])
+def test_a_fake_control_socket_gets_nothing_and_the_shim_fails_closed(
+    world: World, who: str
+) -> None:
+    assert world.isolated
+    # Under /tmp: uid 65534 must reach it (pytest's tmp_path is in a 0700 directory).
+    parent = Path(tempfile.mkdtemp(prefix="wrapguard-test-shared-", dir="/tmp"))
+    parent.chmod(0o1777 if who == "other" else 0o700)
+    fake = subprocess.Popen(
+        [sys.executable, "-c", FAKE_CTL, str(parent), who], stdout=PIPE, stderr=PIPE, text=True
+    )
+    # A direct connect to 10.150.0.200 would be refused (nothing listens there): a shim that
+    # followed the fake's DIRECT would say ECONNREFUSED, one that fails closed ENETUNREACH.
+    added = world.run(["ip", "addr", "add", "10.150.0.200/32", "dev", "lo"])
+    try:
+        assert fake.stdout is not None and fake.stdout.readline().strip() == "READY"
+        assert added.returncode == 0, added.stderr
+        ctl = str(parent / "wrapguard-fake" / "ctl.sock")
+        requests = world.server.stats.requests
+        assert world.python(FAKE_PROBE, WRAPGUARD_CTL=ctl) == "ENETUNREACH"
+        assert world.server.stats.requests == requests  # nor did it ask the real launcher
+    finally:
+        world.run(["ip", "addr", "del", "10.150.0.200/32", "dev", "lo"])
+        fake.kill()
+        out, err = fake.communicate(timeout=10)
+        shutil.rmtree(parent, ignore_errors=True)
+    assert "Traceback" not in err, err
+    got = [line.split() for line in out.splitlines() if line.startswith("conn")]
+    # The shim may connect (to learn who serves the socket), but sends not a byte.
+    assert all(conn[1] == "0" for conn in got), got
+    assert world.server.env()["WRAPGUARD_SECRET"] not in out
+
+
+def test_the_launchers_socket_through_a_symlink_is_not_trusted(world: World, tmp_path: Any) -> None:
+    # The shim checks ctl.sock's directory with lstat: a link (to anything) fails closed.
+    assert world.server.directory is not None and world.server.ctl_path is not None
+    link = tmp_path / "link"
+    link.symlink_to(world.server.directory)
+    code = """
+        import json, socket, sys
+        s = socket.socket()
+        print(json.dumps(s.connect_ex(("10.150.0.1", int(sys.argv[1])))))
+    """
+    requests = world.server.stats.requests
+    ctl = str(link / os.path.basename(world.server.ctl_path))
+    assert world.python(code, WRAPGUARD_CTL=ctl) == errno.ENETUNREACH
+    assert world.python(code, WRAPGUARD_CTL_PID="1") == errno.ENETUNREACH  # not the launcher
+    assert world.python(code, WRAPGUARD_CTL_PID="") == errno.ENETUNREACH  # unknown
+    assert world.server.stats.requests == requests
+    assert world.python(code) == 0  # the same, as the launcher set it up: tunnelled

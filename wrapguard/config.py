@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import select
 import stat
 from dataclasses import dataclass
 from enum import Enum, StrEnum
@@ -26,6 +27,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 MAX_CONFIG_BYTES = 1 << 20
+READ_IDLE = 1.0  # seconds a FIFO or terminal may keep us waiting for the config
 _KEY_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]*")
 DEFAULT_MTU = 1420
 MTU_MIN_V4 = 576  # RFC 791: every IPv4 host must accept 576-byte datagrams
@@ -554,16 +556,7 @@ def parse_config(text: str, path: str = "<config>") -> Config:
 def load_config(path: str) -> Config:
     """Read and parse a config file; warns (as a notice) if group or others can read it."""
     try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            if stat.S_ISDIR(st.st_mode):
-                raise ConfigError("is a directory, not a config file", path=path)
-            data = f.read(MAX_CONFIG_BYTES + 1)
-            if len(data) > MAX_CONFIG_BYTES:
-                raise ConfigError(
-                    f"is larger than {MAX_CONFIG_BYTES // 1024} KiB; not a WireGuard config",
-                    path=path,
-                )
+        st, data = _read_bounded(path)
     except FileNotFoundError:
         raise ConfigError("no such file", path=path) from None
     except IsADirectoryError:
@@ -587,6 +580,44 @@ def load_config(path: str) -> Config:
         )
         config = Config(config.interface, config.peers, config.path, (warning, *config.notices))
     return config
+
+
+def _read_bounded(path: str) -> tuple[os.stat_result, bytes]:
+    """The file's bytes, at most MAX_CONFIG_BYTES + 1 of them, without ever blocking for long:
+    a FIFO or terminal (process substitution `<(...)` is fine) must deliver within
+    READ_IDLE seconds, and a FIFO nobody writes to is an error, not a hang."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise ConfigError("is a directory, not a config file", path=path)
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_CONFIG_BYTES:
+            try:
+                chunk = os.read(fd, MAX_CONFIG_BYTES + 1 - size)
+            except BlockingIOError:
+                if not select.select([fd], [], [], READ_IDLE)[0]:
+                    raise ConfigError(
+                        f"nothing to read within {READ_IDLE:g} s (a FIFO or terminal?); "
+                        "give the path of a config file",
+                        path=path,
+                    ) from None
+                continue
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"is larger than {MAX_CONFIG_BYTES // 1024} KiB; not a WireGuard config", path=path
+        )
+    if not data and stat.S_ISFIFO(st.st_mode):
+        raise ConfigError("is a FIFO with no writer: give the path of a config file", path=path)
+    return st, data
 
 
 # ------------------------------------------------------------------------------ CLI values

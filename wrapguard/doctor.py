@@ -2,11 +2,14 @@
 
 One `doctor:` line per check on stdout, each failure with advice; exit 0 when nothing failed
 (warnings do not fail), 1 otherwise. The checks never send network traffic: endpoint names are
-resolved, nothing is connected.
+resolved, nothing is connected. A target's libraries are found from its ELF headers (DT_NEEDED,
+as the loader would search them), never by running it, to report DNS resolver libraries.
 """
 
 from __future__ import annotations
 
+import functools
+import glob
 import os
 import platform
 import shutil
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from wrapguard import shim
-from wrapguard.elf import NotElf, read_elf
+from wrapguard.elf import ElfInfo, NotElf, describe_identity, read_elf, read_file_caps
 from wrapguard.errors import WrapguardError
 
 if TYPE_CHECKING:
@@ -83,7 +86,8 @@ def _interpreter_of(path: str) -> str | None:
     return words[0]
 
 
-def check_target(target: str) -> list[Finding]:
+def check_target(target: str, dns: bool | None = None) -> list[Finding]:
+    """The target and what it runs; `dns`: whether the config has DNS= (None: no config)."""
     path = target if "/" in target else shutil.which(target)
     if path is None or not os.path.exists(path):
         return [
@@ -94,7 +98,7 @@ def check_target(target: str) -> list[Finding]:
     current = os.path.realpath(path)
     while current not in seen:
         seen.add(current)
-        findings.extend(_check_binary(target, current))
+        findings.extend(_check_binary(target, current, dns))
         nxt = _interpreter_of(current)
         if nxt is None:
             break
@@ -103,22 +107,18 @@ def check_target(target: str) -> list[Finding]:
     return findings
 
 
-def _check_binary(target: str, path: str) -> list[Finding]:
+def _check_binary(target: str, path: str, dns: bool | None = None) -> list[Finding]:
     out = []
     try:
         st = os.stat(path)
     except OSError as exc:
         return [Finding(FAIL, "target", f"{path}: {exc.strerror}", "check permissions")]
-    if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
-        out.append(
-            Finding(
-                FAIL,
-                "target",
-                f"{path} is setuid/setgid: the loader drops "
-                "LD_PRELOAD for it, so its traffic would bypass the tunnel",
-                "run a copy without the setuid bit, or another program",
-            )
-        )
+    if _interpreter_of(path) is None:  # a script's own setuid bits and capabilities are ignored
+        secure = check_secure_exec(path, st)
+        if secure is not None and secure.status == FAIL:
+            return [secure]  # whatever else it is, the shim will not be in it
+        if secure is not None:
+            out.append(secure)
     try:
         info = read_elf(path)
     except NotElf:
@@ -134,7 +134,19 @@ def _check_binary(target: str, path: str) -> list[Finding]:
         return out
     except OSError as exc:
         return [Finding(FAIL, "target", f"{path}: {exc.strerror}", "check permissions")]
-    if info.is_go:
+    ours = _shim_identity()
+    if ours is not None and info.identity != ours:
+        out.append(
+            Finding(
+                FAIL,
+                "target",
+                f"{path} is a {describe_identity(info.identity)} program and the shim is "
+                f"{describe_identity(ours)}: the loader cannot load the shim into it, so its "
+                "traffic would bypass the tunnel",
+                f"use a {describe_identity(ours)} build of the program",
+            )
+        )
+    elif info.is_go:
         out.append(
             Finding(
                 FAIL,
@@ -162,6 +174,209 @@ def _check_binary(target: str, path: str) -> list[Finding]:
                 f"{path} is dynamically linked ({info.interpreter}); the shim can load into it",
             )
         )
+        out.extend(check_resolvers(path, info, dns))
+    return out
+
+
+# -- secure-execution mode -------------------------------------------------------------------
+SECURE = (
+    "the kernel runs it in secure-execution mode, where the loader ignores LD_PRELOAD, "
+    "so its traffic would bypass the tunnel"
+)
+
+
+def _own_status() -> tuple[bool, int]:
+    """(no_new_privs, the inheritable capability set) of this process, which the programs it
+    starts inherit; without /proc: (False, every capability), the cautious answer."""
+    nnp, inheritable = False, -1
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key == "NoNewPrivs":
+                    nnp = value.strip() == "1"
+                elif key == "CapInh":
+                    inheritable = int(value, 16)
+    except (OSError, ValueError):
+        pass
+    return nnp, inheritable
+
+
+def check_secure_exec(path: str, st: os.stat_result) -> Finding | None:
+    """Will the kernel run `path` in secure-execution mode (AT_SECURE) for a program we start?
+    As security/commoncap.c (cap_bprm_creds_from_file) decides: when the exec changes the
+    effective ids (a setuid/setgid bit it honours: not on a nosuid mount, not under
+    no_new_privs, and only to another id than our real one; or our own effective and real ids
+    differ), or file capabilities grant something to a caller whose real uid is not 0.
+    csrc/exec.c applies the same rule to what a wrapped program execs."""
+    ruid, euid, _ = os.getresuid()
+    rgid, egid, _ = os.getresgid()
+    try:
+        nosuid = bool(os.statvfs(path).f_flag & os.ST_NOSUID)
+    except OSError:
+        nosuid = False
+    nnp, inheritable = _own_status()
+    honoured = not nosuid and not nnp
+    setuid = bool(st.st_mode & stat.S_ISUID)
+    # setgid without group execute marks mandatory locking, not setgid (fs/exec.c)
+    setgid = st.st_mode & (stat.S_ISGID | stat.S_IXGRP) == stat.S_ISGID | stat.S_IXGRP
+    new_euid = st.st_uid if setuid and honoured else euid
+    new_egid = st.st_gid if setgid and honoured else egid
+    caps = read_file_caps(path)
+    granting = caps is not None and caps.grants(inheritable)
+    if new_euid != ruid or new_egid != rgid:
+        copy = " (a plain `cp` makes one), or another program"
+        if setuid and honoured and new_euid != ruid:
+            what, advice = f"is setuid to uid {st.st_uid}", f"run a copy without the bit{copy}"
+        elif setgid and honoured and new_egid != rgid:
+            what, advice = f"is setgid to gid {st.st_gid}", f"run a copy without the bit{copy}"
+        else:
+            what = f"would start with effective ids {euid}/{egid} but real ids {ruid}/{rgid}"
+            advice = "run wrapguard with equal real and effective user and group ids"
+        return Finding(FAIL, "target", f"{path} {what}: {SECURE}", advice)
+    if granting and ruid != 0 and not nosuid:
+        return Finding(
+            FAIL,
+            "target",
+            f"{path} has file capabilities ({caps}): {SECURE}",
+            "run a copy without them (a plain `cp` drops them), or another program",
+        )
+    special = [f"the {w} bit" for w, on in (("setuid", setuid), ("setgid", setgid)) if on]
+    if granting:
+        special.append(f"file capabilities ({caps})")
+    if not special:
+        return None
+    why = (
+        "its filesystem is mounted nosuid" if nosuid
+        else "no_new_privs is set" if nnp and (setuid or setgid) and not granting
+        else "the bit names our own id" if not granting
+        else "we run as root"
+    )  # fmt: skip
+    detail = f"{path} has {' and '.join(special)}, but runs in normal mode here ({why})"
+    return Finding(OK, "target", f"{detail}: the shim can load into it")
+
+
+@functools.cache
+def _shim_identity() -> tuple[int, int, int] | None:
+    """The shim's ELF class, byte order and machine (what it can be loaded into)."""
+    try:
+        return read_elf(shim.shim_path()).identity
+    except (WrapguardError, OSError, NotElf):
+        return None
+
+
+# -- resolver libraries ----------------------------------------------------------------------
+# Libraries that read /etc/resolv.conf and send their own DNS queries instead of calling
+# getaddrinfo (node's dns.resolve*, aria2c, BIND's dig/host/nslookup), by soname prefix.
+RESOLVER_LIBS = {
+    "libcares.so": "c-ares",
+    "libdns-": "BIND 9's libdns",
+    "libdns.so": "BIND 9's libdns",
+    "libunbound.so": "libunbound",
+    "libldns.so": "ldns",
+    "libgetdns.so": "getdns",
+}
+CARES_SYMBOLS = frozenset({"ares_init_options", "ares_library_init", "ares_init"})  # built in
+# glibc's resolver API is answered inside libc, where the shim cannot see its sockets.
+RES_SYMBOLS = frozenset(
+    {"res_query", "res_search", "res_send", "res_nquery", "res_nsearch", "res_nsend"}
+    | {"__res_query", "__res_search", "__res_send", "__res_nquery", "__res_nsearch"}
+)
+MAX_LIBRARIES = 400  # bounds the walk through a target's dependencies
+
+
+def _ld_conf_dirs(path: str = "/etc/ld.so.conf", depth: int = 0) -> list[str]:
+    """The directories /etc/ld.so.conf lists (with its `include` globs), in order."""
+    dirs: list[str] = []
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return dirs
+    for line in lines:
+        line = line.split("#", 1)[0].strip()
+        if line.startswith("include ") and depth < 4:
+            pattern = line.split(None, 1)[1]
+            if not os.path.isabs(pattern):
+                pattern = os.path.join(os.path.dirname(path), pattern)
+            for inc in sorted(glob.glob(pattern)):
+                dirs += _ld_conf_dirs(inc, depth + 1)
+        elif line.startswith("/"):
+            dirs.append(line)
+    return dirs
+
+
+def _libraries(path: str, info: ElfInfo) -> list[tuple[str, str | None]]:
+    """Every library the target loads, as (soname, the library that needs it or None for
+    the target itself), breadth first, searched as ld.so(8) does (its cache aside)."""
+    default = [*_ld_conf_dirs(), "/lib64", "/usr/lib64", "/lib", "/usr/lib"]
+    env = [d for d in os.environ.get("LD_LIBRARY_PATH", "").split(":") if d]
+    out: list[tuple[str, str | None]] = []
+    seen: set[str] = set()
+    queue: list[tuple[str | None, str, ElfInfo]] = [(None, os.path.dirname(path), info)]
+    while queue and len(out) < MAX_LIBRARIES:
+        parent, origin, elf = queue.pop(0)
+        runpath = [d.replace("${ORIGIN}", origin).replace("$ORIGIN", origin) for d in elf.runpath]
+        for soname in elf.needed:
+            if soname in seen:
+                continue
+            seen.add(soname)
+            out.append((soname, parent))
+            for d in [*env, *runpath, *default]:
+                candidate = os.path.join(d, soname)
+                try:
+                    lib = read_elf(candidate)
+                except (OSError, NotElf):
+                    continue
+                queue.append((soname, os.path.dirname(os.path.realpath(candidate)), lib))
+                break
+    return out
+
+
+def _resolver_libraries(path: str, info: ElfInfo) -> list[str]:
+    """What sends its own DNS queries in the target: "c-ares (libcares.so.2, via X)"..."""
+    found = []
+    for soname, parent in _libraries(path, info):
+        kind = next((k for p, k in RESOLVER_LIBS.items() if soname.startswith(p)), None)
+        if kind is not None:
+            found.append(f"{kind} ({soname}{f', via {parent}' if parent else ''})")
+    if CARES_SYMBOLS & info.symbols and not any(f.startswith("c-ares") for f in found):
+        found.append("c-ares (built in)")
+    return found
+
+
+def check_resolvers(path: str, info: ElfInfo, dns: bool | None) -> list[Finding]:
+    """DNS resolver libraries in the target, and what happens to their queries."""
+    out = []
+    libs = _resolver_libraries(path, info)
+    if libs:
+        what = f"{path} uses {', '.join(libs)}, which sends its own DNS queries"
+        if dns:
+            detail = f"{what}: with DNS= set, its port-53 queries are answered through the tunnel"
+            out.append(Finding(OK, "resolver", detail))
+        elif dns is None:
+            detail = (
+                f"{what}: with DNS= in the config its port-53 queries are answered through the "
+                "tunnel; without DNS= they go to the host resolver, outside the tunnel"
+            )
+            advice = "give --config to check, and set DNS = <a resolver inside the tunnel>"
+            out.append(Finding(WARN, "resolver", detail, advice))
+        else:
+            detail = (
+                f"{what}: without DNS= in the config they go to the host resolver "
+                "(/etc/resolv.conf), outside the tunnel"
+            )
+            advice = "add DNS = <a resolver inside the tunnel>: they are then answered through it"
+            out.append(Finding(WARN, "resolver", detail, advice))
+    res = sorted(RES_SYMBOLS & info.symbols)
+    if res:
+        detail = (
+            f"{path} calls glibc's resolver API ({', '.join(res)}): those lookups are made "
+            "inside libc, where the shim cannot see them, and go to the host's resolv.conf "
+            "servers, outside the tunnel"
+        )
+        advice = "avoid the feature that uses it inside the tunnel (e.g. ssh VerifyHostKeyDNS)"
+        out.append(Finding(WARN, "resolver", detail, advice))
     return out
 
 
@@ -220,6 +435,18 @@ def check_config(config_path: str) -> list[Finding]:
     return out
 
 
+def _config_has_dns(config_path: str | None) -> bool | None:
+    """Whether the config sets DNS= (None: no config, or one that does not load)."""
+    from wrapguard.config import load_config
+
+    if config_path is None:
+        return None
+    try:
+        return bool(load_config(config_path).interface.dns_servers)
+    except WrapguardError:
+        return None
+
+
 def check_channel_dir() -> Finding:
     base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
     try:
@@ -246,7 +473,7 @@ def check_channel_dir() -> Finding:
 def run_doctor(opts: Options) -> int:
     findings = [check_platform(), check_shim(), check_channel_dir()]
     if opts.doctor:
-        findings.extend(check_target(opts.doctor))
+        findings.extend(check_target(opts.doctor, _config_has_dns(opts.config_path)))
     if opts.config_path is not None:
         findings.extend(check_config(opts.config_path))
     for f in findings:

@@ -26,8 +26,16 @@ class Plan:
 
 def prepare(opts: Options) -> Plan:
     assert opts.config_path is not None  # cli._validate guarantees it
+    from wrapguard.runtime.lifetime import make_undumpable
+
+    make_undumpable()  # before the private key is read into memory
     logger = log.get()
     config = load_config(opts.config_path)
+    if not config.peers:
+        raise WrapguardError(
+            f"{opts.config_path}: no [Peer] section: nothing could go through the tunnel "
+            "(add the peer's PublicKey, Endpoint and AllowedIPs)"
+        )
     for notice in config.notices:
         fields = {"file": notice.path, "line": notice.line, "key": notice.key}
         if notice.level == "warning":
@@ -40,7 +48,9 @@ def prepare(opts: Options) -> Plan:
 
 
 def check_wrappable(target: str) -> None:
-    """Refuse, before anything starts, a program the shim cannot see (fail closed)."""
+    """Refuse, before anything starts, a program the shim cannot see (fail closed): one the
+    kernel runs in secure-execution mode (setuid/setgid, file capabilities), a static, Go or
+    foreign-architecture one (doctor.check_target; csrc/exec.c refuses the same at exec)."""
     from wrapguard.doctor import FAIL, check_target
 
     for finding in check_target(target):
@@ -49,11 +59,18 @@ def check_wrappable(target: str) -> None:
 
 
 def run_child(plan: Plan) -> int:
+    """Run the command in the tunnel. The tunnel lives on in a forked launcher while processes
+    the command left behind still run; this process returns the command's status
+    (runtime/lifetime.py)."""
     from wrapguard.runtime.launcher import run
+    from wrapguard.runtime.lifetime import split
 
-    assert plan.executable is not None
-    check_wrappable(plan.executable)
-    return run(plan.config, plan.routing, plan.options.command, plan.executable)
+    executable = plan.executable
+    assert executable is not None
+    check_wrappable(executable)
+    return split(
+        lambda link: run(plan.config, plan.routing, plan.options.command, executable, link)
+    )
 
 
 def run_self_test(plan: Plan) -> int:

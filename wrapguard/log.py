@@ -9,6 +9,7 @@ says it holds one, as a second line of defence.
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import os
 import sys
@@ -71,6 +72,22 @@ class _LineWriter:
     debug = info = warning = warn = error = critical = exception = log = msg
 
 
+def _open_log(path: str) -> int:
+    """Open the log for appending (0600 if new). A symlink is followed only when it belongs
+    to us or to root: one planted by another user (in /tmp, say) must not make us append to
+    a file of its choosing."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+    owner = os.lstat(path).st_uid
+    if owner not in (os.geteuid(), 0):
+        raise OSError(errno.EPERM, "it is a symlink owned by another user")
+    return os.open(path, flags, 0o600)
+
+
 def setup(level: str = "info", log_file: str | None = None) -> None:
     """Configure logging once, at startup. Raises OSError if the log file cannot be opened."""
     global _stream
@@ -78,7 +95,7 @@ def setup(level: str = "info", log_file: str | None = None) -> None:
     # created 0600: it names peers, endpoints and destinations.
     _stream = None
     if log_file is not None:
-        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        fd = _open_log(log_file)
         _stream = os.fdopen(fd, "a", encoding="utf-8", buffering=1)
     structlog.configure(
         processors=[

@@ -45,12 +45,13 @@ def parse_target(text: str) -> tuple[IPAddress, int]:
     host, sep, port = text.rpartition(":")
     host = host.strip("[]")
     try:
-        if not sep:
+        if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
             raise ValueError
         return ipaddress.ip_address(host), int(port)
     except ValueError:
         raise UsageError(
-            f"--self-test {text}: expected IP:PORT, e.g. 10.150.0.1:80 or [fd15::1]:80"
+            f"--self-test {text}: expected IP:PORT with a port from 1 to 65535, "
+            "e.g. 10.150.0.1:80 or [fd15::1]:80"
         ) from None
 
 
@@ -74,7 +75,9 @@ def first_peer_address(plan: Plan) -> IPAddress | None:
     net = peer.allowed_ips[0]
     if net.num_addresses == 1:
         return net.network_address
-    return next(iter(net.hosts()), None)
+    for host in net.hosts():
+        return host
+    return None
 
 
 async def _run(plan: Plan, target: tuple[IPAddress, int] | None) -> int:

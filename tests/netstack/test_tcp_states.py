@@ -473,6 +473,24 @@ def test_zero_window_probe(make_raw):
     assert data.seq == ISS + 1 and len(data.payload) == 128
 
 
+def test_zero_window_probes_to_a_dead_peer_end_with_etimedout(make_raw):
+    """RFC 9293 3.8.6.1: open while probes are answered; unanswered ones are limited."""
+    raw = make_raw(config=TcpConfig(max_retries=3))
+    cid = passive(raw)
+    raw.send(ACK, P + 1, ISS + 1, window=0)
+    raw.stack.send(cid, b"y" * 500, 0.0)
+    for _ in range(5):  # an answered probe (the window still zero) resets the count
+        assert len(raw.advance(61.0)) == 1
+        raw.send(ACK, P + 1, ISS + 1, window=0)
+    raw.drain()
+    raw.events.clear()
+    probes = 0
+    for _ in range(10):  # the peer is gone: three more probes, then the connection ends
+        probes += len(raw.advance(61.0))
+    assert probes == 3
+    assert raw.drain() == [Reset(cid, errno.ETIMEDOUT), Closed(cid)]
+
+
 def test_receive_window_closes_and_reopens(make_raw):
     raw = make_raw(config=TcpConfig(rcv_buf=4 * 1380))
     cid = passive(raw, opts=TcpOptions(mss=1380))  # no window scaling

@@ -195,6 +195,20 @@ class Rig:
             for p in wg.peers
         )
 
+    def move_peer(self, new_v4: str) -> None:
+        """Give the peer's veth the IPv4 address `new_v4` (198.18.N.x) instead of its current
+        one, as a host whose address changes (wireguard-go listens on all addresses).
+        `rig.peer.veth_v4` (and `peer_endpoint`) follow. The old address goes first: deleting
+        a primary address also deletes the secondaries of its subnet (promote_secondaries=0)."""
+        p = self.peer
+        with p.ns.iproute() as ipr:
+            idx = ipr.link_lookup(ifname=f"wgr{self.id}b")[0]
+            ipr.addr("del", index=idx, address=p.veth_v4, prefixlen=24)
+            ipr.addr("add", index=idx, address=new_v4, prefixlen=24)
+            have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=idx, family=2)}
+        assert have == {new_v4}, have
+        p.veth_v4 = new_v4
+
     def reset_peer(self) -> None:
         """Make the peer forget its sessions with us (our [Peer] removed and loaded again):
         the next packet either way starts a fresh handshake, with no Rekey-Timeout wait."""

@@ -180,6 +180,18 @@ class Netns:
         d.mkdir(parents=True, exist_ok=True)
         (d / "resolv.conf").write_text(text)
 
+    def hosts(self, text: str) -> None:
+        """Set /etc/hosts as seen by processes started with run()/popen()/python().
+
+        Written in place, never by rename: `ip netns exec` bind-mounts this file over
+        /etc/hosts when a process starts, which pins its inode, so a process already running
+        sees the new text only if the same file changes. It must exist before that process
+        starts."""
+        d = NETNS_ETC / self.name
+        d.mkdir(parents=True, exist_ok=True)
+        with open(d / "hosts", "w") as f:  # O_TRUNC: the same inode
+            f.write(text)
+
     # -- processes --------------------------------------------------------------------------
     def _argv(self, argv: Sequence[str | os.PathLike[str]]) -> list[str]:
         return ["ip", "netns", "exec", self.name, *(os.fspath(a) for a in argv)]

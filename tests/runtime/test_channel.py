@@ -1,4 +1,5 @@
-"""The channel server: private socket, secret and uid checks, one-time tokens, replies."""
+"""The channel server: private socket, secret and uid checks, one-time tokens, replies, and
+the data listener's announced loopback ports (only those get in: `synfilter`)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from typing import Any
 
 import pytest
 
-from wrapguard.errors import DecodeError
+from wrapguard.errors import DecodeError, WrapguardError
 from wrapguard.runtime import channel as channel_mod
+from wrapguard.runtime import synfilter
 from wrapguard.runtime.channel import ChannelServer, Decision
 from wrapguard.wire.ipc import (
     Action,
@@ -155,6 +157,34 @@ async def ask(server: ChannelServer, req: Request, secret: bytes = SECRET) -> Re
     return parse_reply(await raw(server.ctl_path, emit_request(req, secret)))
 
 
+def bound(host: str = "127.0.0.1") -> socket.socket:
+    """A non-blocking socket bound to a loopback port, as the shim binds the program's socket
+    before CONNECT; its port goes into ConnectRequest.lo_port."""
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    s.bind((host, 0))
+    s.setblocking(False)
+    return s
+
+
+def lo_port(sock: socket.socket) -> int:
+    return int(sock.getsockname()[1])
+
+
+async def connect_data(
+    server: ChannelServer, sock: socket.socket, host: str = "127.0.0.1", timeout: float = 5
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect `sock` to the data listener (TimeoutError if the SYN gets no answer)."""
+    loop = asyncio.get_running_loop()
+    await asyncio.wait_for(loop.sock_connect(sock, (host, server.data_port)), timeout)
+    return await asyncio.open_connection(sock=sock)
+
+
+async def tunnel(server: ChannelServer, sock: socket.socket, dst: Address = DST) -> ConnectReply:
+    rep = await ask(server, ConnectRequest(Proto.TCP, dst, lo_port=lo_port(sock)))
+    assert isinstance(rep, ConnectReply) and rep.action is Action.TUNNEL, rep
+    return rep
+
+
 def run_with_server(
     body: Callable[[ChannelServer, Backend], Awaitable[None]],
     tmp_path: Path,
@@ -192,6 +222,9 @@ def test_directory_and_socket_are_private_and_removed(tmp_path: Path) -> None:
     assert env["WRAPGUARD_CTL"] == seen["sock"]
     assert bytes.fromhex(env["WRAPGUARD_SECRET"]) == SECRET
     assert env["WRAPGUARD_ADDRS"] == "10.150.0.2"
+    # Who serves ctl.sock, for the shim to check (SO_PEERCRED and the directory's owner).
+    assert env["WRAPGUARD_CTL_PID"] == str(os.getpid())
+    assert env["WRAPGUARD_CTL_UID"] == str(os.geteuid())
     assert SECRET.hex() not in repr(ChannelServer(Backend(), secret=SECRET, uid=0))
 
 
@@ -224,12 +257,12 @@ def test_directory_is_removed_on_every_exit_path(tmp_path: Path) -> None:
 
 def test_connect_tunnel_token_status_and_single_use(tmp_path: Path) -> None:
     async def body(server: ChannelServer, backend: Backend) -> None:
-        rep = await ask(server, ConnectRequest(Proto.TCP, DST))
-        assert isinstance(rep, ConnectReply) and rep.action is Action.TUNNEL
+        s4, s6 = bound(), bound("::1")
+        rep = await tunnel(server, s4)
         assert rep.loopback == Address(IPv4Address("127.0.0.1"), server.data_port)
         assert rep.source == SRC and len(rep.token) == 16
-        rep6 = await ask(server, ConnectRequest(Proto.TCP, Address(IPv6Address("fd15::1"), 80)))
-        assert isinstance(rep6, ConnectReply) and rep6.loopback is not None
+        rep6 = await tunnel(server, s6, Address(IPv6Address("fd15::1"), 80))
+        assert rep6.loopback is not None
         assert rep6.loopback.ip == IPv6Address("::1") and rep6.loopback.port == server.data_port
 
         pending = await ask(server, StatusRequest(rep.token, wait=False))
@@ -242,13 +275,15 @@ def test_connect_tunnel_token_status_and_single_use(tmp_path: Path) -> None:
         unknown = await ask(server, StatusRequest(bytes(16), wait=True))
         assert unknown == StatusReply(StatusAction.DONE, errno.ENOTCONN)
 
-        for host in ("127.0.0.1", "::1"):
-            r, w = await asyncio.open_connection(host, server.data_port)
-            w.write(rep.token if host == "127.0.0.1" else rep6.token)
+        for sock, host, token in ((s4, "127.0.0.1", rep.token), (s6, "::1", rep6.token)):
+            r, w = await connect_data(server, sock, host)
+            w.write(token)
             assert await asyncio.wait_for(r.read(), 5) == b"attached"
             w.close()
         assert backend.attached == [rep.token, rep6.token]
-        r, w = await asyncio.open_connection("127.0.0.1", server.data_port)
+        s3 = bound()
+        await tunnel(server, s3)
+        r, w = await connect_data(server, s3)
         w.write(rep.token)  # a token is single use
         assert await asyncio.wait_for(r.read(), 5) == b""
         w.close()
@@ -387,11 +422,14 @@ def test_wrong_or_missing_token_is_rejected_and_counted(
     monkeypatch.setattr(channel_mod, "LOCAL_STEP_TIMEOUT", 0.3)
 
     async def body(server: ChannelServer, backend: Backend) -> None:
-        r, w = await asyncio.open_connection("127.0.0.1", server.data_port)
+        s1, s2 = bound(), bound()
+        await tunnel(server, s1)
+        await tunnel(server, s2)
+        r, w = await connect_data(server, s1)
         w.write(b"GET / HTTP/1.0\r\n")  # 16 bytes, not a token
         assert await asyncio.wait_for(r.read(), 5) == b""
         w.close()
-        r, w = await asyncio.open_connection("127.0.0.1", server.data_port)
+        r, w = await connect_data(server, s2)
         assert await asyncio.wait_for(r.read(), 5) == b""  # silent: closed after the deadline
         w.close()
         await asyncio.sleep(0.05)
@@ -403,14 +441,13 @@ def test_wrong_or_missing_token_is_rejected_and_counted(
 
 def test_tokens_never_used_expire_and_are_counted(tmp_path: Path) -> None:
     async def body(server: ChannelServer, backend: Backend) -> None:
-        rep = await ask(server, ConnectRequest(Proto.TCP, DST))
-        assert isinstance(rep, ConnectReply)
+        sock = bound()
+        rep = await tunnel(server, sock)
         await asyncio.sleep(0.4)
         assert server.stats.unused_token == 1 and backend.expired == [rep.token]
-        r, w = await asyncio.open_connection("127.0.0.1", server.data_port)
-        w.write(rep.token)
-        assert await asyncio.wait_for(r.read(), 5) == b""
-        w.close()
+        with pytest.raises(TimeoutError):  # its port is no longer let in: no SYN-ACK
+            await connect_data(server, sock, timeout=1.5)
+        sock.close()
 
     run_with_server(body, tmp_path, token_ttl=0.2)
 
@@ -503,3 +540,158 @@ def test_malformed_resolve_frames_raise_decode_error() -> None:
     zero = found[:12] + bytes([0]) + found[13:]
     with pytest.raises(DecodeError):
         parse_reply(zero)
+
+
+# -- announced loopback ports: another local user's flood never reaches the accept queue --------
+
+
+def test_only_announced_ports_get_past_the_kernel_filter(tmp_path: Path) -> None:
+    async def body(server: ChannelServer, backend: Backend) -> None:
+        stranger = bound()
+        with pytest.raises(TimeoutError):  # the SYN is dropped: no SYN-ACK, nothing accepted
+            await connect_data(server, stranger, timeout=1.5)
+        stranger.close()
+        for host in ("::1", "127.0.0.1"):
+            ours = bound(host)
+            port = lo_port(ours)
+            rep = await tunnel(server, ours)
+            r, w = await connect_data(server, ours, host)
+            w.write(rep.token)
+            assert await asyncio.wait_for(r.read(), 5) == b"attached"
+            w.close()
+        # Used: the port is let in no more (the filter is updated once per loop iteration).
+        await asyncio.sleep(0.05)
+        again = socket.socket()
+        again.setblocking(False)
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # ours may be in TIME_WAIT
+        again.bind(("127.0.0.1", port))
+        with pytest.raises(TimeoutError):
+            await connect_data(server, again, timeout=1.5)
+        again.close()
+        assert server.stats.unannounced == 0 and len(backend.attached) == 2
+
+    run_with_server(body, tmp_path)
+
+
+def test_without_the_kernel_filter_unannounced_connections_are_reset_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(sock: socket.socket, prog: bytes) -> None:
+        raise OSError(errno.ENOMEM, "optmem")
+
+    monkeypatch.setattr(synfilter, "attach", refuse)
+
+    async def body(server: ChannelServer, backend: Backend) -> None:
+        stranger = bound()
+        with pytest.raises(ConnectionResetError):  # accepted, then reset without a read
+            r, w = await connect_data(server, stranger)
+            try:
+                await asyncio.wait_for(r.read(), 5)
+            finally:
+                w.close()
+        stranger.close()
+        ours = bound()
+        rep = await tunnel(server, ours)
+        r, w = await connect_data(server, ours)
+        w.write(rep.token)
+        assert await asyncio.wait_for(r.read(), 5) == b"attached"
+        w.close()
+        assert server.stats.unannounced == 1 and backend.attached == [rep.token]
+
+    run_with_server(body, tmp_path)
+
+
+def test_a_token_from_another_port_than_announced_is_refused(tmp_path: Path) -> None:
+    async def body(server: ChannelServer, backend: Backend) -> None:
+        a, b = bound(), bound()
+        rep_a = await tunnel(server, a)
+        await tunnel(server, b)
+        r, w = await connect_data(server, b)
+        w.write(rep_a.token)  # a's token from b's socket
+        assert await asyncio.wait_for(r.read(), 5) == b""
+        w.close()
+        await asyncio.sleep(0.05)
+        assert server.stats.bad_token == 1 and backend.attached == []
+        assert backend.expired == [rep_a.token]  # its tunnel connection is abandoned
+
+    run_with_server(body, tmp_path)
+
+
+def test_an_unannounced_port_lets_any_port_in_while_its_token_is_out(tmp_path: Path) -> None:
+    # The shim could not bind the socket (IP_BIND_ADDRESS_NO_PORT): CONNECT without lo_port.
+    async def body(server: ChannelServer, backend: Backend) -> None:
+        rep = await ask(server, ConnectRequest(Proto.TCP, DST))
+        assert isinstance(rep, ConnectReply) and rep.action is Action.TUNNEL
+        r, w = await connect_data(server, bound())
+        w.write(rep.token)
+        assert await asyncio.wait_for(r.read(), 5) == b"attached"
+        w.close()
+        await asyncio.sleep(0.05)
+        with pytest.raises(TimeoutError):  # the token is used: strangers are out again
+            await connect_data(server, bound(), timeout=1.5)
+
+    run_with_server(body, tmp_path)
+
+
+def test_filter_program() -> None:
+    # ldh [0] (the TCP source port); per port: jeq #port, 0, 1 and ret #-1; then ret #0.
+    assert synfilter.program([]) == bytes.fromhex("28000000 00000000 06000000 00000000")
+    one = synfilter.program([0x1234])
+    assert len(one) == 4 * 8
+    assert one[8:16] == bytes([0x15, 0, 0, 1]) + (0x1234).to_bytes(4, sys.byteorder)
+    assert one[16:24] == bytes([0x06, 0, 0, 0]) + b"\xff\xff\xff\xff"
+    everything = bytes([0x06, 0, 0, 0]) + b"\xff\xff\xff\xff"
+    assert synfilter.program(None) == everything
+    assert synfilter.program(range(1, synfilter.MAX_PORTS + 2)) == everything
+
+
+# -- where the private directory goes: never under a parent another user can write -----------
+
+
+def test_an_unsafe_parent_is_skipped_or_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)  # world-writable, not sticky: anyone may rename our directory
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)  # as /tmp
+    assert channel_mod._unsafe(str(open_dir)) == "writable by other users and not sticky"
+    assert channel_mod._unsafe(str(sticky)) is None
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(open_dir))
+    monkeypatch.setenv("TMPDIR", str(sticky))
+    monkeypatch.setattr(channel_mod.tempfile, "tempdir", None)  # gettempdir() caches
+    assert channel_mod._runtime_parent() == str(sticky)
+    with pytest.raises(WrapguardError, match="writable by other users"):
+        run_with_server(lambda server, backend: asyncio.sleep(0), open_dir)
+
+
+@pytest.mark.root
+def test_a_parent_owned_by_another_user_is_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    theirs = tmp_path / "run-user-65534"  # su without -: XDG_RUNTIME_DIR is still theirs
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)
+    theirs.chmod(0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(theirs))
+    assert channel_mod._unsafe(str(theirs)) == "owned by uid 65534"
+    seen: list[str] = []
+
+    async def body(server: ChannelServer, backend: Backend) -> None:
+        assert server.directory is not None
+        seen.append(server.directory)
+
+    backend = Backend()
+    server = ChannelServer(backend, secret=SECRET, uid=os.getuid())
+
+    async def main() -> None:
+        await server.start()
+        try:
+            await body(server, backend)
+        finally:
+            server.close()
+
+    asyncio.run(main())
+    assert seen and not seen[0].startswith(str(theirs))

@@ -280,9 +280,11 @@ FAMILY_SERVER = """
 
 def test_listener_family_is_respected(rig: Rig, tmp_path: Path) -> None:
     conf = rig.write_client_config(tmp_path / "c.conf", keepalive=25)
+    log = tmp_path / "wg.log"
     proc = popen_wrapped(
-        rig.client, conf, py(FAMILY_SERVER), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
-    )
+        rig.client, conf, py(FAMILY_SERVER), extra=["--log-file", str(log)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
     client = textwrap.dedent(
         """
         import json, socket, sys, time
@@ -315,6 +317,13 @@ def test_listener_family_is_respected(rig: Rig, tmp_path: Path) -> None:
             f"{v4} 8087": f"8087 {p4}",
             f"{v6} 8087": f"8087 {p6}",
         }
+        # The log names only the addresses each listener takes (last line per port).
+        said = {
+            e["port"]: e["addresses"]
+            for e in map(json.loads, log.read_text().splitlines())
+            if e["message"] == "listening on the tunnel"
+        }
+        assert said == {8084: [v4], 8085: [v6], 8087: [v4, v6]}, said
     finally:
         proc.kill()
         proc.wait(10)

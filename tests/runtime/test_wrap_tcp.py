@@ -512,20 +512,21 @@ def test_implicit_connects_never_leak(rig: Rig, tmp_path: Path, probe: str) -> N
 
 
 def test_connect_after_the_launcher_is_gone_fails_closed(rig: Rig, tmp_path: Path) -> None:
-    """A grandchild outliving wrapguard must not reach a tunnelled destination directly, even
-    with a real route to it (as a host with a default route has)."""
+    """A grandchild outliving its launcher (killed with SIGKILL while it serves in the
+    background) must not reach a tunnelled destination directly, even with a real route to
+    it (as a host with a default route has)."""
     rig.client.run(["ip", "route", "add", "10.150.0.0/24", "via", rig.peer.veth_v4])
     conf = rig.write_client_config(tmp_path / "c.conf")
-    out = tmp_path / "late.txt"
+    out, go, log = tmp_path / "late.txt", tmp_path / "go", tmp_path / "wg.log"
     late = textwrap.dedent(
         f"""
         import os, socket, time
 
         def attempt():
-            end = time.monotonic() + 10
-            while os.path.exists(os.environ["WRAPGUARD_CTL"]):  # until the launcher is gone
+            end = time.monotonic() + 20
+            while not os.path.exists({str(go)!r}):  # until the test killed the launcher
                 if time.monotonic() > end:
-                    return "the launcher did not exit"
+                    return "no go from the test"
                 time.sleep(0.05)
             try:
                 addr = ({rig.peer_tunnel_v4!r}, {rig.tcp_echo_port})
@@ -539,13 +540,18 @@ def test_connect_after_the_launcher_is_gone_fails_closed(rig: Rig, tmp_path: Pat
         """
     )
     script = f'{sys.executable} -c "$LATE" </dev/null >/dev/null 2>&1 & exit 0'
-    r = rig.client.run(
-        wrap_argv(conf, ["sh", "-c", script]),
-        check=False,
-        timeout=30,
+    proc = rig.client.popen(
+        wrap_argv(conf, ["sh", "-c", script], ["--log-file", str(log)]),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
         env={**Netns.python_env(), "LATE": late},
     )
-    assert r.returncode == 0, explain(r)
+    assert proc.wait(30) == 0, log.read_text()
+    bg = [json.loads(ln) for ln in log.read_text().splitlines() if "background" in ln]
+    assert bg, log.read_text()
+    os.kill(int(bg[0]["launcher_pid"]), signal.SIGKILL)
+    time.sleep(0.3)
+    go.write_text("go")
     end = time.monotonic() + 15
     while not out.exists() and time.monotonic() < end:
         time.sleep(0.2)
@@ -596,7 +602,9 @@ def test_control_socket_is_private_to_our_user(rig: Rig, tmp_path: Path) -> None
     )
     try:
         assert read_line(proc, 10) == "started"
-        kids = _children(proc.pid)
+        launchers = _children(proc.pid)  # wrapguard -> its launcher -> the program
+        assert len(launchers) == 1, launchers
+        kids = _children(launchers[0])
         assert len(kids) == 1, kids
         env = _environ(kids[0])
         ctl = env["WRAPGUARD_CTL"]

@@ -186,6 +186,14 @@ tokens = st.binary(min_size=16, max_size=16)
 requests = st.one_of(
     st.builds(HelloRequest, st.integers(0, 2**32 - 1), st.text(max_size=60)),
     st.builds(ConnectRequest, st.sampled_from(Proto), addresses),
+    st.builds(
+        ConnectRequest,
+        st.sampled_from(Proto),
+        addresses,
+        st.booleans(),
+        st.integers(0, 0xFFFF),
+        st.integers(0, 0xFFFF),
+    ),
     st.builds(StatusRequest, tokens, st.booleans()),
     st.builds(ListenRequest, st.sampled_from(Proto), addresses),
     st.builds(UnlistenRequest, st.sampled_from(Proto), addresses),
@@ -261,3 +269,18 @@ def test_connect_source_port_round_trips_and_zero_is_refused() -> None:
     bad = struct.pack("!I", len(frame) - 4 + 2) + frame[4:] + b"\0\0"
     with pytest.raises(DecodeError):
         parse_request(bad)
+
+
+def test_connect_loopback_port_bytes_exact_and_zero_is_refused() -> None:
+    # The port the data connection comes from (docs/channel.md, "Security"): after the source
+    # port the program bound (0: none), so the frame is 4 bytes longer.
+    req = ConnectRequest(Proto.TCP, V4, False, 0, 0xABCD)
+    frame = emit_request(req, SECRET)
+    assert frame[-4:] == b"\x00\x00\xab\xcd"
+    assert len(frame) == len(emit_request(ConnectRequest(Proto.TCP, V4), SECRET)) + 4
+    assert parse_request(frame) == (SECRET, req)
+    both = ConnectRequest(Proto.TCP, V4, True, 41000, 41000)
+    assert parse_request(emit_request(both, SECRET)) == (SECRET, both)
+    zero = frame[:-2] + b"\0\0"
+    with pytest.raises(DecodeError):
+        parse_request(zero)

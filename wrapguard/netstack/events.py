@@ -62,7 +62,8 @@ class TcpConfig:
     """TCP tunables; times in seconds, sizes in bytes.
 
     rto_min 200 ms as Linux (RFC 6298 2.4 asks 1 s; Linux's 200 ms is the practical norm);
-    time_wait 2 s instead of 2*MSL (the tunnel is one hop: old duplicates cannot linger).
+    time_wait 2 s instead of 2*MSL (the tunnel is one hop: old duplicates cannot linger);
+    max_retries bounds both unanswered retransmissions and unanswered zero-window probes.
     """
 
     rcv_buf: int = 4 << 20

@@ -196,6 +196,7 @@ class TcpConn(TcpSender):
         n = len(payload)
         self.snd_wl1 = self.rcv_nxt
         self.snd_wl2 = self.snd_una
+        self.probes_out = 0
         self.rcv_buf += payload
         self.rcv_nxt += n
         if not self.readable_pending:

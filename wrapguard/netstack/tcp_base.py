@@ -166,6 +166,7 @@ class TcpBase:
         self.rto = cfg.rto_initial
         self.backoff = 0
         self.retries = 0
+        self.probes_out = 0  # zero-window probes since the peer's last ACK
         self.rtt_off: int | None = None
         self.rtt_time = 0.0
         self.started = 0.0

@@ -56,6 +56,7 @@ class TcpSender(TcpBase):
         una = self.snd_una
         mss = self.snd_mss
         wnd = seg.window << self.snd_ws
+        self.probes_out = 0  # the peer is alive: zero-window probes start counting anew
         win_changed = False
         # RFC 9293 3.10.7.4: update the send window only from newer segments (WL1/WL2).
         if self.snd_wl1 < seg_off or (self.snd_wl1 == seg_off and self.snd_wl2 <= ack_off):
@@ -308,6 +309,15 @@ class TcpSender(TcpBase):
         if self.t_persist is not None and now >= self.t_persist:
             self.t_persist = None
             if self.snd_max == self.snd_una and self.snd_nxt < self.snd_buf_off + len(self.snd_buf):
+                # RFC 9293 3.8.6.1: stay open while the receiver answers the probes; a peer
+                # that stopped answering is given up like an unanswered retransmission
+                # (Linux: tcp_probe_timer against tcp_retries2).
+                if self.probes_out >= self.cfg.max_retries:
+                    if not self.released:
+                        self.events.append(Reset(self.id, errno.ETIMEDOUT))
+                    self._finish()
+                    return
+                self.probes_out += 1
                 # A probe beyond the window: <SEQ=SND.UNA-1>, like Linux; it elicits an ACK.
                 self.out.tcp(
                     (self.iss + self.snd_una - 1) & M32,

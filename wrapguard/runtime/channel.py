@@ -3,8 +3,11 @@
 `ChannelServer` owns a private 0700 directory with the unix control socket `ctl.sock` (0600),
 checks every request's uid (SO_PEERCRED) and secret, answers it through a `ChannelBackend`
 (the launcher's routing and tunnel), and runs a loopback data listener (127.0.0.1 and ::1, one
-ephemeral port) that admits only connections presenting a live one-time token. Rejections are
-counted in `ChannelStats` and never answered. Frames are encoded by `wrapguard.wire.ipc`.
+ephemeral port) that admits only connections from a loopback port announced in CONNECT (a
+kernel filter drops the others' SYNs: `synfilter`) presenting a live one-time token, and the
+UDP data listener `udp.sock` (SOCK_SEQPACKET) beside `ctl.sock`, whose connections present an
+association's token. Rejections are counted in `ChannelStats` and never answered. Frames are
+encoded by `wrapguard.wire.ipc`.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ import os
 import secrets
 import shutil
 import socket
+import stat
 import struct
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
@@ -28,10 +33,13 @@ from typing import Protocol
 import structlog
 
 from wrapguard.errors import DecodeError, WrapguardError
+from wrapguard.runtime import synfilter
 from wrapguard.wire.ipc import (
     MAX_RESOLVE_ADDRS,
     PREFIX_LEN,
     TOKEN_LEN,
+    UDP_DATA_ACK,
+    UDP_DATA_SOCKET,
     Action,
     Address,
     ConnectReply,
@@ -87,8 +95,14 @@ ENV_CONNECT_TIMEOUT = "WRAPGUARD_CONNECT_TIMEOUT"
 ENV_ADDRS = "WRAPGUARD_ADDRS"
 ENV_UDP = "WRAPGUARD_UDP"  # the UDP relay's loopback port; "/4": no ::1 socket
 ENV_DNS = "WRAPGUARD_DNS"  # "1": the shim asks RESOLVE for names (DNS= is set)
+# Who serves ctl.sock: the shim checks SO_PEERCRED against these and the directory's owner.
+ENV_CTL_PID = "WRAPGUARD_CTL_PID"
+ENV_CTL_UID = "WRAPGUARD_CTL_UID"
 MAX_PENDING_DATA = 256  # data connections that have not sent their token yet
 DATA_RCVBUF = 4096  # see start(): small, so that a gate's filler closes the window quickly
+DATA_BACKLOG = 65535  # as many as net.core.somaxconn allows: a burst never drops our SYNs
+ACCEPT_BATCH = 1024  # connections accepted per wake-up (a rejected one costs accept + close)
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER 0: close() sends RST, keeps no state
 LOCAL_STEP_TIMEOUT = 5.0  # docs/channel.md: a request or a token must arrive within 5 s
 TOKEN_TTL = 10.0  # a token not presented by then is dropped and counted
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -172,13 +186,47 @@ class ChannelStats:
     bad_token: int = 0  # a data connection sent an unknown or used token
     no_token: int = 0  # a data connection sent no token within 5 s
     unused_token: int = 0  # a token handed out but never presented
+    unannounced: int = 0  # a data connection from a loopback port no CONNECT announced (reset)
+
+
+def _unsafe(path: str) -> str | None:
+    """Why another user could swap our directory out of `path` (None: they cannot). Our
+    directory is 0700, but whoever may write its parent may rename it and put their own in its
+    place (after `su` without `-`, XDG_RUNTIME_DIR and TMPDIR still name the old user's)."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return exc.strerror or "not usable"
+    if not stat.S_ISDIR(st.st_mode):
+        return "not a directory"
+    if st.st_uid not in (os.geteuid(), 0):
+        return f"owned by uid {st.st_uid}"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+        return "writable by other users and not sticky"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return "not writable"
+    return None
 
 
 def _runtime_parent() -> str:
+    """$XDG_RUNTIME_DIR, else the temp directory ($TMPDIR, /tmp, ...), else /tmp or /var/tmp:
+    the first that no other user can write to (see `_unsafe`)."""
     xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg and os.path.isdir(xdg) and os.access(xdg, os.W_OK | os.X_OK):
-        return xdg
-    return tempfile.gettempdir()
+    candidates = [xdg] if xdg else []
+    candidates += [tempfile.gettempdir(), "/tmp", "/var/tmp"]
+    first: tuple[str, str] | None = None
+    for path in dict.fromkeys(candidates):
+        why = _unsafe(path)
+        if why is None:
+            if first is not None:
+                log.info("runtime directory not safe", skipped=first[0], why=first[1], using=path)
+            return path
+        first = first or (path, why)
+    assert first is not None
+    raise WrapguardError(
+        f"no safe place for the private channel directory: {first[0]} is {first[1]} "
+        "(set TMPDIR to a directory only you can write)"
+    )
 
 
 class ChannelServer:
@@ -207,6 +255,17 @@ class ChannelServer:
         self._tokens: dict[bytes, asyncio.TimerHandle] = {}
         self._servers: list[asyncio.Server] = []
         self._data_listeners: list[socket.socket] = []
+        self._tcp_listeners: list[socket.socket] = []  # the loopback data listeners
+        # Announced loopback source ports (docs/channel.md, "Security"): per outstanding token
+        # the port its connection comes from, 0 when the shim could not tell (any port then
+        # gets in while such a token is outstanding).
+        self._token_lo: dict[bytes, int] = {}
+        self._lo_ports: Counter[int] = Counter()
+        self._any_source = 0
+        self._filter_prog: bytes | None = None  # what the listeners have; None: no filter
+        self._filter_ok = True
+        self._filter_sync: asyncio.Future[None] | None = None
+        self._pid = 0
         self._data_pending: dict[socket.socket, tuple[bytearray, asyncio.TimerHandle]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.stats = ChannelStats()
@@ -222,7 +281,12 @@ class ChannelServer:
 
     async def start(self, parent: str | None = None) -> None:
         """Create the private directory and socket, and the loopback data listener."""
-        self.directory = tempfile.mkdtemp(prefix="wrapguard-", dir=parent or _runtime_parent())
+        if parent is not None and (why := _unsafe(parent)) is not None:
+            raise WrapguardError(f"{parent} cannot hold the private channel directory: {why}")
+        self.directory = os.path.abspath(  # the shim checks the directory of an absolute path
+            tempfile.mkdtemp(prefix="wrapguard-", dir=parent or _runtime_parent())
+        )
+        self._pid = os.getpid()  # SO_PEERCRED of our sockets names the process that listens
         atexit.register(self.close)
         try:
             os.chmod(self.directory, 0o700)
@@ -231,19 +295,39 @@ class ChannelServer:
             self._servers.append(ctl)
             os.chmod(self.ctl_path, 0o600)
             loop = asyncio.get_running_loop()
+            udp = self._udp_data_socket()
+            loop.add_reader(udp.fileno(), self._accept_udp_data, udp)
+            self._data_listeners.append(udp)
             for sock in self._data_sockets():
                 # A small receive buffer (inherited by accepted sockets): a non-blocking
                 # connect's filler fills it, so the program's socket stays unwritable until
                 # the tunnel's outcome is known (docs/channel.md, "gate").
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, DATA_RCVBUF)
-                sock.listen(512)
+                self._data_listeners.append(sock)
+                self._tcp_listeners.append(sock)
+            self._apply_filter()  # before listen(): no SYN from anyone gets in unfiltered
+            for sock in self._tcp_listeners:
+                sock.listen(DATA_BACKLOG)
                 sock.setblocking(False)
                 loop.add_reader(sock.fileno(), self._accept_data, sock)
-                self._data_listeners.append(sock)
         except BaseException:
             self.close()
             raise
         log.debug("channel up", ctl=self.ctl_path, data_port=self.data_port, ipv6=self._has_v6)
+
+    def _udp_data_socket(self) -> socket.socket:
+        """udp.sock: the shim derives its path from WRAPGUARD_CTL (docs/channel.md, "UDP")."""
+        assert self.directory is not None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            sock.bind(os.path.join(self.directory, UDP_DATA_SOCKET))
+            os.chmod(os.path.join(self.directory, UDP_DATA_SOCKET), 0o600)
+            sock.listen(512)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def _data_sockets(self) -> list[socket.socket]:
         """127.0.0.1 and ::1 on one ephemeral port (the shim uses one port for both)."""
@@ -274,6 +358,8 @@ class ChannelServer:
             ENV_CTL: self.ctl_path,
             ENV_SECRET: self._secret.hex(),
             ENV_CONNECT_TIMEOUT: str(math.ceil(self._connect_timeout)),
+            ENV_CTL_PID: str(self._pid),
+            ENV_CTL_UID: str(os.geteuid()),
         }
         if self._addrs:
             env[ENV_ADDRS] = ",".join(str(a) for a in self._addrs)
@@ -299,10 +385,16 @@ class ChannelServer:
                 handle.cancel()
             for task in self._tasks:
                 task.cancel()
+            if self._filter_sync is not None and not self._filter_sync.done():
+                self._filter_sync.set_result(None)
         finally:
             self._servers.clear()
             self._data_listeners.clear()
+            self._tcp_listeners.clear()
             self._tokens.clear()
+            self._token_lo.clear()
+            self._lo_ports.clear()
+            self._any_source = 0
             if self.directory is not None:
                 shutil.rmtree(self.directory, ignore_errors=True)
                 self.directory = None
@@ -353,8 +445,11 @@ class ChannelServer:
             case HelloRequest(pid, version):
                 b.hello(pid, version)
                 return HelloReply()
-            case ConnectRequest(proto, dst, gate, src_port):
-                return self._connect(proto, dst, gate, src_port)
+            case ConnectRequest(proto, dst, gate, src_port, lo_port):
+                reply = self._connect(proto, dst, gate, src_port, lo_port)
+                if self._filter_sync is not None:  # the port is let in before the shim comes
+                    await asyncio.shield(self._filter_sync)
+                return reply
             case GateRequest(token, filler):
                 b.gate(token, filler)
                 return GateReply()
@@ -393,7 +488,7 @@ class ChannelServer:
         raise AssertionError(req)  # pragma: no cover - the match is exhaustive
 
     def _connect(
-        self, proto: Proto, dst: Address, gate: bool = False, src_port: int = 0
+        self, proto: Proto, dst: Address, gate: bool = False, src_port: int = 0, lo_port: int = 0
     ) -> ConnectReply:
         decision = self._backend.route(proto, dst)
         if decision.action is Action.DIRECT:
@@ -408,6 +503,7 @@ class ChannelServer:
         except OSError as exc:
             self._tokens.pop(token).cancel()
             return ConnectReply(Action.FAIL, exc.errno or errno.ENETUNREACH)
+        self._announce(token, lo_port)
         lo_ip: IPv4Address | IPv6Address = IPv4Address("127.0.0.1")
         if dst.family == 6 and self._has_v6:
             lo_ip = IPv6Address("::1")
@@ -455,31 +551,95 @@ class ChannelServer:
 
     def _expire(self, token: bytes) -> None:
         if self._tokens.pop(token, None) is not None:
+            self._release(token)
             self.stats.unused_token += 1
             self._backend.token_expired(token)
+
+    # -- announced loopback ports and the listeners' kernel filter (synfilter) ---------------
+
+    def _announce(self, token: bytes, lo_port: int) -> None:
+        self._token_lo[token] = lo_port
+        if lo_port:
+            self._lo_ports[lo_port] += 1
+        else:
+            self._any_source += 1
+        self._filter_changed()
+
+    def _release(self, token: bytes) -> int | None:
+        """The token was presented or expired: its port is no longer let in. Returns the port
+        it was announced with (0: any), None if it had none."""
+        lo = self._token_lo.pop(token, None)
+        if lo is None:
+            return None
+        if lo == 0:
+            self._any_source -= 1
+        else:
+            self._lo_ports[lo] -= 1
+            if self._lo_ports[lo] <= 0:
+                del self._lo_ports[lo]
+        self._filter_changed()
+        return lo
+
+    def _filter_changed(self) -> None:
+        """One filter update per loop iteration, however many CONNECTs came in it (each waits
+        for it before its reply goes out)."""
+        if self._filter_sync is None and self._tcp_listeners:
+            loop = asyncio.get_running_loop()
+            self._filter_sync = loop.create_future()
+            loop.call_soon(self._apply_filter)
+
+    def _apply_filter(self) -> None:
+        sync, self._filter_sync = self._filter_sync, None
+        if self._filter_ok:
+            ports = None if self._any_source else self._lo_ports.keys()
+            prog = synfilter.program(ports)
+            if prog != self._filter_prog:
+                try:
+                    for sock in self._tcp_listeners:
+                        synfilter.attach(sock, prog)
+                    self._filter_prog = prog
+                except OSError as exc:
+                    # Never leave a stale filter that would keep our own connections out: the
+                    # listener then checks source ports itself (_accept_data), flood or not.
+                    self._filter_ok, self._filter_prog = False, None
+                    for sock in self._tcp_listeners:
+                        synfilter.detach(sock)
+                    log.warning("data listener: kernel filter refused", error=str(exc))
+        if sync is not None and not sync.done():
+            sync.set_result(None)
 
     # -- data connections --------------------------------------------------------------------
 
     def _accept_data(self, lsock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        for _ in range(64):
+        for _ in range(ACCEPT_BATCH):
             try:
-                conn, _addr = lsock.accept()
+                conn, addr = lsock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # EMFILE and friends: count, keep serving
                 self.stats.no_token += 1
                 log.warning("data channel accept failed", error=str(exc))
                 return
+            if addr[1] not in self._lo_ports and not self._any_source:
+                # From a port no CONNECT announced: another local user (the kernel filter
+                # stops most before they get here). Reset at once, read nothing, keep nothing.
+                self.stats.unannounced += 1
+                with contextlib.suppress(OSError):
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                conn.close()
+                continue
+            synfilter.detach(conn)  # inherited from the listener; data segments skip it
             if len(self._data_pending) >= MAX_PENDING_DATA:
-                # Too many silent connections: drop the oldest (dicts keep insertion order),
-                # so that another local user cannot starve the program's own connects.
+                # Too many silent connections (any port gets in while a token without one is
+                # out): drop the oldest (dicts keep insertion order), bounded whoever they are.
                 self.stats.no_token += 1
                 self._drop_data(next(iter(self._data_pending)))
             conn.setblocking(False)
             timer = loop.call_later(LOCAL_STEP_TIMEOUT, self._no_token, conn)
             self._data_pending[conn] = (bytearray(), timer)
             loop.add_reader(conn.fileno(), self._read_token, conn)
+            self._read_token(conn)  # the shim wrote it right after connecting: often here
 
     def _no_token(self, conn: socket.socket) -> None:
         if conn in self._data_pending:
@@ -521,4 +681,65 @@ class ChannelServer:
             conn.close()
             return
         handle.cancel()
+        lo = self._release(token)
+        try:
+            port = conn.getpeername()[1]
+        except OSError:
+            port = -1
+        if lo not in (0, port):  # the token, but not from the socket it was handed to
+            self.stats.bad_token += 1
+            conn.close()
+            self._backend.token_expired(token)
+            return
         self._backend.tcp_attached(token, conn)
+
+    # -- UDP data connections (docs/channel.md, "UDP") ----------------------------------------
+
+    def _accept_udp_data(self, lsock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(64):
+            try:
+                conn, _addr = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self.stats.no_token += 1
+                log.warning("UDP data channel accept failed", error=str(exc))
+                return
+            _, uid, _ = _PEERCRED.unpack(
+                conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+            )
+            if uid != self._uid:  # the directory is 0700; only root could still get here
+                self.stats.bad_uid += 1
+                conn.close()
+                continue
+            if len(self._data_pending) >= MAX_PENDING_DATA:
+                self.stats.no_token += 1
+                self._drop_data(next(iter(self._data_pending)))
+            conn.setblocking(False)
+            timer = loop.call_later(LOCAL_STEP_TIMEOUT, self._no_token, conn)
+            self._data_pending[conn] = (bytearray(), timer)
+            loop.add_reader(conn.fileno(), self._read_udp_token, conn)
+
+    def _read_udp_token(self, conn: socket.socket) -> None:
+        """The first record is an association's 16-byte token: the backend takes the
+        connection (and we answer UDP_DATA_ACK) or it is closed, which the shim sees as EOF."""
+        try:
+            record = conn.recv(TOKEN_LEN + 1)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            record = b""
+        entry = self._data_pending.pop(conn)
+        entry[1].cancel()
+        asyncio.get_running_loop().remove_reader(conn.fileno())
+        attach = getattr(self._backend, "udp_attached", None)
+        if len(record) != TOKEN_LEN or attach is None or not attach(record, conn):
+            if record:
+                self.stats.bad_token += 1
+            else:
+                self.stats.no_token += 1
+            conn.close()
+            return
+        with contextlib.suppress(OSError):
+            conn.send(UDP_DATA_ACK)

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import resource
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from wrapguard import log
 from wrapguard.errors import WrapguardError
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 KILL_GRACE = 5.0
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 _child_nofile: tuple[int, int] | None = None
@@ -115,11 +117,15 @@ async def run_child(
     *,
     ready: asyncio.Event | None = None,
     ready_timeout: float = 3.0,
+    on_started: Callable[[int], None] | None = None,
+    forwarded: list[signal.Signals] | None = None,
 ) -> int:
     """Run the program to its end; returns wrapguard's exit status.
 
     With `ready`, the program must load the shim (which sets the event) within
     `ready_timeout` seconds, or it is killed: fail closed, nothing bypasses the tunnel.
+    `on_started(pgid)` is called once the program runs; the signals forwarded to it are
+    appended to `forwarded`.
     """
     logger = log.get()
     loop = asyncio.get_running_loop()
@@ -127,7 +133,15 @@ async def run_child(
     nofile = resource.getrlimit(resource.RLIMIT_NOFILE)
     child_nofile = _child_nofile
 
-    def restore_limits() -> None:  # in the child, between fork and exec
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
+    launcher = os.getpid()
+
+    def in_child() -> None:  # between fork and exec
+        # The program dies with the launcher (kill -9 included): it never runs on without
+        # its tunnel. Checked against a launcher that died before prctl took effect.
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != launcher:
+            os._exit(1)
         if child_nofile is not None and child_nofile != nofile:
             resource.setrlimit(resource.RLIMIT_NOFILE, child_nofile)
 
@@ -139,7 +153,7 @@ async def run_child(
             process_group=0,
             pass_fds=tuple(pass_fds),
             close_fds=True,
-            preexec_fn=restore_limits if child_nofile is not None else None,
+            preexec_fn=in_child,
         )
     except OSError as exc:
         # ENOEXEC (no #! line, wrong architecture), EACCES, ...: one line, as env(1) does.
@@ -148,6 +162,8 @@ async def run_child(
         raise err from None
     pgid = proc.pid
     terminal.give(pgid)
+    if on_started is not None:
+        on_started(pgid)
     logger.info("started program", pid=proc.pid, program=argv[0])
     kill_timer: asyncio.TimerHandle | None = None
 
@@ -159,6 +175,8 @@ async def run_child(
     def forward(sig: signal.Signals) -> None:
         nonlocal kill_timer
         logger.info("forwarding signal", signal=sig.name, pid=pgid)
+        if forwarded is not None:
+            forwarded.append(sig)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, sig)
         if kill_timer is None:

@@ -4,6 +4,7 @@
 socket, A and AAAA asked together, 2 s per try and 2 retries per server, TCP when an answer is
 truncated (RFC 1035 4.2.2 length-prefixed), search domains from non-IP DNS= entries (a name
 with a dot is tried as-is first). Outcomes map to getaddrinfo's EAI_* codes (`ResolveError`).
+`forward_server()` names the server that answers the program's own port-53 queries.
 """
 
 from __future__ import annotations
@@ -130,6 +131,11 @@ class DnsResolver:
         self.sock: SockId | None = None
         self.pending: dict[tuple[int, IPAddress], asyncio.Future[Message]] = {}
         self.queries = 0
+
+    def forward_server(self) -> IPAddress | None:
+        """Where the program's own DNS queries to servers outside the tunnel are sent instead
+        (docs/channel.md "DNS"): the first DNS= server routed into the tunnel, if any."""
+        return self.servers[0] if self.servers else None
 
     def start(self) -> None:
         self.sock = self.engine.stack.udp_bind(0)

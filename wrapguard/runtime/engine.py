@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import errno
 import ipaddress
+import os
 import secrets
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from wrapguard import log
 from wrapguard.config import Config
 from wrapguard.config import Protocol as RouteProto
 from wrapguard.errors import DecodeError
-from wrapguard.netstack.events import Accepted, Closed, ConnId, Event, ListenerId
+from wrapguard.netstack.events import Accepted, Closed, ConnId, Event, ListenerId, TcpConfig
 from wrapguard.netstack.stack import Stack
 from wrapguard.routing import RoutingTable
 from wrapguard.runtime.timer import DeadlineTimer
@@ -57,6 +58,15 @@ def _random_int(bits: int) -> int:
     return secrets.randbits(bits)
 
 
+def _tcp_config() -> TcpConfig:
+    """The netstack's TCP settings; WRAPGUARD_TEST_TCP_RETRIES is a test knob (docs/testing.md)
+    that shortens how long unanswered retransmissions and zero-window probes go on."""
+    retries = os.environ.get("WRAPGUARD_TEST_TCP_RETRIES")
+    if retries is None or not retries.isdigit():
+        return TcpConfig()
+    return TcpConfig(max_retries=int(retries))
+
+
 class Engine:
     """Owns the device, its UDP runtime and the stack; routes events to flow handlers."""
 
@@ -90,7 +100,7 @@ class Engine:
                 if net not in config.peers[i].allowed_ips:
                     self.device.add_allowed_source(i, net)
         self.addresses: list[IPAddress] = [a.ip for a in iface.addresses]
-        self.stack = Stack(self.addresses, rng=_random_int, mtu=iface.mtu)
+        self.stack = Stack(self.addresses, rng=_random_int, mtu=iface.mtu, config=_tcp_config())
         self.wg = WgUdpRuntime(
             self.device,
             listen_port=iface.listen_port or 0,

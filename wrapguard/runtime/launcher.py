@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import ipaddress
 import os
 import secrets
+import signal
 import socket
 from collections.abc import Sequence
 
@@ -23,10 +25,12 @@ from wrapguard.config import Config
 from wrapguard.errors import WrapguardError
 from wrapguard.netstack.events import ConnId
 from wrapguard.routing import RoutingTable
+from wrapguard.runtime import lifetime, owners, rundir
 from wrapguard.runtime.channel import ChannelServer, Decision
-from wrapguard.runtime.child import raise_fd_limit, run_child
-from wrapguard.runtime.dns import DnsResolver, ResolveError
+from wrapguard.runtime.child import KILL_GRACE, raise_fd_limit, run_child
+from wrapguard.runtime.dns import DNS_PORT, DnsResolver, ResolveError
 from wrapguard.runtime.engine import Engine, IPAddress
+from wrapguard.runtime.lifetime import StatusLink
 from wrapguard.runtime.relay import TcpRelay, reset_socket
 from wrapguard.runtime.udpassoc import UdpRelay
 from wrapguard.tunnel.timers import TimerConfig
@@ -36,6 +40,13 @@ GATE_DEADLINE = 5.0  # seconds for the GATE request to follow the token (the loc
 RELAY_RCVBUF = 1 << 20  # bytes; the kernel caps it at net.core.rmem_max
 HELLO_TIMEOUT = 3.0  # compat.md: READY from the shim within 3 s
 STATUS_KEEP = 60.0  # seconds an outcome stays askable after its flow ended
+# Seconds without progress before a flow's undelivered data is given up (the environment
+# variable is a test knob, documented in docs/testing.md).
+DRAIN_STALL = float(os.environ.get("WRAPGUARD_TEST_DRAIN_STALL", "30"))
+HOLDER_CHECK_EVERY = 2.0  # seconds between checks that the program's sockets still exist
+ACCEPTED_TRIES = 25  # x 2 ms: how long the kernel may take to list an accepted connection
+DRAIN_ANNOUNCE = 1.0  # seconds of draining before one log line says so
+DRAIN_POLL = 0.02  # seconds between drain checks (the exit path only)
 
 
 def _open_rcvbuf(sock: socket.socket) -> None:
@@ -68,12 +79,16 @@ class TunnelBackend:
         self.listeners: dict[int, int] = {}  # port -> ListenerId
         self.tcp_bound: dict[int, dict[int, Address]] = {}  # port -> {4|6: what it bound}
         self.v6only: dict[int, bool] = {}  # port -> its AF_INET6 listener has IPV6_V6ONLY
+        self._listening: dict[int, list[str]] = {}  # port -> tunnel addresses it takes (logged)
         self.hellos = 0  # processes that loaded the shim
+        self._exit_watch: owners.ExitWatch | None = None
         self.hello_event = asyncio.Event()
         self._tasks: set[asyncio.Future[None]] = set()
         self.v4 = any(a.version == 4 for a in engine.addresses)
         self.v6 = any(a.version == 6 for a in engine.addresses)
         self.udp = UdpRelay(engine)
+        self.udp.dns_target = self.dns_target  # its port-53 datagrams (docs/channel.md "DNS")
+        self.dns_forwarded: set[IPAddress] = set()  # servers asked whose queries we answered
         self.resolver: DnsResolver | None = None  # set when the config has DNS=
 
     # -- requests ------------------------------------------------------------------------------
@@ -82,11 +97,61 @@ class TunnelBackend:
         self.hellos += 1
         self.hello_event.set()
         self.log.debug("shim loaded", pid=pid, version=version)
+        self._exits().watch(pid)
+
+    # -- holders: listeners and associations end with the program's socket ----------------
+
+    def _exits(self) -> owners.ExitWatch:
+        if self._exit_watch is None:
+            self._exit_watch = owners.ExitWatch(
+                self.check_holders,
+                lambda: bool(self.listeners or self.udp.assocs),
+                HOLDER_CHECK_EVERY,
+            )
+        return self._exit_watch
+
+    def check_holders(self) -> None:
+        """End every listener and UDP association whose program socket no longer exists: a
+        process that exited without close() must not leave its tunnel port to whoever binds
+        the loopback port next (issue 11)."""
+        mine = {os.geteuid()}
+        if self.listeners:
+            held = owners.tcp_listeners()
+            for port in [p for p in self.listeners if held.get(p) != mine]:
+                self._drop_listener(port, "the program's listener is gone")
+        if self.udp.assocs:
+            bound = owners.udp_ports()
+            for key in [k for k in self.udp.assocs if bound.get(k[1]) != mine]:
+                if bound.get(key[1]):  # shared with another user (SO_REUSEADDR): never relay
+                    self.log.warning(
+                        "udp association ended: another user's socket shares its port",
+                        port=key[1],
+                    )
+                else:
+                    self.log.debug("udp association ended: its socket is gone", port=key[1])
+                self.udp.release(key)
+
+    def _drop_listener(self, port: int, why: str) -> None:
+        self.tcp_bound.pop(port, None)
+        self._listening.pop(port, None)
+        lid = self.listeners.pop(port, None)
+        if lid is not None:
+            self.engine.unlisten(port, lid)  # type: ignore[arg-type]
+            self.log.info("stopped listening on the tunnel", port=port, reason=why)
+
+    def close(self) -> None:
+        if self._exit_watch is not None:
+            self._exit_watch.close()
 
     def route(self, proto: Proto, dst: Address) -> Decision:
         ip = dst.ip
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
+        if self._dns_forwarded(ip, dst.port, proto):
+            target = self.dns_target(ip, dst.port, proto)
+            if target is None or not (self.v4 if target[0].version == 4 else self.v6):
+                return Decision(Action.FAIL, errno.ENETUNREACH)  # never the host's resolver
+            return Decision(Action.TUNNEL)
         if ip.is_loopback or ip.is_unspecified:
             return Decision(Action.DIRECT)
         peer = self.engine.route(ip, int(proto), dst.port)
@@ -98,25 +163,56 @@ class TunnelBackend:
             return Decision(Action.FAIL, errno.ENETUNREACH)
         return Decision(Action.TUNNEL)
 
+    def _dns_forwarded(self, ip: IPAddress, port: int, proto: int) -> bool:
+        """A DNS query (port 53, TCP or UDP) to a server outside the tunnel, with DNS= set."""
+        if self.resolver is None or port != DNS_PORT or proto not in (Proto.TCP, Proto.UDP):
+            return False
+        return ip.is_loopback or ip.is_unspecified or self.engine.route(ip, proto, port) is None
+
+    def dns_target(
+        self, ip: IPAddress, port: int, proto: int = Proto.UDP
+    ) -> tuple[IPAddress, int] | None:
+        """Where a query the program sends itself really goes (docs/channel.md "DNS").
+
+        With DNS= set, port 53 of an address not routed into the tunnel (the host's
+        resolv.conf servers, such as 127.0.0.53) would reach the host's resolver: the query
+        goes to the first tunnel DNS server instead, and its replies come back as if from
+        the address asked. None: send it as asked."""
+        if not self._dns_forwarded(ip, port, proto):
+            return None
+        server = self.resolver.forward_server() if self.resolver is not None else None
+        if server is None:
+            return None
+        if ip not in self.dns_forwarded:
+            self.dns_forwarded.add(ip)
+            self.log.info(
+                "DNS queries answered through the tunnel", asked=str(ip), server=str(server)
+            )
+        return server, DNS_PORT
+
     def open_tcp(
         self, dst: Address, token: bytes, gate: bool = False, src_port: int = 0
     ) -> Address | None:
         ip = dst.ip
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
+        port = dst.port
+        target = self.dns_target(ip, port, Proto.TCP)
+        if target is not None:
+            ip, port = target
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
         def on_status(status: int) -> None:
             if not future.done():
                 future.set_result(status)
             if status:
-                self.log.debug("tunnel connect failed", dst=f"{ip}:{dst.port}", errno=status)
+                self.log.debug("tunnel connect failed", dst=f"{ip}:{port}", errno=status)
             if token in self.gates:
                 self._gate_progress(token)
 
         relay = TcpRelay(self.engine, on_status=on_status, on_done=self._relay_done)
         relay.token = token
-        cid = self.engine.connect(ip, dst.port, relay, src_port)
+        cid = self.engine.connect(ip, port, relay, src_port)
         relay.attach_conn(cid)
         self.relays[token] = relay
         self.futures[token] = future
@@ -211,10 +307,17 @@ class TunnelBackend:
         decision = self.route(Proto.UDP, dst)
         if decision.action is not Action.TUNNEL:
             return decision, None
-        return decision, self.udp.assoc(local, dst)
+        target = self.dns_target(dst.ip, dst.port)  # the shim sends v4-mapped as IPv4
+        self._exits().poke()
+        # our source in the family of where the datagrams really go
+        return decision, self.udp.assoc(local, dst if target is None else Address(*target))
 
     def udp_token(self, local: Address) -> bytes | None:
         return self.udp.token(local)
+
+    def udp_attached(self, token: bytes, sock: socket.socket) -> bool:
+        """A UDP data connection presented `token` (docs/channel.md, "UDP")."""
+        return self.udp.attach(token, sock)
 
     def udp_release(self, local: Address) -> None:
         self.udp.release(local)
@@ -252,6 +355,12 @@ class TunnelBackend:
             fut = self.futures.get(token)
             if fut is not None and not fut.done():
                 fut.set_result(relay.status or errno.ECONNRESET)
+            elif fut is not None and relay.end_errno:
+                # An open flow that died: STATUS now says why (the shim reports it instead
+                # of the loopback reset's ECONNRESET, docs/channel.md "STATUS").
+                ended: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+                ended.set_result(relay.end_errno)
+                self.futures[token] = ended
             # The shim may ask STATUS after a fast failure: keep the outcome a while.
             asyncio.get_running_loop().call_later(STATUS_KEEP, self.futures.pop, token, None)
         if relay.inbound_key is not None:
@@ -260,6 +369,7 @@ class TunnelBackend:
     # -- inbound -------------------------------------------------------------------------------
 
     def listen(self, proto: Proto, addr: Address, v6only: bool = False) -> None:
+        self._exits().poke()
         if proto == Proto.UDP:
             self.udp.bind(addr)
             return
@@ -270,7 +380,11 @@ class TunnelBackend:
         bound[addr.ip.version] = addr
         if addr.ip.version == 6:
             self.v6only[port] = v6only
+        takes = [str(a) for a in self.engine.addresses if self._listener_family(port, a)]
         if port in self.listeners:
+            if takes != self._listening.get(port):
+                self._listening[port] = takes
+                self.log.info("listening on the tunnel", port=port, addresses=takes)
             return
 
         def on_accept(cid: ConnId) -> None:
@@ -282,9 +396,8 @@ class TunnelBackend:
             return self._listener_family(port, ipaddress.ip_address(local)) is not None
 
         self.listeners[port] = self.engine.listen(port, on_accept, accepts)
-        self.log.info(
-            "listening on the tunnel", port=port, addresses=[str(a) for a in self.engine.addresses]
-        )
+        self._listening[port] = takes
+        self.log.info("listening on the tunnel", port=port, addresses=takes)
 
     def unlisten(self, proto: Proto, addr: Address) -> None:
         if proto != Proto.TCP:
@@ -293,11 +406,7 @@ class TunnelBackend:
         bound.pop(addr.ip.version, None)
         if bound:
             return  # the other family's listener on this port is still open
-        self.tcp_bound.pop(addr.port, None)
-        lid = self.listeners.pop(addr.port, None)
-        if lid is not None:
-            self.engine.unlisten(addr.port, lid)  # type: ignore[arg-type]
-            self.log.info("stopped listening on the tunnel", port=addr.port)
+        self._drop_listener(addr.port, "closed by the program")
 
     def _listener_family(self, port: int, local: IPAddress) -> int | None:
         """Which of the program's listeners on `port` takes a tunnel connection to `local`.
@@ -356,6 +465,22 @@ class TunnelBackend:
             self.inbound[key] = (remote, Address(info.local[0], info.local[1]))
             relay.inbound_key = key
             await asyncio.get_running_loop().sock_connect(sock, (host, port))
+            uid = await _accepted_uid((host, port), local)
+            if uid != os.geteuid():
+                # Not our program's socket: it exited without close() and someone else holds
+                # the port now. Refuse, and stop listening there.
+                reset_socket(sock)
+                self._drop_listener(port, "the port is held by another user's socket")
+                self.log.warning(
+                    "refused a tunnel connection: the program's listener is gone and another "
+                    "user's socket holds its loopback port",
+                    port=port,
+                    uid=uid,
+                )
+                with contextlib.suppress(OSError):
+                    self.engine.stack.abort(cid, self.engine.now())
+                self.engine.schedule_flush()
+                return
         except OSError as exc:
             sock.close()
             self.log.warning("program's listener unreachable", port=port, error=str(exc))
@@ -365,6 +490,16 @@ class TunnelBackend:
             return
         self.log.debug("tunnel connection in", client=f"{remote.ip}:{remote.port}", port=port)
         relay.attach_socket(sock)
+
+
+async def _accepted_uid(server: tuple[str, int], client: tuple[str, int]) -> int | None:
+    """Who accepted our loopback connection; the kernel may list it a moment after connect."""
+    for _ in range(ACCEPTED_TRIES):
+        uid = owners.tcp_accepted_uid(server, (client[0], client[1]))
+        if uid is not None:
+            return uid
+        await asyncio.sleep(0.002)
+    return None
 
 
 class TunnelSession:
@@ -379,6 +514,7 @@ class TunnelSession:
         self.log = log.get("wrapguard.launcher")
         self.engine = Engine(config, routing, timers=timers)
         self.backend = TunnelBackend(self.engine)
+        self.key_lock = rundir.KeyLock()
         self.channel = ChannelServer(
             self.backend,
             secret=secrets.token_bytes(32),
@@ -395,6 +531,18 @@ class TunnelSession:
     async def start_channel(self) -> None:
         backend, channel = self.backend, self.channel
         await channel.start()
+        assert channel.directory is not None
+        rundir.mark_owner(channel.directory)
+        parent = os.path.dirname(channel.directory)
+        rundir.sweep_stale(parent, keep=channel.directory)
+        other = self.key_lock.acquire(parent, self.config.interface.private_key.public_key().raw)
+        if other is not None:
+            self.log.warning(
+                "another wrapguard uses this private key: the peer keeps one endpoint per key "
+                "and follows whichever client handshook last, so the two will take the tunnel "
+                "from each other (give each client its own key)",
+                other_pid=other if other > 0 else None,
+            )
         await backend.udp.start()
         channel.udp_env = backend.udp.env_value()
         iface = self.config.interface
@@ -411,7 +559,64 @@ class TunnelSession:
         env[shim.ENV_PRELOAD] = shim.preload_value(env.get(shim.ENV_PRELOAD), shim.shim_path())
         return env
 
+    async def drain(self, stall: float = DRAIN_STALL, abandon: asyncio.Event | None = None) -> None:
+        """Stay until every byte the program sent is acknowledged by the peer (its FIN too),
+        giving up on a flow after `stall` seconds without progress (or at once when `abandon`
+        is set: a stop signal): one warning naming the flow and what was left undelivered,
+        and a reset, so the peer does not wait forever."""
+        loop = asyncio.get_running_loop()
+        started = since = loop.time()
+        mark: tuple[int, int] | None = None
+        announced = False
+        while True:
+            pending = [
+                h for h in list(self.engine.handlers.values())
+                if isinstance(h, TcpRelay) and not h.delivered()
+            ]  # fmt: skip
+            if not pending:
+                return
+            now_mark = (len(pending), sum(h.undelivered() for h in pending))
+            now = loop.time()
+            if now_mark != mark:
+                mark, since = now_mark, now
+            elif now - since >= stall or (abandon is not None and abandon.is_set()):
+                for h in pending:
+                    self.log.warning(
+                        "flow reset with data undelivered: "
+                        + ("stopped by a signal" if now - since < stall else "no progress"),
+                        flow=h.describe(),
+                        undelivered_bytes=h.undelivered(),
+                        stalled_s=round(now - since, 1),
+                    )
+                    h.abort()
+                self.engine.flush()
+                return
+            if not announced and now - started >= DRAIN_ANNOUNCE:
+                announced = True
+                self.log.info(
+                    "delivering what the program sent before it exited",
+                    flows=now_mark[0],
+                    undelivered_bytes=now_mark[1],
+                )
+            await asyncio.sleep(DRAIN_POLL)
+
+    def stats(self) -> dict[str, object]:
+        """Every counter the run kept: traffic, and each drop by its reason (non-zero only)."""
+        engine = self.engine
+        return {
+            "wireguard_udp": dict(engine.wg.stats),
+            "tunnel_drops": {r.name: n for r, n in engine.device.counters.items() if n},
+            "stack_drops": {r.name: n for r, n in engine.stack.drops.items() if n},
+            "unrouted_drops": engine.unrouted_drops,
+            "channel": dataclasses.asdict(self.channel.stats),
+            "udp_relay": dataclasses.asdict(self.backend.udp.stats),
+        }
+
     def close(self) -> None:
+        with contextlib.suppress(Exception):  # counters must never stop the teardown
+            self.log.info("run statistics", **self.stats())
+        self.key_lock.release()
+        self.backend.close()
         self.channel.close()
         self.backend.udp.close()
         if self.backend.resolver is not None:
@@ -420,7 +625,8 @@ class TunnelSession:
 
 
 class Launcher:
-    """One run: everything up, the program to its end, everything down."""
+    """One run: everything up, the program to its end, the tunnel for as long as it is used,
+    every flow drained, everything down (docs/architecture.md, "Lifetime")."""
 
     def __init__(
         self,
@@ -430,33 +636,74 @@ class Launcher:
         executable: str,
         *,
         timers: TimerConfig | None = None,
+        link: StatusLink | None = None,
     ) -> None:
         self.config = config
         self.routing = routing
         self.argv = list(argv)
         self.executable = executable
         self.timers = timers
+        self.link = link or StatusLink(None, None)
         self.log = log.get("wrapguard.launcher")
 
     async def run(self) -> int:
         shim_path = shim.shim_path()
         raise_fd_limit()
         session = TunnelSession(self.config, self.routing, timers=self.timers)
+        forwarded: list[signal.Signals] = []
         try:
             await session.start_tunnel()
             await session.start_channel()
             self.log.debug("starting program", program=self.argv[0], shim=shim_path)
-            return await run_child(
+            status = await run_child(
                 self.argv,
                 self.executable,
                 session.child_env(),
                 ready=session.backend.hello_event,
                 ready_timeout=HELLO_TIMEOUT,
+                on_started=self.link.program_started,
+                forwarded=forwarded,
             )
+            after = lifetime.Afterlife(self.log)
+            after.install()
+            try:
+                if forwarded:  # the user asked the program to stop: so do what it left
+                    after.stop_children(signal.SIGTERM)
+                if lifetime.reap():
+                    # The program left processes behind: they keep the tunnel; the caller
+                    # gets the program's status now.
+                    self.log.info(
+                        "program exited; the tunnel stays up in the background for the "
+                        "processes it started (SIGTERM to the launcher ends them)",
+                        status=status,
+                        pids=lifetime.children(),
+                        launcher_pid=os.getpid(),
+                    )
+                    self.link.report(status)
+                    lifetime.release_stdio()
+                    await after.outlive()
+                    self.log.info("the last wrapped process exited: tunnel down")
+                    if after.stopping.is_set():
+                        forwarded.append(signal.SIGTERM)
+                    after.stopping.clear()  # that signal was for them; a new one ends the drain
+                # Stopped by a signal: deliver what was handed over, but do not wait long for a
+                # peer that does not answer (the user asked us to end).
+                stall = min(KILL_GRACE, DRAIN_STALL) if forwarded else DRAIN_STALL
+                await session.drain(stall, abandon=after.stopping)
+            finally:
+                after.remove()
         finally:
             session.close()
+        self.link.report(status)  # everything is closed: the caller may go on
+        return status
 
 
-def run(config: Config, routing: RoutingTable, argv: Sequence[str], executable: str) -> int:
+def run(
+    config: Config,
+    routing: RoutingTable,
+    argv: Sequence[str],
+    executable: str,
+    link: StatusLink | None = None,
+) -> int:
     """Run the program inside the tunnel; returns its exit status."""
-    return asyncio.run(Launcher(config, routing, argv, executable).run())
+    return asyncio.run(Launcher(config, routing, argv, executable, link=link).run())

@@ -17,6 +17,7 @@ import socket
 import struct
 from collections.abc import Callable
 
+from wrapguard.netstack import TcpState
 from wrapguard.netstack.events import (
     Closed,
     Connected,
@@ -31,6 +32,8 @@ from wrapguard.netstack.events import (
 from wrapguard.runtime.engine import Engine
 
 CHUNK = 256 * 1024
+# Our FIN is acknowledged: the peer has every byte (RFC 9293 3.3.2).
+_FIN_ACKED = frozenset({TcpState.FIN_WAIT_2, TcpState.TIME_WAIT, TcpState.CLOSED})
 _LINGER_RST = struct.pack("ii", 1, 0)
 
 
@@ -57,6 +60,7 @@ class TcpRelay:
         self.sock: socket.socket | None = None
         self.connected = False
         self.status: int | None = None  # 0 open, errno failed, None not known yet
+        self.end_errno = 0  # why an open flow died (ETIMEDOUT, ECONNRESET), told to the shim
         self._on_status = on_status
         self._on_done = on_done
         self.token: bytes | None = None  # the channel token of an outbound flow
@@ -122,6 +126,7 @@ class TcpRelay:
             self._pull_from_stack()
         elif isinstance(event, ConnectFailed | Reset):
             self._set_status(event.errno)
+            self.end_errno = event.errno
             self._fail_program()
         elif isinstance(event, Closed):
             self._stack_closed = True
@@ -215,6 +220,37 @@ class TcpRelay:
         self._write_prog()
         if not self._to_prog:
             self._pull_from_stack()
+
+    # ------------------------------------------------------------------ draining (at exit)
+
+    def delivered(self) -> bool:
+        """True once everything the program sent is acknowledged by the peer, FIN included
+        (or the flow is over). Until then the launcher must not go away."""
+        if self._done or self._stack_closed or self.cid is None:
+            return self._done or self._stack_closed
+        if not self.connected:
+            return True  # never opened: the program could not hand us a byte for the peer
+        if not self._prog_eof or self._to_stack:
+            return False
+        _, unacked = self.engine.stack.buffered(self.cid)
+        state = self.engine.stack.conn_info(self.cid).state
+        return unacked == 0 and state in _FIN_ACKED
+
+    def undelivered(self) -> int:
+        """Bytes the program handed us that the peer has not acknowledged yet."""
+        if self._done or self._stack_closed or self.cid is None:
+            return len(self._to_stack)
+        return len(self._to_stack) + self.engine.stack.buffered(self.cid)[1]
+
+    def describe(self) -> str:
+        if self.cid is None or self._stack_closed:
+            return "?"
+        info = self.engine.stack.conn_info(self.cid)
+        return f"{info.local[0]}:{info.local[1]} -> {info.remote[0]}:{info.remote[1]}"
+
+    def abort(self) -> None:
+        """Give up on the flow: RST to the peer and to the program."""
+        self._abort_stack()
 
     # ------------------------------------------------------------------ endings
 

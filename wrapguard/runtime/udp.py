@@ -4,8 +4,10 @@ One non-blocking UDP socket per address family (bound to ListenPort, or the same
 for both), drained with `loop.add_reader` and a `recvfrom_into` loop into one preallocated
 buffer (never the stock datagram transport: performance.md). Outputs of `tunnel.Device` are
 acted on here: datagrams sent with `sendto`, IP packets handed to `on_packet(peer, packet)`,
-hostnames resolved (off the loop) and fed back with `set_endpoint`, other events given to
-`on_event`. One `loop.call_at` timer is re-armed from `device.next_deadline()`.
+other events given to `on_event`. One `loop.call_at` timer follows `device.next_deadline()`.
+Endpoint host names are looked up off the loop at start, every 2 minutes and when the peer
+stops answering; `tunnel.reresolve.Reresolver` decides when, and whether an answer moves the
+endpoint (a periodic lookup never undoes roaming while the peer answers).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -33,6 +36,16 @@ from wrapguard.tunnel.events import (
     ResolveEndpoint,
     SendDatagram,
 )
+from wrapguard.tunnel.reresolve import (
+    RERESOLVE_INTERVAL,
+    KeepEndpoint,
+    Lookup,
+    LookupFailing,
+    LookupWorks,
+    Reresolver,
+    Trigger,
+    UseEndpoint,
+)
 from wrapguard.wire import wgmsg
 
 try:
@@ -51,7 +64,7 @@ _TRUNCATED = 0xFFFFFFFF
 _ADDR_SLOT = 28  # sizeof(struct sockaddr_in6), as in the C helper
 
 SocketFactory = Callable[[int, int], socket.socket]
-Resolver = Callable[[str, int], Awaitable[tuple[str, int]]]
+Resolver = Callable[[str, int], Awaitable[Sequence[tuple[str, int]]]]  # addresses, best first
 RECV_BUF = 65536
 DRAIN_BATCH = 256  # datagrams per readable callback before yielding to the loop
 SOCK_BUF = 4 << 20
@@ -77,6 +90,8 @@ class WgUdpRuntime:
         bind_v4: str = "0.0.0.0",
         bind_v6: str | None = "::",
         wall_clock: Callable[[], float] = time.time,
+        rng: Callable[[int], bytes] = secrets.token_bytes,
+        reresolve_interval: float = RERESOLVE_INTERVAL,
     ) -> None:
         self.device = device
         self.listen_port = listen_port
@@ -97,7 +112,12 @@ class WgUdpRuntime:
         self._mm_cdata: tuple[Any, ...] = ()  # cffi pointers into the buffers above
         self._sockaddrs: dict[tuple[str, int], bytes] = {}
         self._timer: DeadlineTimer | None = None
-        self._resolving: set[int] = set()
+        self._rr_timer: DeadlineTimer | None = None
+        self.reresolver = Reresolver(
+            {p.index: p.endpoint_host for p in device.peers if p.endpoint_host is not None},
+            rng=rng,
+            interval=reresolve_interval,
+        )
         self._tasks: set[asyncio.Task[None]] = set()
         self._hs_window = 0.0
         self._hs_count = 0
@@ -134,10 +154,9 @@ class WgUdpRuntime:
             self._loop.add_reader(v4.fileno(), self._readable, v4)
         if self._v6 is not None:
             self._loop.add_reader(self._v6.fileno(), self._readable, self._v6)
+        self._rr_timer = DeadlineTimer(self._loop, self._on_reresolve_timer)
+        await asyncio.gather(*(self._lookup(lk) for lk in self.reresolver.start(self._loop.time())))
         now, wall = self._loop.time(), self._wall()
-        for p in self.device.peers:
-            if p.endpoint_host is not None:
-                await self._resolve(p.index, *p.endpoint_host)
         for p in self.device.peers:
             # wg starts a handshake at once for peers with PersistentKeepalive.
             if p.persistent_keepalive and p.endpoint is not None:
@@ -145,8 +164,9 @@ class WgUdpRuntime:
         self._rearm()
 
     def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        for timer in (self._timer, self._rr_timer):
+            if timer is not None:
+                timer.cancel()
         for task in list(self._tasks):
             task.cancel()
         for sock in (self._v4, self._v6):
@@ -427,12 +447,13 @@ class WgUdpRuntime:
 
     def _event(self, o: Output) -> None:
         if isinstance(o, ResolveEndpoint):
-            if o.peer not in self._resolving:
-                self._resolving.add(o.peer)
-                task = asyncio.ensure_future(self._resolve(o.peer, o.host, o.port))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+            assert self._loop is not None
+            lk = self.reresolver.request(o.peer, Trigger.UNANSWERED, self._loop.time())
+            if lk is not None:
+                self._spawn_lookup(lk)
         elif isinstance(o, HandshakeCompleted):
+            if self._loop is not None:
+                self.reresolver.handshake_completed(o.peer, self._loop.time())
             log.debug("handshake completed", peer=o.peer, initiator=o.initiator)
         elif isinstance(o, HandshakeFailed):
             log.warning("handshake failed: no answer", peer=o.peer)
@@ -441,25 +462,78 @@ class WgUdpRuntime:
         if self.on_event is not None:
             self.on_event(o)
 
-    async def _resolve(self, peer: int, host: str, port: int) -> None:
+    # ------------------------------------------------------------------ endpoint host names
+
+    def _spawn_lookup(self, lk: Lookup) -> None:
+        task = asyncio.ensure_future(self._lookup(lk))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _lookup(self, lk: Lookup) -> None:
+        """Resolve one name (the Reresolver allows one lookup per peer at a time) and act."""
+        assert self._loop is not None
+        rr = self.reresolver
         try:
-            if self._resolver is not None:
-                addr = await self._resolver(host, port)
-            else:
-                assert self._loop is not None
-                infos = await self._loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-                fams = [i for i in infos if i[0] == socket.AF_INET] or infos
-                if self._v6 is None:
-                    fams = [i for i in fams if i[0] == socket.AF_INET]
-                if not fams:
-                    raise OSError(f"no usable address for {host}")
-                sa = fams[0][4]
-                addr = (str(sa[0]), int(sa[1]))
-            self.device.set_endpoint(peer, addr)
-        except (OSError, ValueError) as exc:
-            log.warning("endpoint resolution failed", peer=peer, host=host, error=str(exc))
-        finally:
-            self._resolving.discard(peer)
+            addrs = await self._resolve(lk.host, lk.port)
+        except Exception as exc:  # OSError, UnicodeError, or a broken custom resolver
+            log.debug("endpoint lookup failed", peer=lk.peer, host=lk.host, error=str(exc))
+            outs = rr.failed(lk.peer, str(exc) or type(exc).__name__, self._loop.time())
+        else:
+            ep = self.device.peers[lk.peer].endpoint
+            outs = rr.answered(lk.peer, addrs, ep, self._loop.time())
+        for o in outs:
+            if isinstance(o, UseEndpoint):
+                new = f"{o.new[0]}:{o.new[1]}"
+                if o.old is None:
+                    log.debug("peer endpoint resolved", peer=o.peer, host=o.host, endpoint=new)
+                else:
+                    log.info(
+                        "peer endpoint moved: its host name resolves to a new address",
+                        peer=o.peer,
+                        host=o.host,
+                        old=f"{o.old[0]}:{o.old[1]}",
+                        new=new,
+                        reason=o.trigger.value,
+                    )
+                now = self._loop.time()
+                self._dispatch(self.device.move_endpoint(o.peer, o.new, now, self._wall()))
+                self._rearm()
+            elif isinstance(o, KeepEndpoint):
+                log.debug(
+                    "peer endpoint kept",
+                    peer=o.peer,
+                    host=o.host,
+                    endpoint=None if o.endpoint is None else f"{o.endpoint[0]}:{o.endpoint[1]}",
+                    answer=[f"{a[0]}:{a[1]}" for a in o.answer],
+                    reason=o.trigger.value,
+                )
+            elif isinstance(o, LookupFailing):
+                log.warning(
+                    "endpoint host name does not resolve; trying again later",
+                    peer=o.peer,
+                    host=o.host,
+                    error=o.error,
+                )
+            elif isinstance(o, LookupWorks):
+                log.info("endpoint host name resolves again", peer=o.peer, host=o.host)
+        if self._rr_timer is not None:
+            self._rr_timer.arm(rr.next_deadline())
+
+    async def _resolve(self, host: str, port: int) -> Sequence[tuple[str, int]]:
+        if self._resolver is not None:
+            return await self._resolver(host, port)
+        assert self._loop is not None
+        infos = await self._loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        # IPv4 first (as before), IPv6 only when we have an IPv6 socket to send from.
+        v4 = [i[4] for i in infos if i[0] == socket.AF_INET]
+        v6 = [i[4] for i in infos if i[0] == socket.AF_INET6] if self._v6 is not None else []
+        return [(str(sa[0]), int(sa[1])) for sa in v4 + v6]
+
+    def _on_reresolve_timer(self) -> None:
+        assert self._loop is not None and self._rr_timer is not None
+        for lk in self.reresolver.handle_timeout(self._loop.time()):
+            self._spawn_lookup(lk)
+        self._rr_timer.arm(self.reresolver.next_deadline())
 
     # ------------------------------------------------------------------ timer
 

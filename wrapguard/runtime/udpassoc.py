@@ -1,23 +1,25 @@
 """The launcher's UDP relay: the program's UDP sockets associated with netstack UDP sockets.
 
-One loopback UDP port (127.0.0.1 and ::1, same number) receives the shim's datagrams, each
-with a `UdpHeader` naming its real destination, and sends them into the tunnel from the
-netstack socket of that program socket's association. Datagrams from the tunnel go back with a
-header naming their real source; ICMP errors go back as ERROR markers. Only loopback sources
-registered over the authenticated control channel (UDP_ASSOC, LISTEN) are accepted
-(docs/channel.md, "UDP"); anything else is counted and dropped.
+The shim's datagrams, each with a `UdpHeader` naming its real destination, arrive on the
+socket's data connection (unix SOCK_SEQPACKET, authenticated by the channel with the
+association's token), drained in batches and left unread while a peer's staged queue is full,
+so that the program's send blocks as the kernel's would. Replies go to the program's socket
+from one loopback UDP port (127.0.0.1 and ::1) with a header naming their real source (ICMP
+errors as ERROR markers) and the association's token, which the shim checks. That port is
+send-only: a kernel filter drops whatever anyone sends to it (docs/channel.md, "UDP").
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
-import hmac
 import ipaddress
 import secrets
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from wrapguard import log
@@ -26,11 +28,12 @@ from wrapguard.netstack.events import DatagramReceived, Event, SockId, UdpError
 from wrapguard.runtime.engine import Engine
 from wrapguard.wire.ipc import (
     TOKEN_LEN,
+    UDP_HDR_LEN,
     Address,
     UdpHeader,
     UdpKind,
-    emit_udp_header,
-    parse_program_datagram,
+    emit_relay_datagram,
+    parse_udp_header,
 )
 
 __all__ = ["UdpRelay", "UdpRelayStats"]
@@ -38,7 +41,15 @@ __all__ = ["UdpRelay", "UdpRelayStats"]
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Key = tuple[str, int]  # the program socket's loopback side: ("127.0.0.1" | "::1", port)
 _ERRNO = struct.Struct("!I")
+SO_ATTACH_FILTER = 26  # <asm-generic/socket.h>
+DNS_PORT = 53
+DNS_REMEMBERED = 256  # forwarded queries per association whose replies can still be mapped
 LO4, LO6 = "127.0.0.1", "::1"
+DRAIN_BATCH = 64  # records per readable callback, then one flush into the tunnel
+RECORD_BUF = 65536 + 64  # any datagram + its header fits (a full buffer means truncated)
+PAUSE_CHECK = 0.01  # s between looks at a staged queue while intake is paused
+PAUSE_MAX = 5.0  # s: Rekey-Timeout [W 6.1]; a peer that has not answered by then stops pausing
+CLOSE_BATCHES = 64  # at close, batches read per connection before it is dropped
 
 
 @dataclass(slots=True)
@@ -48,7 +59,6 @@ class UdpRelayStats:
     to_tunnel: int = 0
     from_tunnel: int = 0
     errors_sent: int = 0
-    unknown_source: int = 0  # a loopback datagram from a socket never associated
     malformed: int = 0
     send_failed: int = 0  # the netstack refused (EMSGSIZE, no address of that family)
 
@@ -62,37 +72,42 @@ def _plain(ip: IPAddress) -> IPAddress:
 class _Assoc:
     """One program socket <-> one netstack UDP socket; the netstack's events for it."""
 
-    __slots__ = ("key", "relay", "sock", "token")
+    __slots__ = ("conns", "dns", "key", "relay", "sock", "token")
 
     def __init__(self, relay: UdpRelay, key: Key, sock: SockId) -> None:
         self.relay, self.key, self.sock = relay, key, sock
+        self.conns: set[socket.socket] = set()  # data connections (a fork()ed child shares one)
         # Carried by every datagram from the program: another local user who binds the
         # association's loopback port (after the program closed it) cannot know it.
         self.token = secrets.token_bytes(TOKEN_LEN)
+        # Forwarded DNS queries: (server, message id) -> the address the program asked.
+        self.dns: dict[tuple[IPAddress, bytes], Address] = {}
 
     def on_event(self, event: Event) -> None:
         if isinstance(event, DatagramReceived):
-            src = Address(event.src[0], event.src[1])
-            self.relay.to_program(self.key, UdpHeader(UdpKind.DATA, src), event.data)
+            src = self.relay.program_source(self, event.src, event.data)
+            self.relay.to_program(self, UdpHeader(UdpKind.DATA, src), event.data)
         elif isinstance(event, UdpError):
             dst = Address(event.dst[0], event.dst[1])
             self.relay.stats.errors_sent += 1
-            self.relay.to_program(self.key, UdpHeader(UdpKind.ERROR, dst), _ERRNO.pack(event.errno))
+            self.relay.to_program(self, UdpHeader(UdpKind.ERROR, dst), _ERRNO.pack(event.errno))
 
 
-class _Endpoint(asyncio.DatagramProtocol):
-    def __init__(self, relay: UdpRelay) -> None:
-        self.relay = relay
+_DROP_ALL = struct.pack("HBBI", 0x06, 0, 0, 0)  # classic BPF: BPF_RET|BPF_K, accept 0 bytes
 
-    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        self.relay.from_program(data, (str(addr[0]), int(addr[1])))
 
-    def error_received(self, exc: Exception) -> None:  # e.g. ECONNREFUSED: the program is gone
-        pass
+def _drop_everything(sock: socket.socket) -> None:
+    """SO_ATTACH_FILTER with a program that keeps nothing (socket(7), filter(2))."""
+    prog = ctypes.create_string_buffer(_DROP_ALL)
+    fprog = struct.pack("HL", 1, ctypes.addressof(prog))  # struct sock_fprog
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
 
 
 class UdpRelay:
-    """The loopback relay port and the associations; `start()`, then `env_value()`."""
+    """The associations, their data connections and the loopback relay port; `start()`, then
+    `env_value()`; `attach()` for each data connection the channel authenticated."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -101,13 +116,26 @@ class UdpRelay:
         self.has_v6 = False
         self.assocs: dict[Key, _Assoc] = {}
         self.stats = UdpRelayStats()
-        self._transports: dict[str, asyncio.DatagramTransport] = {}
+        self._relay_socks: dict[str, socket.socket] = {}  # LO4 / LO6 -> the relay port's socket
+        self._by_token: dict[bytes, _Assoc] = {}
+        self._buf = bytearray(RECORD_BUF)
+        self._mv = memoryview(self._buf)
+        self._paused: dict[socket.socket, _Assoc] = {}  # data connections left unread
+        self._pause_timer: asyncio.TimerHandle | None = None
+        self._paused_since = 0.0
+        self._given_up: set[int] = set()  # peers that did not answer within PAUSE_MAX
+        # Set by the launcher: where a port-53 datagram really goes (None: as addressed).
+        self.dns_target: Callable[[IPAddress, int], tuple[IPAddress, int] | None] | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        del loop
         for host, sock in self._sockets():
-            transport, _ = await loop.create_datagram_endpoint(lambda: _Endpoint(self), sock=sock)
-            self._transports[host] = transport
+            # Send-only: datagrams come in on the data connections (docs/channel.md "UDP").
+            # Whatever anyone sends to this port is dropped by the kernel, for free.
+            sock.setblocking(False)
+            _drop_everything(sock)
+            self._relay_socks[host] = sock
 
     def _sockets(self) -> list[tuple[str, socket.socket]]:
         """127.0.0.1 and ::1 on one ephemeral port (the shim knows only the number)."""
@@ -135,11 +163,20 @@ class UdpRelay:
         return str(self.port) if self.has_v6 else f"{self.port}/4"
 
     def close(self) -> None:
-        for transport in self._transports.values():
-            transport.close()
-        self._transports.clear()
+        # What a program sent just before it exited may still be queued on its connections.
+        for assoc in list(self.assocs.values()):
+            for conn in list(assoc.conns):
+                for _ in range(CLOSE_BATCHES):
+                    if not self._drain(conn, assoc, pause=False):
+                        break
+        for sock in self._relay_socks.values():
+            sock.close()
+        self._relay_socks.clear()
         for key in list(self.assocs):
             self.release(key)
+        if self._pause_timer is not None:
+            self._pause_timer.cancel()
+            self._pause_timer = None
 
     # -- associations --------------------------------------------------------------------------
 
@@ -160,6 +197,7 @@ class UdpRelay:
             self.release(key)
         assoc = _Assoc(self, key, self.engine.stack.udp_bind(port))
         self.assocs[key] = assoc
+        self._by_token[assoc.token] = assoc
         self.engine.handlers[assoc.sock] = assoc
         self.log.debug("udp association", local=f"{key[0]}:{key[1]}", port=port or "ephemeral")
         return assoc
@@ -191,40 +229,153 @@ class UdpRelay:
         key = local if isinstance(local, tuple) else self._key(local)
         assoc = self.assocs.pop(key, None)
         if assoc is not None:
+            self._by_token.pop(assoc.token, None)
+            for conn in list(assoc.conns):  # a sharer's next send re-associates (docs/shim.md)
+                self._detach(conn, assoc)
             self.engine.handlers.pop(assoc.sock, None)
             self.engine.stack.udp_close(assoc.sock)
 
+    # -- data connections ----------------------------------------------------------------------
+
+    def attach(self, token: bytes, conn: socket.socket) -> bool:
+        """A data connection presented `token`: read it if an association has that token."""
+        assoc = self._by_token.get(token)
+        if assoc is None:
+            return False
+        conn.setblocking(False)
+        assoc.conns.add(conn)
+        asyncio.get_running_loop().add_reader(conn.fileno(), self._drain, conn, assoc)
+        return True
+
+    def _detach(self, conn: socket.socket, assoc: _Assoc) -> None:
+        assoc.conns.discard(conn)
+        if self._paused.pop(conn, None) is None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(conn.fileno())
+        conn.close()
+
+    def _drain(self, conn: socket.socket, assoc: _Assoc, pause: bool = True) -> bool:
+        """Up to DRAIN_BATCH records (one datagram each), one recv_into the same buffer each,
+        then one flush; the header's parse is reused while the destination stays the same.
+        True when the batch was full (more may be queued)."""
+        buf, mv = self._buf, self._mv
+        recv_into, into_tunnel = conn.recv_into, self.into_tunnel
+        raw, header = b"", None
+        sent = read = 0
+        for _ in range(DRAIN_BATCH):
+            try:
+                n = recv_into(buf)
+            except (BlockingIOError, InterruptedError):
+                break
+            except ConnectionResetError:
+                # Reported once (the shim's end closed with data unread) before what is still
+                # queued: read on, EOF comes after the last record.
+                continue
+            except OSError:
+                n = 0
+            if n == 0:  # EOF (a record is never empty: it has a header)
+                self._detach(conn, assoc)
+                break
+            read += 1
+            if n < UDP_HDR_LEN or n >= RECORD_BUF:
+                self.stats.malformed += 1
+                continue
+            if header is None or not buf.startswith(raw):
+                raw = bytes(mv[:UDP_HDR_LEN])
+                try:
+                    header = parse_udp_header(raw)[0]
+                except DecodeError:
+                    header = None
+                    self.stats.malformed += 1
+                    continue
+            sent += into_tunnel(assoc, header, bytes(mv[UDP_HDR_LEN:n]))
+        if sent:
+            self.engine.flush()
+            if pause and conn in assoc.conns and self._backlogged():
+                self._pause(conn, assoc)
+        return read == DRAIN_BATCH
+
+    # -- backpressure: a handshake in flight -----------------------------------------------------
+
+    def _backlogged(self) -> set[int]:
+        """Peers whose staged queue [W 6.5] has less room than one more batch: reading on
+        would only push packets out of it. A peer we waited PAUSE_MAX for is left out until
+        its queue drains (its handshake completed, or it dropped them [W 6.4])."""
+        device = self.engine.device
+        limit = device.timers.staged_queue_len - DRAIN_BATCH
+        full = {p.index for p in device.peers if len(p.staged) > limit}
+        self._given_up &= full
+        return full - self._given_up
+
+    def _pause(self, conn: socket.socket, assoc: _Assoc) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(conn.fileno())
+        if not self._paused:
+            self._paused_since = loop.time()
+        self._paused[conn] = assoc
+        if self._pause_timer is None:
+            self._pause_timer = loop.call_later(PAUSE_CHECK, self._check_paused)
+
+    def _check_paused(self) -> None:
+        self._pause_timer = None
+        loop = asyncio.get_running_loop()
+        waiting = self._backlogged()
+        if waiting and loop.time() - self._paused_since < PAUSE_MAX:
+            self._pause_timer = loop.call_later(PAUSE_CHECK, self._check_paused)
+            return
+        self._given_up |= waiting
+        paused, self._paused = self._paused, {}
+        for conn, assoc in paused.items():
+            loop.add_reader(conn.fileno(), self._drain, conn, assoc)
+
     # -- datagrams -----------------------------------------------------------------------------
 
-    def from_program(self, data: bytes, src: Key) -> None:
-        assoc = self.assocs.get(src)
-        if assoc is None:
-            self.stats.unknown_source += 1
-            return
-        try:
-            header, token, payload = parse_program_datagram(data)
-        except DecodeError:
-            self.stats.malformed += 1
-            return
-        if not hmac.compare_digest(token, assoc.token):
-            self.stats.unknown_source += 1
-            return
+    def into_tunnel(self, assoc: _Assoc, header: UdpHeader, payload: bytes) -> bool:
+        """One datagram from the program into the tunnel (both intakes): True when queued in
+        the netstack (the caller flushes)."""
         if header.kind is not UdpKind.DATA:
             self.stats.malformed += 1
-            return
-        dst = (_plain(header.addr.ip), header.addr.port)
+            return False
+        dst = self.tunnel_destination(assoc, header.addr, payload)
         try:
             self.engine.stack.udp_send(assoc.sock, dst, payload, self.engine.now())
         except OSError:
             self.stats.send_failed += 1
-            return
+            return False
         self.stats.to_tunnel += 1
-        self.engine.schedule_flush()
+        return True
 
-    def to_program(self, key: Key, header: UdpHeader, payload: bytes) -> None:
-        transport = self._transports.get(key[0])
-        if transport is None:
+    # -- DNS queries to servers outside the tunnel (docs/channel.md "DNS") --------------------
+
+    def tunnel_destination(
+        self, assoc: _Assoc, addr: Address, payload: bytes
+    ) -> tuple[IPAddress, int]:
+        """Where a datagram to `addr` goes: as addressed, or a DNS query to a server outside
+        the tunnel to the tunnel DNS server (remembered by message id for the reply)."""
+        ip = _plain(addr.ip)
+        if addr.port != DNS_PORT or self.dns_target is None:
+            return ip, addr.port
+        target = self.dns_target(ip, addr.port)
+        if target is None:
+            return ip, addr.port
+        if len(assoc.dns) >= DNS_REMEMBERED:
+            del assoc.dns[next(iter(assoc.dns))]  # the oldest (dicts keep insertion order)
+        assoc.dns[(target[0], bytes(payload[:2]))] = addr
+        return target
+
+    def program_source(self, assoc: _Assoc, src: tuple[IPAddress, int], data: bytes) -> Address:
+        """The source the program sees: a forwarded query's reply comes from the address the
+        program asked (resolvers drop replies from anyone else), anything else as it is."""
+        if src[1] == DNS_PORT and assoc.dns:
+            asked = assoc.dns.get((src[0], bytes(data[:2])))
+            if asked is not None:
+                return asked
+        return Address(src[0], src[1])
+
+    def to_program(self, assoc: _Assoc, header: UdpHeader, payload: bytes) -> None:
+        sock = self._relay_socks.get(assoc.key[0])
+        if sock is None:
             return
         self.stats.from_tunnel += 1
-        with contextlib.suppress(OSError):
-            transport.sendto(emit_udp_header(header) + payload, key)
+        with contextlib.suppress(OSError):  # loopback: never blocks
+            sock.sendto(emit_relay_datagram(header, assoc.token, payload), assoc.key)

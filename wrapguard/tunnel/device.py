@@ -104,6 +104,19 @@ class Device:
             raise ValueError(f"endpoint host must be an IP literal, got {addr[0]!r}")
         self.peers[peer].endpoint = norm
 
+    def move_endpoint(
+        self, peer: int, addr: tuple[str, int], now: float, wall_time: float
+    ) -> list[Output]:
+        """Set an endpoint found by resolving the peer's host name again. A handshake under
+        way (retry timer armed) sends its initiation there now: the earlier ones went where
+        nobody answers, and the next retry is up to Rekey-Timeout away [W 6.4]."""
+        self.set_endpoint(peer, addr)
+        p = self.peers[peer]
+        out: list[Output] = []
+        if p.t_retransmit is not None:
+            self._initiate(p, now, wall_time, True, out)
+        return out
+
     def start_handshake(self, peer: int, now: float, wall_time: float) -> list[Output]:
         """Initiate now (as wg does at start for peers with PersistentKeepalive)."""
         out: list[Output] = []
@@ -610,6 +623,9 @@ class Device:
                 p.t_send_keepalive = now + t.keepalive_timeout
         if p.t_new_handshake is not None and now >= p.t_new_handshake:
             p.t_new_handshake = None
+            if p.endpoint_host is not None:
+                # The peer fell silent: the first sign that its address may have changed.
+                out.append(ResolveEndpoint(p.index, *p.endpoint_host))
             self._initiate(p, now, wall_time, False, out)
         if p.t_persistent is not None and now >= p.t_persistent:
             p.t_persistent = None

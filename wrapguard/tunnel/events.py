@@ -63,7 +63,7 @@ class HandshakeFailed:
 
 @dataclass(frozen=True, slots=True)
 class ResolveEndpoint:
-    """Resolve `host` again and call `Device.set_endpoint(peer, addr)`; handshakes fail."""
+    """The peer stopped answering: resolve `host` again (policy: tunnel/reresolve.py)."""
 
     peer: int
     host: str

@@ -25,8 +25,9 @@ class TimerConfig:
     reject_after_messages: int = REJECT_AFTER_MESSAGES  # [W 6.1]
     handshake_initiation_rate: float = 1.0 / 50  # min spacing of consumed initiations per peer
     staged_queue_len: int = 128  # packets kept per peer while a handshake is in flight
-    # Handshake retries between two "resolve the endpoint hostname again" events.
-    resolve_every_attempts: int = 3
+    # Handshake retries between two "resolve the endpoint hostname again" events: every
+    # unanswered attempt (tunnel/reresolve.py keeps it to one lookup at a time).
+    resolve_every_attempts: int = 1
 
     @property
     def zero_keys_after(self) -> float:

@@ -29,6 +29,8 @@ __all__ = [
     "RESOLVE_ADDRCONFIG",
     "SECRET_LEN",
     "TOKEN_LEN",
+    "UDP_DATA_ACK",
+    "UDP_DATA_SOCKET",
     "UDP_HDR_LEN",
     "VERSION",
     "Action",
@@ -63,12 +65,13 @@ __all__ = [
     "UnlistenReply",
     "UnlistenRequest",
     "emit_address",
+    "emit_relay_datagram",
     "emit_reply",
     "emit_request",
     "emit_udp_header",
     "frame_body_len",
     "parse_address",
-    "parse_program_datagram",
+    "parse_relay_datagram",
     "parse_reply",
     "parse_request",
     "parse_udp_header",
@@ -88,6 +91,10 @@ MAX_VERSION_TEXT = 255
 MAX_NAME_TEXT = 255
 MAX_RESOLVE_ADDRS = 12  # 12 addresses + a 255-byte name fit in MAX_BODY
 RESOLVE_ADDRCONFIG = 0x01  # AI_ADDRCONFIG: only families we have a tunnel address of
+# UDP data connections (docs/channel.md, "UDP"): SOCK_SEQPACKET to this name beside the control
+# socket; the first record is an association's token, answered by this one-byte record.
+UDP_DATA_SOCKET = "udp.sock"
+UDP_DATA_ACK = b"\x00"
 
 _PREFIX = struct.Struct("!I")
 _REQ_HDR = struct.Struct("!BBH32s")  # version, op, flags, secret
@@ -175,6 +182,9 @@ class ConnectRequest:
     dst: Address
     gate: bool = False  # non-blocking: the shim holds writability back with filler bytes
     src_port: int = 0  # the port the program bound before connect(), 0 for any
+    # The loopback source port the program's socket connects to the data listener from, 0 if
+    # unknown: the listener drops connections from any other port (docs/channel.md, Security).
+    lo_port: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -442,11 +452,13 @@ def emit_request(req: Request, secret: bytes) -> bytes:
             if len(text) > MAX_VERSION_TEXT:
                 raise ValueError("ipc: version text too long")
             op, body = Op.HELLO, _HELLO.pack(pid, len(text)) + text
-        case ConnectRequest(proto, dst, gate, src_port):
-            if not 0 <= src_port <= 0xFFFF:
+        case ConnectRequest(proto, dst, gate, src_port, lo_port):
+            if not 0 <= src_port <= 0xFFFF or not 0 <= lo_port <= 0xFFFF:
                 raise ValueError("ipc: bad CONNECT source port")
             op, body = Op.CONNECT, bytes([proto]) + emit_address(dst)
-            if src_port:
+            if lo_port:
+                body += src_port.to_bytes(2, "big") + lo_port.to_bytes(2, "big")
+            elif src_port:
                 body += src_port.to_bytes(2, "big")
             flags = FLAG_GATE if gate else 0
         case GateRequest(token, filler):
@@ -500,16 +512,24 @@ def parse_request(data: bytes) -> tuple[bytes, Request]:
                 raise DecodeError("ipc: HELLO version is not UTF-8") from None
             req = HelloRequest(pid, text)
         case Op.CONNECT | Op.LISTEN | Op.UNLISTEN:
-            src_port = 0
+            src_port = lo_port = 0
+            # CONNECT: then nothing, `u16 src_port` (non-zero), or `u16 src_port` (0: none)
+            # and `u16 lo_port` (non-zero); one encoding per request, so frames round-trip.
             if op is Op.CONNECT and len(body) == 3 + ADDR_LEN:
                 src_port = int.from_bytes(body[1 + ADDR_LEN :], "big")
                 if src_port == 0:
                     raise DecodeError("ipc: CONNECT source port 0 must be left out")
                 body = body[: 1 + ADDR_LEN]
+            elif op is Op.CONNECT and len(body) == 5 + ADDR_LEN:
+                src_port = int.from_bytes(body[1 + ADDR_LEN : 3 + ADDR_LEN], "big")
+                lo_port = int.from_bytes(body[3 + ADDR_LEN :], "big")
+                if lo_port == 0:
+                    raise DecodeError("ipc: CONNECT loopback port 0 must be left out")
+                body = body[: 1 + ADDR_LEN]
             _exact(body, 1 + ADDR_LEN, op.name)
             proto, addr = _proto(body[0]), parse_address(body, 1)
             if op is Op.CONNECT:
-                req = ConnectRequest(proto, addr, bool(flags & FLAG_GATE), src_port)
+                req = ConnectRequest(proto, addr, bool(flags & FLAG_GATE), src_port, lo_port)
             elif op is Op.LISTEN:
                 if flags & ~FLAG_V6ONLY:
                     raise DecodeError("ipc: unknown LISTEN flags")
@@ -698,9 +718,16 @@ def parse_udp_header(data: bytes) -> tuple[UdpHeader, bytes]:
     return UdpHeader(k, parse_address(data, _UDP_HDR.size)), bytes(data[UDP_HDR_LEN:])
 
 
-def parse_program_datagram(data: bytes) -> tuple[UdpHeader, bytes, bytes]:
-    """A datagram from the program to the relay -> (header, token, payload): the 21-byte
-    header, then the association's 16-byte token."""
+def emit_relay_datagram(header: UdpHeader, token: bytes, payload: bytes) -> bytes:
+    """A datagram from the relay port to the program: the 21-byte header, the association's
+    16-byte token (the shim drops a datagram without it: docs/channel.md "UDP"), payload."""
+    if len(token) != TOKEN_LEN:
+        raise ValueError("the association token is 16 bytes")
+    return emit_udp_header(header) + token + payload
+
+
+def parse_relay_datagram(data: bytes) -> tuple[UdpHeader, bytes, bytes]:
+    """emit_relay_datagram's bytes -> (header, token, payload)."""
     header, rest = parse_udp_header(data)
     if len(rest) < TOKEN_LEN:
         raise DecodeError("ipc: short UDP token")
