@@ -182,6 +182,91 @@ class RigBench:
             rows.append(row)
         return rows
 
+    # -- row 1s -------------------------------------------------------------------------------
+    def row_socks5(self, rounds: int, port: int = 1080) -> Row:
+        """The row-1 download through the SOCKS5 door (a daemon in the client namespace, a
+        plain curl --socks5 beside it) next to the same download by a wrapped curl. One
+        launcher at a time: both hold our key, and the peer follows the last handshake."""
+        mib = self.rig.files[self.down_name][0] >> 20
+        row = Row("1s", f"Download {mib} MiB, curl through the SOCKS5 door vs wrapped (MB/s)")
+        speeds: dict[bool, list[float]] = {True: [], False: []}
+        for r in range(rounds):
+            for socks in [True, False] if r % 2 == 0 else [False, True]:
+                self.rig.reset_peer()
+                if socks:
+                    speeds[True].append(self._socks_down(port, check=r == 0))
+                else:
+                    speeds[False].append(self._curl_down(True, check=False)[0])
+        o, k = Stat.of(speeds[True]), Stat.of(speeds[False])
+        row.ours, row.ref, row.ratio = o.fmt(), k.fmt(), ratio(o.median, k.median)
+        row.notes = (
+            f"SOCKS5 {o.spread()}, wrapped curl {k.spread()}; a daemon per turn, its start-up "
+            "excluded (curl's time_total)"
+        )
+        return row
+
+    def _socks_down(self, port: int, check: bool) -> float:
+        argv = [
+            "ip", "netns", "exec", self.ns, sys.executable, "-m", "wrapguard",
+            "--config", str(self.conf), "--socks5", f"127.0.0.1:{port}", "--log-level", "warn",
+        ]  # fmt: skip
+        errlog = self.workdir / "socks5.err"
+        with open(errlog, "wb") as err:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                env=self.env, start_new_session=True, preexec_fn=_raise_nofile,
+            )  # fmt: skip
+        try:
+            self._wait_listening(proc, port, errlog)
+            out = str(self.workdir / "socks.bin") if check else "/dev/null"
+            w = "%{http_code} %{size_download} %{time_total}\n"
+            where = f"127.0.0.1:{port}"
+            cmd = [
+                "curl",
+                "-sS",
+                "--socks5",
+                where,
+                "-o",
+                out,
+                "-w",
+                w,
+                self.rig.url(self.down_name),
+            ]
+            stdout, _, _ = self.run(False, cmd, timeout=120)
+        finally:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, 15)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                proc.wait(10)
+        code, size, secs = stdout.split()[-3:]
+        want_size, want_sha = self.rig.files[self.down_name]
+        if code != "200" or int(size) != want_size:
+            raise RuntimeError(f"SOCKS5 download: HTTP {code}, {size} bytes")
+        if check:
+            got = hashlib.sha256(Path(out).read_bytes()).hexdigest()
+            Path(out).unlink()
+            if got != want_sha:
+                raise RuntimeError("SOCKS5 download: sha256 mismatch")
+        return int(size) / float(secs) / MB
+
+    def _wait_listening(self, proc: subprocess.Popen[bytes], port: int, errlog: Path) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"SOCKS5 daemon exited: {tail(errlog.read_text())}")
+            probe = self.rig.client.socket()
+            try:
+                probe.connect(("127.0.0.1", port))
+                return
+            except OSError:
+                time.sleep(0.05)
+            finally:
+                probe.close()
+        raise RuntimeError("SOCKS5 daemon not listening after 30 s")
+
     # -- row 4 --------------------------------------------------------------------------------
     def row_connect(self, rounds: int, n: int = 200) -> Row:
         row = Row("4", f"Connect round trip, {n} sequential connect+close (median us)")

@@ -110,6 +110,8 @@ int wg_resolve(void) {
     WG_RESOLVE(recvmmsg);
     WG_RESOLVE(recv);
     WG_RESOLVE(read);
+    WG_RESOLVE(readv);
+    WG_RESOLVE(writev);
     WG_RESOLVE(setsockopt);
     WG_RESOLVE(fcntl64);
     if (wg_real.fcntl64 == NULL) missing--; /* older glibc: fcntl only */

@@ -40,6 +40,8 @@ struct wg_real {
     int (*recvmmsg)(int, struct mmsghdr *, unsigned int, int, struct timespec *);
     ssize_t (*recv)(int, void *, size_t, int);
     ssize_t (*read)(int, void *, size_t);
+    ssize_t (*readv)(int, const struct iovec *, int);
+    ssize_t (*writev)(int, const struct iovec *, int);
     int (*setsockopt)(int, int, int, const void *, socklen_t);
 };
 extern struct wg_real wg_real;

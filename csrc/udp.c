@@ -80,10 +80,15 @@ static int relay_addr(int fd, int domain, union wg_sa *sa, socklen_t *len, uint8
     return 0;
 }
 
+/* From the relay: exactly 127.0.0.1 or ::1 (as the launcher binds them) at the relay's port.
+ * Not any 127/8 address: another user may bind 127.0.0.2 at that port number. */
 static int from_relay(const union wg_sa *sa, socklen_t len) {
+    static const uint8_t v4lo[4] = {127, 0, 0, 1};
     struct wg_addr a;
-    return wg_cfg.udp_port != 0 && wg_addr_from_sockaddr(&sa->sa, len, &a) == 0 &&
-           wg_addr_is_loopback(&a) && a.port == wg_cfg.udp_port;
+    if (wg_cfg.udp_port == 0 || wg_addr_from_sockaddr(&sa->sa, len, &a) != 0 ||
+        a.port != wg_cfg.udp_port)
+        return 0;
+    return a.family == 4 ? memcmp(a.addr, v4lo, 4) == 0 : wg_addr_is_loopback(&a);
 }
 
 /* The socket's loopback side (what the launcher sees): bind the wildcard first if unbound
@@ -181,16 +186,16 @@ static int data_open(int fd, struct wg_fd *s) {
     if (wg_cfg.udp_data_len == 0) return -2;
     int saved = errno;
     int u = wg_real.socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
-    if (u < 0) {
+    if (u < 0) { /* out of fds or memory, for now: this send fails, the next one tries again */
         errno = saved;
-        return -2;
+        return -1;
     }
     wg_slot_clear(u);
     /* Blocking, but never longer than a control request for the connect, token and answer. */
     struct timeval tv = {.tv_sec = WG_CTL_TIMEOUT_MS / 1000, .tv_usec = 0};
     wg_real.setsockopt(u, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
     wg_real.setsockopt(u, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    int rc = -2, r;
+    int rc = -1, r; /* any failure from here is for this attempt only (a slow launcher) */
     do {
         r = wg_real.connect(u, (const struct sockaddr *)&wg_cfg.udp_data, wg_cfg.udp_data_len);
     } while (r != 0 && errno == EINTR);
@@ -648,6 +653,47 @@ WG_EXPORT ssize_t read(int fd, void *buf, size_t len) {
     wg_slot_clear(fd); /* stale state: the fd was closed behind our back and reused */
     errno = saved;
     return wg_real.read(fd, buf, len);
+}
+
+WG_EXPORT ssize_t readv(int fd, const struct iovec *iov, int iovcnt) {
+    REAL(readv);
+    struct wg_fd *s = wg_slot(fd);
+    if (!is_udp(s) || iov == NULL || iovcnt <= 0) return tcp_err(fd, wg_real.readv(fd, iov, iovcnt));
+    struct msghdr m;
+    memset(&m, 0, sizeof m);
+    m.msg_iov = (struct iovec *)iov;
+    m.msg_iovlen = (size_t)iovcnt;
+    return udp_in(fd, s, &m, 0);
+}
+
+WG_EXPORT ssize_t writev(int fd, const struct iovec *iov, int iovcnt) {
+    REAL(writev);
+    struct wg_fd *s = wg_slot(fd);
+    if (s == NULL || s->kind != WG_UDP || !s->udp_conn || iovcnt < 0)
+        return tcp_err(fd, wg_real.writev(fd, iov, iovcnt));
+    ssize_t ret;
+    if (udp_out(fd, NULL, 0, iov, (size_t)iovcnt, 0, &ret)) return ret;
+    return wg_real.writev(fd, iov, iovcnt);
+}
+
+/* The _FORTIFY_SOURCE entry points (what distro builds call for recv/recvfrom/read with a
+ * known buffer size): glibc's own size check, then the same hook as the plain call. */
+extern void __chk_fail(void) __attribute__((noreturn));
+
+WG_EXPORT ssize_t __recv_chk(int fd, void *buf, size_t len, size_t buflen, int flags) {
+    if (len > buflen) __chk_fail();
+    return recv(fd, buf, len, flags);
+}
+
+WG_EXPORT ssize_t __recvfrom_chk(int fd, void *buf, size_t len, size_t buflen, int flags,
+                                 struct sockaddr *addr, socklen_t *addrlen) {
+    if (len > buflen) __chk_fail();
+    return recvfrom(fd, buf, len, flags, addr, addrlen);
+}
+
+WG_EXPORT ssize_t __read_chk(int fd, void *buf, size_t len, size_t buflen) {
+    if (len > buflen) __chk_fail();
+    return read(fd, buf, len);
 }
 
 WG_EXPORT int recvmmsg(int fd, struct mmsghdr *vec, unsigned int n, int flags,

@@ -13,6 +13,7 @@ command -v node >/dev/null 2>&1 || need+=(nodejs)
 command -v dig >/dev/null 2>&1 || need+=(bind9-dnsutils)  # dig, host, nslookup
 command -v aria2c >/dev/null 2>&1 || need+=(aria2)
 command -v socat >/dev/null 2>&1 || need+=(socat)
+command -v git >/dev/null 2>&1 || need+=(git)  # git over http through the HTTP proxy door
 command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)  # the tests start their own sshd; none is enabled
 command -v cc >/dev/null 2>&1 || need+=(gcc libc6-dev)

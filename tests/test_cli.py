@@ -79,7 +79,6 @@ def test_help_lists_every_flag() -> None:
         (["--exit-node", "not-an-ip", "--config", "x", "--", "true"], "not-an-ip"),
         (["--route", "10.0.0.0/8", "--config", "x", "--", "true"], "--route"),
         (["--route", "300.0.0.0/8:10.150.0.1", "--config", "x", "--", "true"], "--route"),
-        (["--config", "x"], "no command"),
         (["--", "true"], "--config"),
         (["--self-test"], "--config"),
     ],
@@ -214,6 +213,27 @@ def test_log_file_symlink_of_another_user_is_not_followed(
     mine.symlink_to(tmp_path / "real.log")  # our own symlink is followed as before
     run("--config", str(good_config), "--log-file", str(mine), "--", NO_CMD)
     assert (tmp_path / "real.log").read_text().startswith("{")
+
+
+def test_no_command_and_no_proxy_is_a_usage_error(good_config: Path) -> None:
+    r = run("--config", str(good_config))
+    assert r.returncode == 2, r.stderr
+    assert "no command given" in one_line(r.stderr) and "--socks5" in one_line(r.stderr)
+
+
+def test_a_proxy_open_to_the_network_without_credentials_is_refused(good_config: Path) -> None:
+    r = run("--config", str(good_config), "--socks5", "0.0.0.0:1080")
+    assert r.returncode == 2, r.stderr
+    assert "without credentials" in one_line(r.stderr)
+
+
+def test_help_lists_the_modes() -> None:
+    r = run("--help")
+    assert r.returncode == 0
+    for mode in ("wrap a command", "proxy daemon", "wrapguard show", "--doctor"):
+        assert mode in r.stdout, r.stdout
+    r = run("show", "--help")
+    assert r.returncode == 0 and "--control" in r.stdout, r
 
 
 def test_console_script_is_installed() -> None:

@@ -334,7 +334,8 @@ def test_reprs_never_show_keys() -> None:
         ),
         (
             (*IFACE, "[Server]"),
-            "wg0.conf:4: unknown section [Server] (expected [Interface] or [Peer])",
+            "wg0.conf:4: unknown section [Server] "
+            "(expected [Interface], [Peer], [Socks5] or [http])",
         ),
         (
             (*IFACE, "PublicKey = x"),

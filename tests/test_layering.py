@@ -47,3 +47,63 @@ def test_cores_exist() -> None:
 def test_core_module_does_no_io(path: Path) -> None:
     bad = imported_roots(path) & FORBIDDEN
     assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}; cores must stay sans-IO"
+
+
+# The package order (architecture.md, "Where it grows"): a package may import only those
+# listed for it among wrapguard's own packages; everything above the cores (runtime, doors,
+# control, cli) may import the cores, never the other way round.
+LEAVES = {"errors", "keys", "_fastpath"}  # no imports of ours (the cffi helper is compiled)
+ALLOWED = {
+    "wire": {"wire"} | LEAVES,
+    "noise": {"wire", "noise"} | LEAVES,
+    "tunnel": {"wire", "noise", "tunnel"} | LEAVES,
+    "netstack": {"wire", "netstack"} | LEAVES,
+}
+UPPER = {"runtime", "config", "log", "cli", "launch", "doors", "control", "doctor", "selftest"}
+
+
+def wrapguard_imports(path: Path) -> set[str]:
+    """wrapguard's own top-level modules/packages that `path` imports, relative imports
+    resolved against its package."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    pkg = path.relative_to(ROOT).parts[:-1]
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = list(pkg[: len(pkg) - node.level + 1])
+                mod = ".".join(["wrapguard", *base, *([node.module] if node.module else [])])
+                names = [mod] if node.module else [f"{mod}.{a.name}" for a in node.names]
+            elif node.module:
+                names = [node.module]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "wrapguard" and len(parts) > 1:
+                out.add(parts[1])
+    return out
+
+
+@pytest.mark.parametrize(
+    "path",
+    [p for core in ALLOWED for p in sorted((ROOT / core).rglob("*.py"))],
+    ids=lambda p: str(p.relative_to(ROOT)),
+)
+def test_package_order(path: Path) -> None:
+    core = path.relative_to(ROOT).parts[0]
+    used = wrapguard_imports(path)
+    assert not used & UPPER, f"{path.relative_to(ROOT)} imports {sorted(used & UPPER)}"
+    extra = used - ALLOWED[core]
+    assert not extra, f"{path.relative_to(ROOT)} ({core}) may not import {sorted(extra)}"
+
+
+def test_relative_imports_are_resolved() -> None:
+    """The checker itself: a relative import counts (a test that cannot fail is a defect)."""
+    sample = ROOT / "netstack" / "_layering_probe.py"
+    try:
+        sample.write_text("from ..runtime import engine\n")
+        assert "runtime" in wrapguard_imports(sample)
+    finally:
+        sample.unlink()

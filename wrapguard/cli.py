@@ -12,46 +12,20 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import shutil
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 import click
 
 from wrapguard import __version__, log
 from wrapguard.errors import UsageError, WrapguardError
-
-EXIT_SETUP = 1
-EXIT_USAGE = 2
-EXIT_CANNOT_EXECUTE = 126
-EXIT_NOT_FOUND = 127
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-@dataclass(frozen=True, slots=True)
-class Options:
-    """What the user asked for, validated as far as it can be without the config file."""
-
-    config_path: str | None
-    exit_node: IPAddress | None
-    routes: tuple[tuple[IPNetwork, IPAddress], ...]
-    log_level: str
-    log_file: str | None
-    doctor: str | None  # None: not asked; "": no target given
-    self_test: str | None  # None: not asked; "": no target given
-    command: tuple[str, ...]
-
-
-class CommandNotRunnable(WrapguardError):
-    """CMD is missing or not executable; the exit code follows env(1)."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+from wrapguard.options import (
+    EXIT_SETUP,
+    IPAddress,
+    IPNetwork,
+    Options,
+)
 
 
 def _parse_exit_node(
@@ -81,13 +55,36 @@ def _parse_routes(
     return tuple(out)
 
 
+def _parse_proxy(kind: str) -> Callable[[click.Context, click.Parameter, str | None], object]:
+    def parse(_ctx: click.Context, param: click.Parameter, value: str | None) -> object:
+        if value is None:
+            return None
+        from wrapguard.frontends import parse_proxy_flag
+
+        try:
+            return parse_proxy_flag(kind, value)
+        except UsageError as exc:
+            raise click.BadParameter(str(exc), param_hint=param.opts[0]) from None
+
+    return parse
+
+
+MODES = """\b
+Modes:
+  wrap a command   wrapguard --config wg0.conf -- curl http://10.150.0.1:8080/
+  proxy daemon     wrapguard --config wg0.conf --socks5 127.0.0.1:1080 --http-proxy 127.0.0.1:8118
+  show the state   wrapguard show [--control PATH]
+  check, prove     wrapguard --doctor [TARGET] --config wg0.conf | --self-test [IP:PORT]
+"""
+
+
 @click.command(
     context_settings={
         "help_option_names": ["-h", "--help"],
         "allow_interspersed_args": False,
         "max_content_width": 100,
     },
-    epilog="Example: wrapguard --config wg0.conf -- curl http://10.150.0.1:8080/",
+    epilog=MODES,
 )
 @click.option(
     "--config", "config_path", metavar="PATH", help="wg-quick style WireGuard config file."
@@ -114,6 +111,23 @@ def _parse_routes(
     help="Log verbosity.",
 )
 @click.option("--log-file", metavar="FILE", help="Append JSON log lines here instead of stderr.")
+@click.option(
+    "--socks5",
+    metavar="[USER:PASS@]HOST:PORT",
+    callback=_parse_proxy("socks5"),
+    help="Serve a SOCKS5 proxy into the tunnel (names resolve through DNS=).",
+)
+@click.option(
+    "--http-proxy",
+    metavar="[USER:PASS@]HOST:PORT",
+    callback=_parse_proxy("http"),
+    help="Serve an HTTP proxy (CONNECT and plain requests) into the tunnel.",
+)
+@click.option(
+    "--control",
+    metavar="PATH",
+    help="The control socket (GET /state, /bypass, /metrics); default in $XDG_RUNTIME_DIR.",
+)
 @click.option(
     "--doctor",
     metavar="[TARGET]",
@@ -146,6 +160,8 @@ def _command(**kwargs: object) -> Options:
         doctor=kwargs["doctor"],  # type: ignore[arg-type]
         self_test=kwargs["self_test"],  # type: ignore[arg-type]
         command=tuple(kwargs["command"]),  # type: ignore[arg-type]
+        proxies=tuple(p for p in (kwargs["socks5"], kwargs["http_proxy"]) if p is not None),  # type: ignore[misc]
+        control=kwargs["control"],  # type: ignore[arg-type]
     )
 
 
@@ -174,30 +190,16 @@ def _validate(opts: Options) -> None:
     if opts.self_test is not None and opts.config_path is None:
         raise UsageError("--self-test needs --config PATH")
     if wants_run:
-        if not opts.command:
-            raise UsageError("no command given: usage is wrapguard --config PATH -- CMD [ARGS]...")
+        # No command: a proxy daemon, if the flags or the config's [Socks5]/[http] ask for one
+        # (launch.prepare checks that once the config is read).
         if opts.config_path is None:
-            raise UsageError("--config PATH is required to run a command")
+            raise UsageError(
+                "--config PATH is required to run a command"
+                if opts.command
+                else "no command given: usage is wrapguard --config PATH -- CMD [ARGS]..."
+            )
     elif opts.command and opts.doctor is None:
         raise UsageError("--self-test does not take a command")
-
-
-def resolve_command(name: str) -> str:
-    """Find CMD as execvp would; raise CommandNotRunnable with env(1)'s exit codes."""
-    if "/" in name:
-        path = name
-        if not os.path.exists(path):
-            raise CommandNotRunnable(f"{name}: no such file", EXIT_NOT_FOUND)
-    else:
-        found = shutil.which(name)
-        if found is None:
-            raise CommandNotRunnable(f"{name}: command not found in PATH", EXIT_NOT_FOUND)
-        path = found
-    if os.path.isdir(path):
-        raise CommandNotRunnable(f"{name}: is a directory", EXIT_CANNOT_EXECUTE)
-    if not os.access(path, os.X_OK):
-        raise CommandNotRunnable(f"{name}: permission denied (not executable)", EXIT_CANNOT_EXECUTE)
-    return path
 
 
 def run(opts: Options) -> int:
@@ -217,6 +219,10 @@ def run(opts: Options) -> int:
     plan = prepare(opts)
     if opts.self_test is not None:
         return run_self_test(plan)
+    if not opts.command:
+        from wrapguard.launch import run_daemon
+
+        return run_daemon(plan)
     return run_child(plan)
 
 
@@ -224,6 +230,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Console-script entry point."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
+        if args[:1] == ["show"]:
+            sys.exit(_show(args[1:]))
         parsed = parse_args(args)
         if isinstance(parsed, int):
             sys.exit(parsed)
@@ -239,6 +247,25 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
             raise
         code = EXIT_SETUP
     sys.exit(code)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--control", metavar="PATH", help="The control socket (default: find it).")
+def _show_command(control: str | None) -> str | None:
+    """Print the state of a running wrapguard, as `wg show` does."""
+    return control or ""
+
+
+def _show(argv: Sequence[str]) -> int:
+    try:
+        result = _show_command.main(list(argv), prog_name="wrapguard show", standalone_mode=False)
+    except click.UsageError as exc:
+        raise UsageError(_one_line(exc.format_message())) from None
+    if not isinstance(result, str):
+        return 0 if result is None else int(result)  # --help
+    from wrapguard.control.show import main as show_main
+
+    return show_main(result or None)
 
 
 def _report(exc: WrapguardError) -> None:

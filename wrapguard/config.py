@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from enum import Enum, StrEnum
 
 from wrapguard.errors import ConfigError, UsageError
+from wrapguard.frontends import ProxySpec, make_spec, parse_hostport
 from wrapguard.keys import KeyFormatError, PresharedKey, PrivateKey, PublicKey
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -125,6 +126,7 @@ class Config:
     peers: tuple[PeerConfig, ...]
     path: str = "<config>"
     notices: tuple[ConfigNotice, ...] = ()
+    proxies: tuple[ProxySpec, ...] = ()  # [Socks5] / [http] sections (wireproxy style)
 
 
 class _Bad(Exception):
@@ -144,6 +146,8 @@ _PEER_KEYS = {
         "Route",
     )
 }
+_PROXY_KEYS = {k.lower(): k for k in ("BindAddress", "Username", "Password")}
+_PROXY_SECTIONS = {"socks5": "Socks5", "http": "http"}  # wireproxy's spellings
 _WG_QUICK_ONLY = {
     k.lower(): k
     for k in ("Table", "PreUp", "PostUp", "PreDown", "PostDown", "SaveConfig", "FwMark")
@@ -331,9 +335,34 @@ class _Parser:
             )
         interface, mtu_line = self.build_interface(interfaces[0])
         peers = tuple(self.build_peer(s) for s in sections if s.name == "Peer")
+        proxies = tuple(self.build_proxy(s) for s in sections if s.name in _PROXY_SECTIONS.values())
         self.check_mtu(interface, mtu_line)
         self.check_peers(interface, peers)
-        return Config(interface, peers, self.path, tuple(self.notices))
+        return Config(interface, peers, self.path, tuple(self.notices), proxies)
+
+    def build_proxy(self, section: _Section) -> ProxySpec:
+        """[Socks5] / [http]: BindAddress (required), Username and Password (both or none)."""
+        kind = "socks5" if section.name == "Socks5" else "http"
+        values = {e.key: e for e in section.entries}
+        bind = values.get("BindAddress")
+        if bind is None:
+            raise self.error(
+                f"is missing from [{section.name}] (required)", section.line, "BindAddress"
+            )
+        what = f"[{section.name}]"
+        try:
+            host, port = parse_hostport(bind.value, "BindAddress")
+            user, pw = values.get("Username"), values.get("Password")
+            return make_spec(
+                kind,
+                host,
+                port,
+                None if user is None else user.value,
+                None if pw is None else pw.value,
+                what,
+            )
+        except UsageError as exc:
+            raise self.error(str(exc), bind.line, "BindAddress") from None
 
     def split_sections(self, text: str) -> list[_Section]:
         sections: list[_Section] = []
@@ -349,9 +378,13 @@ class _Parser:
                         "a section header must look like [Interface] or [Peer]", lineno
                     )
                 name = line[1:-1].strip().lower()
+                if name in _PROXY_SECTIONS:
+                    sections.append(_Section(_PROXY_SECTIONS[name], lineno, []))
+                    continue
                 if name not in ("interface", "peer"):
                     raise self.error(
-                        f"unknown section [{line[1:-1].strip()}] (expected [Interface] or [Peer])",
+                        f"unknown section [{line[1:-1].strip()}] (expected [Interface], "
+                        "[Peer], [Socks5] or [http])",
                         lineno,
                     )
                 sections.append(_Section(name.capitalize(), lineno, []))
@@ -371,6 +404,21 @@ class _Parser:
 
     def classify(self, section: _Section, lineno: int, key_text: str, value: str) -> _Entry | None:
         low = key_text.lower()
+        if section.name in _PROXY_SECTIONS.values():
+            if low not in _PROXY_KEYS:
+                self.notice(
+                    NoticeLevel.WARNING,
+                    f"unknown key in [{section.name}]; ignored",
+                    lineno,
+                    key_text,
+                )
+                return None
+            key = _PROXY_KEYS[low]
+            if any(e.key == key for e in section.entries):
+                raise self.error("is set twice in this section", lineno, key)
+            if not value:
+                raise self.error("has no value", lineno, key)
+            return _Entry(lineno, key, value)
         own, other = (
             (_INTERFACE_KEYS, _PEER_KEYS)
             if section.name == "Interface"

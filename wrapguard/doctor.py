@@ -25,7 +25,7 @@ from wrapguard.elf import ElfInfo, NotElf, describe_identity, read_elf, read_fil
 from wrapguard.errors import WrapguardError
 
 if TYPE_CHECKING:
-    from wrapguard.cli import Options
+    from wrapguard.options import Options
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 

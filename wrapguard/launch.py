@@ -7,12 +7,15 @@ the command. `run_child()` and `run_self_test()` then bring the tunnel up.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 
 from wrapguard import log
-from wrapguard.cli import Options, resolve_command
 from wrapguard.config import Config, load_config
-from wrapguard.errors import WrapguardError
+from wrapguard.errors import UsageError, WrapguardError
+from wrapguard.frontends import ProxySpec
+from wrapguard.options import Options, resolve_command
 from wrapguard.routing import RoutingTable
 
 
@@ -22,6 +25,14 @@ class Plan:
     config: Config
     routing: RoutingTable
     executable: str | None
+    proxies: tuple[ProxySpec, ...] = ()  # the config's [Socks5]/[http], then the flags
+    control: str | None = None  # the control socket's path
+
+
+def _proxies(opts: Options, config: Config) -> tuple[ProxySpec, ...]:
+    """A flag replaces the config's section of the same kind (the command line wins)."""
+    flagged = {p.kind for p in opts.proxies}
+    return tuple(p for p in config.proxies if p.kind not in flagged) + opts.proxies
 
 
 def prepare(opts: Options) -> Plan:
@@ -44,7 +55,39 @@ def prepare(opts: Options) -> Plan:
             logger.debug(notice.message, **fields)
     routing = RoutingTable.build(config, list(opts.routes), opts.exit_node)
     executable = resolve_command(opts.command[0]) if opts.command else None
-    return Plan(opts, config, routing, executable)
+    proxies = _proxies(opts, config)
+    if opts.self_test is None and not opts.command and not proxies and opts.control is None:
+        raise UsageError(
+            "no command given: usage is wrapguard --config PATH -- CMD [ARGS]..., or a proxy "
+            "daemon with --socks5/--http-proxy (or [Socks5]/[http] in the config)"
+        )
+    if any(p.password is not None for p in opts.proxies):
+        logger.warning(
+            "a proxy password on the command line can be read by every local user (ps); "
+            "put it in the config's [Socks5] or [http] section instead"
+        )
+    control = opts.control
+    if control is None and opts.self_test is None:
+        control = _default_control(opts.config_path)
+    return Plan(opts, config, routing, executable, proxies, control)
+
+
+def _default_control(config_path: str) -> str:
+    """compat.md's default; if someone else has taken its directory (another user made
+    /tmp/wrapguard-<uid> first), a fresh private one instead of refusing to run."""
+    from wrapguard.control.paths import default_control_path
+
+    try:
+        return default_control_path(config_path)
+    except WrapguardError as exc:
+        stem = os.path.splitext(os.path.basename(config_path))[0] or "wrapguard"
+        private = tempfile.mkdtemp(prefix=f"wrapguard-{os.geteuid()}-")
+        log.get().warning(
+            "the default control socket directory cannot be used; using a private one",
+            reason=str(exc),
+            directory=private,
+        )
+        return os.path.join(private, f"{stem}.sock")
 
 
 def check_wrappable(target: str) -> None:
@@ -68,9 +111,14 @@ def run_child(plan: Plan) -> int:
     executable = plan.executable
     assert executable is not None
     check_wrappable(executable)
-    return split(
-        lambda link: run(plan.config, plan.routing, plan.options.command, executable, link)
-    )
+    return split(lambda link: run(plan, executable, link))
+
+
+def run_daemon(plan: Plan) -> int:
+    """No command: serve the proxy doors (and the control socket) until SIGINT/SIGTERM."""
+    from wrapguard.runtime.launcher import run
+
+    return run(plan, None, None)
 
 
 def run_self_test(plan: Plan) -> int:

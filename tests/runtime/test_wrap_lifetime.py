@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from rig.harness import MiB, Rig
 from rig.netns import Netns, netns_pids
-from runtime.wraphelp import popen_wrapped, wrap_argv
+from runtime.wraphelp import popen_wrapped, read_line, wrap_argv
 
 RIG_OPTIONS = {"file_sizes": {"4MiB.bin": 4 * MiB}}
 SSH_PORT = 2222
@@ -271,3 +271,30 @@ def test_command_substitution_returns_while_the_background_runs(
     )  # fmt: skip
     assert r.returncode == 0 and r.stdout == "hi\n", r
     assert time.monotonic() - t0 < 4.0, "the caller waited for the background job"
+
+
+def test_orphans_do_not_pile_up_as_zombies(module_rig: Rig, conf: Path) -> None:
+    """The launcher is a subreaper: orphans come to it while the program still runs, and it
+    must reap them then, not only at the end (a long-running wrapped shell would otherwise
+    exhaust the user's process limit)."""
+    script = "for i in $(seq 100); do (true &); done; echo spawned; sleep 4"
+    proc = popen_wrapped(
+        module_rig.client, conf, ["bash", "-c", script],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        assert read_line(proc, 20) == "spawned"
+        time.sleep(1.0)
+        found = _launcher_and_program(proc.pid)
+        assert found is not None
+        launcher = found[0]
+        kids = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
+        zombies = [
+            k for k in kids
+            if Path(f"/proc/{k}/stat").exists()
+            and Path(f"/proc/{k}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        ]  # fmt: skip
+        assert len(zombies) < 5, f"{len(zombies)} zombies under the launcher"
+    finally:
+        proc.kill()
+        proc.wait()

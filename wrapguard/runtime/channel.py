@@ -611,7 +611,6 @@ class ChannelServer:
     # -- data connections --------------------------------------------------------------------
 
     def _accept_data(self, lsock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
         for _ in range(ACCEPT_BATCH):
             try:
                 conn, addr = lsock.accept()
@@ -630,16 +629,21 @@ class ChannelServer:
                 conn.close()
                 continue
             synfilter.detach(conn)  # inherited from the listener; data segments skip it
-            if len(self._data_pending) >= MAX_PENDING_DATA:
-                # Too many silent connections (any port gets in while a token without one is
-                # out): drop the oldest (dicts keep insertion order), bounded whoever they are.
-                self.stats.no_token += 1
-                self._drop_data(next(iter(self._data_pending)))
-            conn.setblocking(False)
-            timer = loop.call_later(LOCAL_STEP_TIMEOUT, self._no_token, conn)
-            self._data_pending[conn] = (bytearray(), timer)
-            loop.add_reader(conn.fileno(), self._read_token, conn)
+            self._hold_for_token(conn, self._read_token)
             self._read_token(conn)  # the shim wrote it right after connecting: often here
+
+    def _hold_for_token(self, conn: socket.socket, reader: Callable[[socket.socket], None]) -> None:
+        """Keep an accepted data connection until its token arrives (LOCAL_STEP_TIMEOUT)."""
+        if len(self._data_pending) >= MAX_PENDING_DATA:
+            # Too many silent connections (any port gets in while a token without one is out):
+            # drop the oldest (dicts keep insertion order), bounded whoever they are.
+            self.stats.no_token += 1
+            self._drop_data(next(iter(self._data_pending)))
+        loop = asyncio.get_running_loop()
+        conn.setblocking(False)
+        timer = loop.call_later(LOCAL_STEP_TIMEOUT, self._no_token, conn)
+        self._data_pending[conn] = (bytearray(), timer)
+        loop.add_reader(conn.fileno(), reader, conn)
 
     def _no_token(self, conn: socket.socket) -> None:
         if conn in self._data_pending:
@@ -696,7 +700,6 @@ class ChannelServer:
     # -- UDP data connections (docs/channel.md, "UDP") ----------------------------------------
 
     def _accept_udp_data(self, lsock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
         for _ in range(64):
             try:
                 conn, _addr = lsock.accept()
@@ -713,13 +716,7 @@ class ChannelServer:
                 self.stats.bad_uid += 1
                 conn.close()
                 continue
-            if len(self._data_pending) >= MAX_PENDING_DATA:
-                self.stats.no_token += 1
-                self._drop_data(next(iter(self._data_pending)))
-            conn.setblocking(False)
-            timer = loop.call_later(LOCAL_STEP_TIMEOUT, self._no_token, conn)
-            self._data_pending[conn] = (bytearray(), timer)
-            loop.add_reader(conn.fileno(), self._read_udp_token, conn)
+            self._hold_for_token(conn, self._read_udp_token)
 
     def _read_udp_token(self, conn: socket.socket) -> None:
         """The first record is an association's 16-byte token: the backend takes the

@@ -19,6 +19,7 @@ import secrets
 import signal
 import socket
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from wrapguard import log, shim
 from wrapguard.config import Config
@@ -26,15 +27,21 @@ from wrapguard.errors import WrapguardError
 from wrapguard.netstack.events import ConnId
 from wrapguard.routing import RoutingTable
 from wrapguard.runtime import lifetime, owners, rundir
+from wrapguard.runtime.bypass import BypassList
 from wrapguard.runtime.channel import ChannelServer, Decision
-from wrapguard.runtime.child import KILL_GRACE, raise_fd_limit, run_child
+from wrapguard.runtime.child import FORWARDED, KILL_GRACE, raise_fd_limit, run_child
 from wrapguard.runtime.dns import DNS_PORT, DnsResolver, ResolveError
 from wrapguard.runtime.engine import Engine, IPAddress
 from wrapguard.runtime.lifetime import StatusLink
 from wrapguard.runtime.relay import TcpRelay, reset_socket
+from wrapguard.runtime.service import FrontEnd, TunnelService
 from wrapguard.runtime.udpassoc import UdpRelay
 from wrapguard.tunnel.timers import TimerConfig
 from wrapguard.wire.ipc import RESOLVE_ADDRCONFIG, Action, Address, Proto
+
+if TYPE_CHECKING:
+    from wrapguard.doors import Door
+    from wrapguard.launch import Plan
 
 GATE_DEADLINE = 5.0  # seconds for the GATE request to follow the token (the local step)
 RELAY_RCVBUF = 1 << 20  # bytes; the kernel caps it at net.core.rmem_max
@@ -47,6 +54,7 @@ HOLDER_CHECK_EVERY = 2.0  # seconds between checks that the program's sockets st
 ACCEPTED_TRIES = 25  # x 2 ms: how long the kernel may take to list an accepted connection
 DRAIN_ANNOUNCE = 1.0  # seconds of draining before one log line says so
 DRAIN_POLL = 0.02  # seconds between drain checks (the exit path only)
+STAGED_STALL = 5.0  # seconds datagrams may wait for a handshake at exit (Rekey-Timeout [W 6.1])
 
 
 def _open_rcvbuf(sock: socket.socket) -> None:
@@ -81,6 +89,8 @@ class TunnelBackend:
         self.v6only: dict[int, bool] = {}  # port -> its AF_INET6 listener has IPV6_V6ONLY
         self._listening: dict[int, list[str]] = {}  # port -> tunnel addresses it takes (logged)
         self.hellos = 0  # processes that loaded the shim
+        self.bypass = BypassList()  # the session shares its own (control socket, every door)
+        self.frontend: FrontEnd | None = None  # the preload door, as /state shows it
         self._exit_watch: owners.ExitWatch | None = None
         self.hello_event = asyncio.Event()
         self._tasks: set[asyncio.Future[None]] = set()
@@ -114,15 +124,20 @@ class TunnelBackend:
         """End every listener and UDP association whose program socket no longer exists: a
         process that exited without close() must not leave its tunnel port to whoever binds
         the loopback port next (issue 11)."""
-        mine = {os.geteuid()}
+        me = os.geteuid()
         if self.listeners:
+            # A listener ends when no socket of ours holds its port any more. Whose socket
+            # accepts each relayed connection is checked as it comes (_accepted_uid).
             held = owners.tcp_listeners()
-            for port in [p for p in self.listeners if held.get(p) != mine]:
+            for port in [p for p in self.listeners if all(u != me for u, _ in held.get(p, ()))]:
                 self._drop_listener(port, "the program's listener is gone")
         if self.udp.assocs:
             bound = owners.udp_ports()
-            for key in [k for k in self.udp.assocs if bound.get(k[1]) != mine]:
-                if bound.get(key[1]):  # shared with another user (SO_REUSEADDR): never relay
+            for key in list(self.udp.assocs):
+                takers = {u for u, ip in bound.get(key[1], ()) if owners.receives(ip, key[0])}
+                if takers == {me}:
+                    continue
+                if takers - {me}:  # shared with another user (SO_REUSEADDR): never relay
                     self.log.warning(
                         "udp association ended: another user's socket shares its port",
                         port=key[1],
@@ -152,7 +167,7 @@ class TunnelBackend:
             if target is None or not (self.v4 if target[0].version == 4 else self.v6):
                 return Decision(Action.FAIL, errno.ENETUNREACH)  # never the host's resolver
             return Decision(Action.TUNNEL)
-        if ip.is_loopback or ip.is_unspecified:
+        if ip.is_loopback or ip.is_unspecified or self.bypass.contains(ip):
             return Decision(Action.DIRECT)
         peer = self.engine.route(ip, int(proto), dst.port)
         if peer is None:
@@ -212,6 +227,8 @@ class TunnelBackend:
 
         relay = TcpRelay(self.engine, on_status=on_status, on_done=self._relay_done)
         relay.token = token
+        if self.frontend is not None:
+            self.frontend.flows += 1
         cid = self.engine.connect(ip, port, relay, src_port)
         relay.attach_conn(cid)
         self.relays[token] = relay
@@ -514,7 +531,10 @@ class TunnelSession:
         self.log = log.get("wrapguard.launcher")
         self.engine = Engine(config, routing, timers=timers)
         self.backend = TunnelBackend(self.engine)
+        self.bypass = self.backend.bypass
         self.key_lock = rundir.KeyLock()
+        self._owner_fd: int | None = None  # launcher.pid, locked while we run
+        self.service = TunnelService(self)
         self.channel = ChannelServer(
             self.backend,
             secret=secrets.token_bytes(32),
@@ -532,7 +552,7 @@ class TunnelSession:
         backend, channel = self.backend, self.channel
         await channel.start()
         assert channel.directory is not None
-        rundir.mark_owner(channel.directory)
+        self._owner_fd = rundir.mark_owner(channel.directory)
         parent = os.path.dirname(channel.directory)
         rundir.sweep_stale(parent, keep=channel.directory)
         other = self.key_lock.acquire(parent, self.config.interface.private_key.public_key().raw)
@@ -560,35 +580,46 @@ class TunnelSession:
         return env
 
     async def drain(self, stall: float = DRAIN_STALL, abandon: asyncio.Event | None = None) -> None:
-        """Stay until every byte the program sent is acknowledged by the peer (its FIN too),
-        giving up on a flow after `stall` seconds without progress (or at once when `abandon`
-        is set: a stop signal): one warning naming the flow and what was left undelivered,
-        and a reset, so the peer does not wait forever."""
+        """Stay until every byte the program sent is acknowledged by the peer (its FIN too)
+        and every datagram it sent has left (a handshake may be under way), giving up after
+        `stall` seconds without progress (datagrams: STAGED_STALL), or at once when
+        `abandon` is set (a stop signal): one warning naming each flow and what was left
+        undelivered, and a reset, so the peer does not wait forever."""
         loop = asyncio.get_running_loop()
+        self.backend.udp.take_queued()
+        self.engine.flush()
         started = since = loop.time()
-        mark: tuple[int, int] | None = None
+        mark: tuple[int, int, int] | None = None
         announced = False
         while True:
             pending = [
                 h for h in list(self.engine.handlers.values())
                 if isinstance(h, TcpRelay) and not h.delivered()
             ]  # fmt: skip
-            if not pending:
+            staged = self._staged_datagrams()
+            if not pending and not staged:
                 return
-            now_mark = (len(pending), sum(h.undelivered() for h in pending))
+            now_mark = (len(pending), sum(h.undelivered() for h in pending), staged)
             now = loop.time()
             if now_mark != mark:
                 mark, since = now_mark, now
-            elif now - since >= stall or (abandon is not None and abandon.is_set()):
+            stopped = abandon is not None and abandon.is_set()
+            limit = stall if pending else min(stall, STAGED_STALL)
+            if stopped or now - since >= limit:
+                why = "stopped by a signal" if stopped else "no progress"
                 for h in pending:
                     self.log.warning(
-                        "flow reset with data undelivered: "
-                        + ("stopped by a signal" if now - since < stall else "no progress"),
+                        f"flow reset with data undelivered: {why}",
                         flow=h.describe(),
                         undelivered_bytes=h.undelivered(),
                         stalled_s=round(now - since, 1),
                     )
                     h.abort()
+                if staged:
+                    self.log.warning(
+                        f"datagrams never sent: the peer did not answer our handshake ({why})",
+                        datagrams=staged,
+                    )
                 self.engine.flush()
                 return
             if not announced and now - started >= DRAIN_ANNOUNCE:
@@ -597,8 +628,19 @@ class TunnelSession:
                     "delivering what the program sent before it exited",
                     flows=now_mark[0],
                     undelivered_bytes=now_mark[1],
+                    datagrams=staged,
                 )
             await asyncio.sleep(DRAIN_POLL)
+
+    def _staged_datagrams(self) -> int:
+        """UDP packets waiting in the peers' staged queues for a handshake (TCP segments
+        there are the flows' own business: they retransmit and are drained as flows)."""
+        n = 0
+        for peer in self.engine.device.peers:
+            for pkt in peer.staged:
+                proto = pkt[9] if pkt[0] >> 4 == 4 else pkt[6]
+                n += proto == 17
+        return n
 
     def stats(self) -> dict[str, object]:
         """Every counter the run kept: traffic, and each drop by its reason (non-zero only)."""
@@ -616,6 +658,10 @@ class TunnelSession:
         with contextlib.suppress(Exception):  # counters must never stop the teardown
             self.log.info("run statistics", **self.stats())
         self.key_lock.release()
+        if self._owner_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._owner_fd)
+            self._owner_fd = None
         self.backend.close()
         self.channel.close()
         self.backend.udp.close()
@@ -625,26 +671,69 @@ class TunnelSession:
 
 
 class Launcher:
-    """One run: everything up, the program to its end, the tunnel for as long as it is used,
-    every flow drained, everything down (docs/architecture.md, "Lifetime")."""
+    """One run: everything up, the program to its end (or, with no program, a proxy daemon
+    until SIGINT/SIGTERM), the tunnel for as long as it is used, every flow drained,
+    everything down (docs/architecture.md, "Lifetime")."""
 
     def __init__(
         self,
-        config: Config,
-        routing: RoutingTable,
-        argv: Sequence[str],
-        executable: str,
+        plan: Plan,
+        executable: str | None,
         *,
         timers: TimerConfig | None = None,
         link: StatusLink | None = None,
     ) -> None:
-        self.config = config
-        self.routing = routing
-        self.argv = list(argv)
+        self.plan = plan
+        self.config = plan.config
+        self.routing = plan.routing
+        self.argv = list(plan.options.command)
         self.executable = executable
         self.timers = timers
         self.link = link or StatusLink(None, None)
         self.log = log.get("wrapguard.launcher")
+        self.doors: list[Door] = []
+
+    async def _start_doors(self, service: TunnelService) -> None:
+        """The control socket, then each proxy the flags or the config ask for."""
+        if self.plan.control is not None:
+            from wrapguard.control import server as control
+
+            path = self.plan.control
+            try:
+                ctl: Door = await control.start(service, path)
+            except (WrapguardError, OSError):
+                if self.plan.options.control is not None:
+                    raise  # the user's own path: say why it cannot be used
+                # The default path is taken (another run with the same config): one per run.
+                root, ext = os.path.splitext(path)
+                ctl = await control.start(service, f"{root}-{os.getpid()}{ext}")
+            self.doors.append(ctl)
+            self.log.info("control socket", path=ctl.address)
+        for spec in self.plan.proxies:
+            if spec.kind == "socks5":
+                from wrapguard.doors import socks5 as module
+            else:
+                from wrapguard.doors import httpproxy as module  # type: ignore[no-redef]
+            try:
+                door: Door = await module.start(service, spec)
+            except OSError as exc:
+                raise WrapguardError(
+                    f"cannot listen for the {spec.kind} proxy on {spec.address}: "
+                    f"{exc.strerror or exc}"
+                ) from None
+            self.doors.append(door)
+            self.log.info(f"{spec.kind} proxy listening", address=door.address, auth=spec.auth)
+
+    async def _close_doors(self) -> None:
+        for door in reversed(self.doors):
+            with contextlib.suppress(Exception):
+                await door.close()
+        self.doors.clear()
+        if self.plan.control is not None and self.plan.options.control is None:
+            # The default directory (or a private fallback made for this run): leave nothing
+            # behind once the last run using it is gone (rmdir fails while it is not empty).
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.dirname(self.plan.control))
 
     async def run(self) -> int:
         shim_path = shim.shim_path()
@@ -654,56 +743,103 @@ class Launcher:
         try:
             await session.start_tunnel()
             await session.start_channel()
-            self.log.debug("starting program", program=self.argv[0], shim=shim_path)
+            await self._start_doors(session.service)
+            if self.executable is None:
+                status = await self._serve(session)
+            else:
+                status = await self._wrap(session, shim_path, forwarded)
+        finally:
+            await self._close_doors()
+            session.close()
+        self.link.report(status)  # everything is closed: the caller may go on
+        return status
+
+    async def _serve(self, session: TunnelSession) -> int:
+        """The proxy daemon: until SIGINT/SIGTERM/SIGHUP; then the doors close and the flows
+        drain (briefly: the user asked us to stop). Exit status 0."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in FORWARDED:
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            self.log.info("serving until SIGINT or SIGTERM", pid=os.getpid())
+            await stop.wait()
+            self.log.info("stopping")
+            await self._close_doors()
+            stop.clear()
+            await session.drain(min(KILL_GRACE, DRAIN_STALL), abandon=stop)
+        finally:
+            for sig in FORWARDED:
+                loop.remove_signal_handler(sig)
+        return 0
+
+    async def _wrap(
+        self, session: TunnelSession, shim_path: str, forwarded: list[signal.Signals]
+    ) -> int:
+        assert self.executable is not None
+        session.backend.frontend = session.service.add_frontend(
+            FrontEnd("preload", address=session.channel.ctl_path or "")
+        )
+        self.log.debug("starting program", program=self.argv[0], shim=shim_path)
+        loop = asyncio.get_running_loop()
+        program: list[int] = []
+
+        def started(pgid: int) -> None:  # the program leads its own group: pgid == pid
+            program.append(pgid)
+            self.link.program_started(pgid)
+
+        def reap() -> None:  # orphans come to us (subreaper): reap them as they exit
+            if program:
+                lifetime.reap_except(program[0])
+
+        loop.add_signal_handler(signal.SIGCHLD, reap)
+        try:
             status = await run_child(
                 self.argv,
                 self.executable,
                 session.child_env(),
                 ready=session.backend.hello_event,
                 ready_timeout=HELLO_TIMEOUT,
-                on_started=self.link.program_started,
+                on_started=started,
                 forwarded=forwarded,
             )
-            after = lifetime.Afterlife(self.log)
-            after.install()
-            try:
-                if forwarded:  # the user asked the program to stop: so do what it left
-                    after.stop_children(signal.SIGTERM)
-                if lifetime.reap():
-                    # The program left processes behind: they keep the tunnel; the caller
-                    # gets the program's status now.
-                    self.log.info(
-                        "program exited; the tunnel stays up in the background for the "
-                        "processes it started (SIGTERM to the launcher ends them)",
-                        status=status,
-                        pids=lifetime.children(),
-                        launcher_pid=os.getpid(),
-                    )
-                    self.link.report(status)
-                    lifetime.release_stdio()
-                    await after.outlive()
-                    self.log.info("the last wrapped process exited: tunnel down")
-                    if after.stopping.is_set():
-                        forwarded.append(signal.SIGTERM)
-                    after.stopping.clear()  # that signal was for them; a new one ends the drain
-                # Stopped by a signal: deliver what was handed over, but do not wait long for a
-                # peer that does not answer (the user asked us to end).
-                stall = min(KILL_GRACE, DRAIN_STALL) if forwarded else DRAIN_STALL
-                await session.drain(stall, abandon=after.stopping)
-            finally:
-                after.remove()
         finally:
-            session.close()
-        self.link.report(status)  # everything is closed: the caller may go on
+            loop.remove_signal_handler(signal.SIGCHLD)
+        self.link.program_gone()
+        after = lifetime.Afterlife(self.log)
+        after.install()
+        try:
+            if forwarded:  # the user asked the program to stop: so do what it left
+                after.stop_children(signal.SIGTERM)
+            if lifetime.reap():
+                # The program left processes behind: they keep the tunnel; the caller gets
+                # the program's status now.
+                self.log.info(
+                    "program exited; the tunnel stays up in the background for the "
+                    "processes it started (SIGTERM to the launcher ends them)",
+                    status=status,
+                    pids=lifetime.children(),
+                    launcher_pid=os.getpid(),
+                )
+                self.link.report(status)
+                lifetime.release_stdio()
+                await after.outlive()
+                self.log.info("the last wrapped process exited: tunnel down")
+                if after.stopping.is_set():
+                    forwarded.append(signal.SIGTERM)
+                after.stopping.clear()  # that signal was for them; a new one ends the drain
+            # The doors (proxies) close with the program; then what was handed over drains.
+            # Stopped by a signal: deliver, but do not wait long for a peer that does not
+            # answer (the user asked us to end).
+            await self._close_doors()
+            stall = min(KILL_GRACE, DRAIN_STALL) if forwarded else DRAIN_STALL
+            await session.drain(stall, abandon=after.stopping)
+        finally:
+            after.remove()
         return status
 
 
-def run(
-    config: Config,
-    routing: RoutingTable,
-    argv: Sequence[str],
-    executable: str,
-    link: StatusLink | None = None,
-) -> int:
-    """Run the program inside the tunnel; returns its exit status."""
-    return asyncio.run(Launcher(config, routing, argv, executable, link=link).run())
+def run(plan: Plan, executable: str | None, link: StatusLink | None = None) -> int:
+    """Run the program inside the tunnel (or, with none, the proxy daemon); returns the exit
+    status."""
+    return asyncio.run(Launcher(plan, executable, link=link).run())

@@ -52,6 +52,10 @@ class StatusLink:
         """The waiter kills this group if the launcher dies before reporting a status."""
         self._send(f"pgid {pgid}\n")
 
+    def program_gone(self) -> None:
+        """The program exited: its pgid may be reused, the waiter must not kill it any more."""
+        self._send("gone\n")
+
     def report(self, status: int) -> None:
         """Send the exit status; the waiter exits with it. Once only."""
         if self._fd is None:
@@ -120,6 +124,8 @@ def _wait(pid: int, fd: int) -> int:
             key, _, value = line.decode().partition(" ")
             if key == "pgid":
                 pgid = int(value)
+            elif key == "gone":
+                pgid = None
             elif key == "status":
                 status = int(value)
     os.close(fd)
@@ -187,6 +193,16 @@ def reap() -> bool:
             return False
         if pid == 0:
             return True
+
+
+def reap_except(program: int) -> None:
+    """Collect exited children other than `program` (asyncio's child watcher waits for that
+    one): orphans re-parented to us while the program runs must not pile up as zombies."""
+    for pid in children():
+        if pid == program:
+            continue
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, os.WNOHANG)
 
 
 def children() -> list[int]:
@@ -263,6 +279,7 @@ __all__ = [
     "children",
     "make_undumpable",
     "reap",
+    "reap_except",
     "release_stdio",
     "signal_children",
     "split",

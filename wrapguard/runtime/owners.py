@@ -63,22 +63,30 @@ def _loopback_or_any(ip: IPAddress) -> bool:
     return ip.is_loopback or ip.is_unspecified
 
 
-def tcp_listeners() -> dict[int, set[int]]:
-    """port -> uids of the TCP listeners on loopback or the wildcard at that port."""
-    out: dict[int, set[int]] = {}
+def tcp_listeners() -> dict[int, set[tuple[int, IPAddress]]]:
+    """port -> (uid, bound address) of the TCP listeners on loopback or a wildcard."""
+    out: dict[int, set[tuple[int, IPAddress]]] = {}
     for lip, lport, _, _, state, uid in _rows("tcp"):
         if state == TCP_LISTEN and _loopback_or_any(lip):
-            out.setdefault(lport, set()).add(uid)
+            out.setdefault(lport, set()).add((uid, lip))
     return out
 
 
-def udp_ports() -> dict[int, set[int]]:
-    """port -> uids of the UDP sockets bound to loopback or the wildcard at that port."""
-    out: dict[int, set[int]] = {}
+def udp_ports() -> dict[int, set[tuple[int, IPAddress]]]:
+    """port -> (uid, bound address) of the UDP sockets on loopback or a wildcard."""
+    out: dict[int, set[tuple[int, IPAddress]]] = {}
     for lip, lport, _, _, _, uid in _rows("udp"):
         if _loopback_or_any(lip):
-            out.setdefault(lport, set()).add(uid)
+            out.setdefault(lport, set()).add((uid, lip))
     return out
+
+
+def receives(bound: IPAddress, loopback: str) -> bool:
+    """Would a socket bound to `bound` get what the launcher sends to `loopback` (127.0.0.1 or
+    ::1) at its port? Its own loopback address or the wildcard of that family; not another
+    127/8 address, not the other family (a v6-only [::] never sees 127.0.0.1)."""
+    target = ipaddress.ip_address(loopback)
+    return bound == target or (bound.is_unspecified and bound.version == target.version)
 
 
 def tcp_accepted_uid(server: tuple[str, int], client: tuple[str, int]) -> int | None:
@@ -193,4 +201,4 @@ class ExitWatch:
             self._timer = None
 
 
-__all__ = ["ExitWatch", "tcp_accepted_uid", "tcp_listeners", "udp_ports"]
+__all__ = ["ExitWatch", "receives", "tcp_accepted_uid", "tcp_listeners", "udp_ports"]

@@ -86,6 +86,9 @@ class TcpRelay:
 
     def attach_socket(self, sock: socket.socket, initial: bytes = b"") -> None:
         """The program's side arrived; `initial` is what it sent right after its token."""
+        if self._done:  # the flow ended before its socket came: the program sees a reset
+            reset_socket(sock)
+            return
         self._to_stack = initial
         sock.setblocking(False)
         with contextlib.suppress(OSError):
@@ -247,6 +250,17 @@ class TcpRelay:
             return "?"
         info = self.engine.stack.conn_info(self.cid)
         return f"{info.local[0]}:{info.local[1]} -> {info.remote[0]}:{info.remote[1]}"
+
+    def local(self) -> tuple[str, int] | None:
+        """Our end of the tunnel flow (tunnel address, port) while it exists: what a SOCKS5
+        reply names as BND.ADDR/BND.PORT."""
+        if self.cid is None or self._stack_closed:
+            return None
+        try:
+            addr, port = self.engine.stack.conn_info(self.cid).local
+        except OSError:  # already gone
+            return None
+        return str(addr), port
 
     def abort(self) -> None:
         """Give up on the flow: RST to the peer and to the program."""

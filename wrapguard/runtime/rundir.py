@@ -37,27 +37,37 @@ def _start_time(pid: int) -> str | None:
     return fields[19] if len(fields) > 19 else None
 
 
-def mark_owner(directory: str) -> None:
-    """Record which process owns `directory` (ours, 0700: nobody else can write there)."""
+def mark_owner(directory: str) -> int:
+    """Record which process owns `directory` (ours, 0700: nobody else can write there) and
+    hold an exclusive lock on the record for the whole run: a directory whose record nobody
+    holds locked is stale, whatever /proc lets us see (hidepid, another PID namespace).
+    Returns the fd to keep open (closed with the run)."""
     pid = os.getpid()
     path = os.path.join(directory, PID_FILE)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{pid} {_start_time(pid) or 0}\n")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, f"{pid} {_start_time(pid) or 0}\n".encode())
+    return fd
 
 
 def _alive(directory: str) -> bool:
+    path = os.path.join(directory, PID_FILE)
     try:
-        with open(os.path.join(directory, PID_FILE)) as f:
-            pid_text, _, start = f.read().strip().partition(" ")
-        pid = int(pid_text)
-    except (OSError, ValueError):
-        # No pid file: a launcher still starting, or an older version. Leave it unless old.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        # No record: a launcher still starting, or an older version. Leave it unless old.
         with contextlib.suppress(OSError):
             return os.stat(directory).st_mtime > time.time() - NO_PID_GRACE
         return False
-    current = _start_time(pid)
-    return current is not None and (start in ("", "0") or current == start)
+    except OSError:
+        return True  # cannot tell: leave it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True  # its launcher holds the lock: alive
+    finally:
+        os.close(fd)
+    return False
 
 
 def sweep_stale(parent: str, keep: str | None = None) -> list[str]:

@@ -162,13 +162,17 @@ class UdpRelay:
         """WRAPGUARD_UDP for the shim: the port, with "/4" when there is no ::1 socket."""
         return str(self.port) if self.has_v6 else f"{self.port}/4"
 
-    def close(self) -> None:
-        # What a program sent just before it exited may still be queued on its connections.
+    def take_queued(self) -> None:
+        """Read what a program sent just before it exited and is still queued on its data
+        connections, into the tunnel (at exit, before the drain)."""
         for assoc in list(self.assocs.values()):
             for conn in list(assoc.conns):
                 for _ in range(CLOSE_BATCHES):
                     if not self._drain(conn, assoc, pause=False):
                         break
+
+    def close(self) -> None:
+        self.take_queued()
         for sock in self._relay_socks.values():
             sock.close()
         self._relay_socks.clear()
