@@ -18,7 +18,6 @@ import hashlib
 import ipaddress
 import json
 import os
-import shutil
 import signal
 import socket
 import struct
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import pytest
 from rig.harness import MiB, Rig
+from rig.sshd import start_sshd
 from runtime.wraphelp import explain
 
 from wrapguard.doors import ProxySpec, socks5
@@ -476,41 +476,10 @@ CONNECTOR = textwrap.dedent(
 @pytest.fixture(scope="module")
 def sshd(module_rig: Rig, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A real OpenSSH server on the peer's tunnel address; yields the client's private key."""
-    sshd_bin = shutil.which("sshd") or "/usr/sbin/sshd"
-    if not os.path.exists(sshd_bin) or shutil.which("ssh") is None:
-        pytest.fail("openssh-server/client not installed: run `make test`")
-    d = tmp_path_factory.mktemp("sshd")
-    for name in ("host", "client"):
-        subprocess.run(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True
-        )
-    (d / "authorized_keys").write_text((d / "client.pub").read_text())
-    (d / "sshd_config").write_text(
-        textwrap.dedent(
-            f"""\
-            ListenAddress {module_rig.peer_tunnel_v4}:{SSH_PORT}
-            HostKey {d / "host"}
-            AuthorizedKeysFile {d / "authorized_keys"}
-            PidFile {d / "sshd.pid"}
-            PermitRootLogin prohibit-password
-            PasswordAuthentication no
-            KbdInteractiveAuthentication no
-            UsePAM no
-            StrictModes no
-            """
-        )
+    proc, key = start_sshd(
+        module_rig.peer.ns, module_rig.peer_tunnel_v4, SSH_PORT, tmp_path_factory.mktemp("sshd")
     )
-    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
-    proc = module_rig.peer.ns.popen(
-        [sshd_bin, "-D", "-e", "-f", str(d / "sshd_config")],
-        stdout=subprocess.DEVNULL, stderr=open(d / "sshd.log", "w"),  # noqa: SIM115
-    )  # fmt: skip
-
-    def listening() -> bool:
-        return f":{SSH_PORT}" in module_rig.peer.ns.run(["ss", "-ltn"], check=False).stdout
-
-    _wait_for(listening, 10, "sshd")
-    yield d / "client"
+    yield key
     proc.terminate()
     proc.wait(5)
 

@@ -12,10 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
-import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +21,7 @@ from pathlib import Path
 import pytest
 from rig.harness import MiB, Rig
 from rig.netns import Netns, netns_pids
+from rig.sshd import start_sshd
 from runtime.wraphelp import popen_wrapped, read_line, wrap_argv
 
 RIG_OPTIONS = {"file_sizes": {"4MiB.bin": 4 * MiB}}
@@ -91,43 +90,10 @@ def test_background_child_keeps_the_tunnel_after_the_program_exits(
 @pytest.fixture(scope="module")
 def sshd(module_rig: Rig, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A real OpenSSH server on the peer's tunnel address; yields the client's private key."""
-    sshd_bin = shutil.which("sshd") or "/usr/sbin/sshd"
-    if not os.path.exists(sshd_bin) or shutil.which("ssh") is None:
-        pytest.fail("openssh-server/client not installed: run `make test`")
-    d = tmp_path_factory.mktemp("sshd")
-    for name in ("host", "client"):
-        subprocess.run(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True
-        )
-    (d / "authorized_keys").write_text((d / "client.pub").read_text())
-    (d / "sshd_config").write_text(
-        textwrap.dedent(
-            f"""\
-            ListenAddress {module_rig.peer_tunnel_v4}:{SSH_PORT}
-            HostKey {d / "host"}
-            AuthorizedKeysFile {d / "authorized_keys"}
-            PidFile {d / "sshd.pid"}
-            PermitRootLogin prohibit-password
-            PasswordAuthentication no
-            KbdInteractiveAuthentication no
-            UsePAM no
-            StrictModes no
-            AllowTcpForwarding yes
-            """
-        )
+    proc, key = start_sshd(
+        module_rig.peer.ns, module_rig.peer_tunnel_v4, SSH_PORT, tmp_path_factory.mktemp("sshd")
     )
-    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
-    proc = module_rig.peer.ns.popen(
-        [sshd_bin, "-D", "-e", "-f", str(d / "sshd_config")],
-        stdout=subprocess.DEVNULL, stderr=open(d / "sshd.log", "w"),  # noqa: SIM115
-    )  # fmt: skip
-
-    def listening() -> bool:
-        r = module_rig.peer.ns.run(["ss", "-ltn"], check=False)
-        return f":{SSH_PORT}" in r.stdout
-
-    _wait_for(listening, 10, "sshd")
-    yield d / "client"
+    yield key
     proc.terminate()
     proc.wait(5)
 

@@ -244,11 +244,13 @@ def emit_auth_status(ok: bool) -> bytes:
     return bytes([AUTH_VERSION, 0 if ok else 1])
 
 
-def parse_request(buf: Buffer) -> tuple[Request, int] | None:
+def _parse_frame(buf: Buffer, what: str) -> tuple[int, Host, int, int] | None:
+    """VER CODE RSV ADDRESS (requests and replies share the shape): (code, host, port, end),
+    None while incomplete."""
     if not buf:
         return None
     if buf[0] != VERSION:
-        raise DecodeError(f"request version {buf[0]:#04x}")
+        raise DecodeError(f"{what} version {buf[0]:#04x}")
     if len(buf) < 4:
         return None
     # RSV (buf[2]) is X'00' by the RFC; like most servers we do not insist.
@@ -256,7 +258,12 @@ def parse_request(buf: Buffer) -> tuple[Request, int] | None:
     if got is None:
         return None
     host, port, end = got
-    return Request(buf[1], host, port), end
+    return buf[1], host, port, end
+
+
+def parse_request(buf: Buffer) -> tuple[Request, int] | None:
+    got = _parse_frame(buf, "request")
+    return None if got is None else (Request(got[0], got[1], got[2]), got[3])
 
 
 def emit_request(req: Request) -> bytes:
@@ -269,17 +276,8 @@ def emit_reply(rep: int, host: Host = ANY_V4, port: int = 0) -> bytes:
 
 def parse_reply(buf: Buffer) -> tuple[Reply, int] | None:
     """A client's view (tests, tools): the mirror of `emit_reply`."""
-    if not buf:
-        return None
-    if buf[0] != VERSION:
-        raise DecodeError(f"reply version {buf[0]:#04x}")
-    if len(buf) < 4:
-        return None
-    got = parse_address(buf, 3)
-    if got is None:
-        return None
-    host, port, end = got
-    return Reply(buf[1], host, port), end
+    got = _parse_frame(buf, "reply")
+    return None if got is None else (Reply(got[0], got[1], got[2]), got[3])
 
 
 def parse_udp_datagram(data: Buffer) -> UdpDatagram:
