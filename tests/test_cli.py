@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -249,3 +250,14 @@ def test_console_script_is_installed() -> None:
         env={**os.environ},
     )
     assert r.returncode == 0 and r.stdout.startswith("wrapguard version ")
+
+
+def test_a_fifo_config_is_one_line_and_exit_1_within_a_second(tmp_path: Path) -> None:
+    """Issue 11: `--config` naming a FIFO hung forever with no output."""
+    fifo = tmp_path / "wg0.conf"
+    os.mkfifo(fifo, 0o600)
+    t0 = time.monotonic()
+    r = run("--config", str(fifo), "--", "true")
+    assert time.monotonic() - t0 < 2.5  # interpreter start-up included
+    assert r.returncode == 1, r
+    assert "FIFO" in one_line(r.stderr) and str(fifo) in one_line(r.stderr), r.stderr

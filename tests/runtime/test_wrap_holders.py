@@ -158,3 +158,38 @@ def test_udp_reply_for_a_vanished_client_is_not_handed_on(module_rig: Rig, conf:
     finally:
         late.kill()
         late.wait()
+
+
+def test_bound_udp_port_of_a_vanished_server_is_not_handed_on(module_rig: Rig, conf: Path) -> None:
+    port = 8733
+    server = py(
+        f"""
+        import os, socket, time
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", {port}))
+        time.sleep(1.0)
+        os._exit(0)  # no close(): the port is free, no UDP_RELEASE was sent
+        """
+    )
+    script = f"{shlex.join(server)} ; sleep 8 >/dev/null 2>&1 & exit 0"
+    r = run_wrapped(
+        module_rig.client, conf, ["sh", "-c", script], timeout=30,
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert r.returncode == 0, explain(r)
+    thief = _thief(module_rig, "udp", port)
+    time.sleep(0.5)
+    send = textwrap.dedent(
+        f"""
+        import socket, time
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for _ in range(5):
+            s.sendto(b"SECRET-to-the-server", ({module_rig.our_tunnel_v4!r}, {port}))
+            time.sleep(0.2)
+        """
+    )
+    module_rig.peer.ns.run([sys.executable, "-c", send], check=False, timeout=30)
+    out, _ = thief.communicate(timeout=15)
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got[0][0] == "none", f"another user received datagrams for the tunnel port: {got}"
