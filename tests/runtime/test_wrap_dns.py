@@ -11,6 +11,7 @@ domains from non-IP DNS= entries apply; without DNS= the host resolver is used.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import sys
@@ -224,6 +225,11 @@ class FakeEngine:
 
     def now(self) -> float:
         return 0.0
+
+    def abort(self, cid: Any) -> None:  # as Engine.abort: reset, gone is fine, then flush
+        with contextlib.suppress(OSError, KeyError):
+            self.stack.abort(cid, self.now())
+        self.schedule_flush()
 
     def schedule_flush(self) -> None:
         pass

@@ -245,7 +245,5 @@ class DnsResolver:
         try:
             data = await asyncio.wait_for(fut, self.timeout * 2)
         finally:
-            with contextlib.suppress(OSError, KeyError):
-                self.engine.stack.abort(handler.cid, self.engine.now())
-            self.engine.schedule_flush()
+            self.engine.abort(handler.cid)
         return parse_message(data)

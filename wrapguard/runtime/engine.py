@@ -314,6 +314,13 @@ class Engine:
             self.watch_handshake(peer)
         return cid
 
+    def abort(self, cid: ConnId) -> None:
+        """Reset a connection (RST to the peer) and send it; a connection already gone is
+        fine. The one way doors end a flow abortively."""
+        with contextlib.suppress(OSError, KeyError):
+            self.stack.abort(cid, self.now())
+        self.schedule_flush()
+
     def watch_handshake(self, peer: int) -> None:
         """Say so, once, when traffic waits on a peer that does not answer our handshake: the
         user otherwise sees nothing until the program's connect times out."""

@@ -263,9 +263,7 @@ class TunnelBackend:
             reset_socket(g.sock)
         relay = self.relays.get(token)
         if relay is not None and relay.cid is not None:
-            with contextlib.suppress(OSError):
-                self.engine.stack.abort(relay.cid, self.engine.now())
-            self.engine.schedule_flush()
+            self.engine.abort(relay.cid)
 
     def gate(self, token: bytes, filler: int) -> None:
         g = self.gates.get(token)
@@ -358,9 +356,7 @@ class TunnelBackend:
         relay = self.relays.pop(token, None)
         self.futures.pop(token, None)
         if relay is not None and relay.cid is not None:
-            with contextlib.suppress(OSError):
-                self.engine.stack.abort(relay.cid, self.engine.now())
-            self.engine.schedule_flush()
+            self.engine.abort(relay.cid)
 
     def status(self, token: bytes) -> asyncio.Future[int] | None:
         return self.futures.get(token)
@@ -466,9 +462,7 @@ class TunnelBackend:
         family = self._listener_family(port, info.local[0])
         if family is None:
             # No listener of this family/address: refuse, as the kernel would.
-            with contextlib.suppress(OSError):
-                self.engine.stack.abort(cid, self.engine.now())
-            self.engine.schedule_flush()
+            self.engine.abort(cid)
             return
         relay = TcpRelay(self.engine, on_done=self._relay_done)
         relay.attach_conn(cid, established=True)
@@ -494,16 +488,12 @@ class TunnelBackend:
                     port=port,
                     uid=uid,
                 )
-                with contextlib.suppress(OSError):
-                    self.engine.stack.abort(cid, self.engine.now())
-                self.engine.schedule_flush()
+                self.engine.abort(cid)
                 return
         except OSError as exc:
             sock.close()
             self.log.warning("program's listener unreachable", port=port, error=str(exc))
-            with contextlib.suppress(OSError):
-                self.engine.stack.abort(cid, self.engine.now())
-            self.engine.schedule_flush()
+            self.engine.abort(cid)
             return
         self.log.debug("tunnel connection in", client=f"{remote.ip}:{remote.port}", port=port)
         relay.attach_socket(sock)

@@ -270,9 +270,7 @@ class TcpRelay:
 
     def _abort_stack(self) -> None:
         if self.cid is not None and not self._stack_closed:
-            with contextlib.suppress(OSError):
-                self.engine.stack.abort(self.cid, self.engine.now())
-            self.engine.schedule_flush()
+            self.engine.abort(self.cid)
         self._close_socket(reset=True)
         self._finish()
 
