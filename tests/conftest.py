@@ -20,6 +20,7 @@ Fixtures:
 - `rig_files` (session scope): the FileStore that creates random files once per session.
 - `module_rig` (module scope): one rig for all tests of a module, options from the module's
   `RIG_OPTIONS` dict.
+- `sshd` (module scope): a real OpenSSH server on the module rig's peer (rig/sshd.py).
 - `make_netns(role="x") -> rig.netns.Netns`: bare namespaces (lo up, no links, no routes) with
   `run/popen/python/socket/call/iproute`, deleted (processes killed) after the test.
 
@@ -128,6 +129,20 @@ def module_rig(
     problems = r.close() + [f"left behind: {x}" for x in leftovers(r.id)]
     if problems:
         pytest.fail("rig teardown:\n  " + "\n  ".join(problems), pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def sshd(module_rig: Rig, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A real OpenSSH server on the module rig's peer tunnel address, port rig.sshd.SSH_PORT;
+    yields the client's private key (root login by key)."""
+    from rig.sshd import SSH_PORT, start_sshd
+
+    proc, key = start_sshd(
+        module_rig.peer.ns, module_rig.peer_tunnel_v4, SSH_PORT, tmp_path_factory.mktemp("sshd")
+    )
+    yield key
+    proc.terminate()
+    proc.wait(5)
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 from rig.harness import MiB, Rig
-from rig.sshd import start_sshd
+from rig.sshd import SSH_PORT
 from runtime.wraphelp import explain
 
 from wrapguard.doors import ProxySpec, socks5
@@ -43,7 +43,6 @@ OPEN_PORT = 1080  # the no-auth proxy (the client namespace is ours: fixed ports
 AUTH_PORT = 1081  # the proxy with USER:PASSWORD
 DUAL_PORT = 1083  # the same on [::] (IPv4 clients too)
 USER, PASSWORD = "alice", "s3cret-pa55"
-SSH_PORT = 2222
 
 
 @dataclass
@@ -471,17 +470,6 @@ CONNECTOR = textwrap.dedent(
                 os.write(1, data)
     """
 )
-
-
-@pytest.fixture(scope="module")
-def sshd(module_rig: Rig, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A real OpenSSH server on the peer's tunnel address; yields the client's private key."""
-    proc, key = start_sshd(
-        module_rig.peer.ns, module_rig.peer_tunnel_v4, SSH_PORT, tmp_path_factory.mktemp("sshd")
-    )
-    yield key
-    proc.terminate()
-    proc.wait(5)
 
 
 def test_ssh_through_a_socks5_proxycommand(

@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 from rig.netns import Netns
 
+SSH_PORT = 2222  # where the `sshd` fixture (tests/conftest.py) listens on the peer's address
+
 
 def start_sshd(
     ns: Netns, address: str, port: int, workdir: Path, *, forwarding: bool = True

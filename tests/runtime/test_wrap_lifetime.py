@@ -15,17 +15,15 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from rig.harness import MiB, Rig
 from rig.netns import Netns, netns_pids
-from rig.sshd import start_sshd
+from rig.sshd import SSH_PORT
 from runtime.wraphelp import popen_wrapped, read_line, wrap_argv
 
 RIG_OPTIONS = {"file_sizes": {"4MiB.bin": 4 * MiB}}
-SSH_PORT = 2222
 
 
 @pytest.fixture(scope="module")
@@ -85,17 +83,6 @@ def test_background_child_keeps_the_tunnel_after_the_program_exits(
     _wait_for(lambda: not _ours(module_rig), 10, "the background launcher to exit")
     err = proc.stderr.read()
     assert "stays up in the background" in err, err
-
-
-@pytest.fixture(scope="module")
-def sshd(module_rig: Rig, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A real OpenSSH server on the peer's tunnel address; yields the client's private key."""
-    proc, key = start_sshd(
-        module_rig.peer.ns, module_rig.peer_tunnel_v4, SSH_PORT, tmp_path_factory.mktemp("sshd")
-    )
-    yield key
-    proc.terminate()
-    proc.wait(5)
 
 
 def test_ssh_f_forwards_a_port_after_wrapguard_returned(
