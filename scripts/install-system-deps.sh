@@ -18,6 +18,12 @@ command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)  # the tests start their own sshd; none is enabled
 command -v cc >/dev/null 2>&1 || need+=(gcc libc6-dev)
 [ -x /usr/sbin/setcap ] || need+=(libcap2-bin)  # setcap: the file-capability tests
+command -v nginx >/dev/null 2>&1 || need+=(nginx)  # reverse proxy in front of the stream relay
+command -v caddy >/dev/null 2>&1 || need+=(caddy)
+command -v nft >/dev/null 2>&1 || need+=(nftables)  # drop UDP in a namespace (stream road tests)
+command -v go >/dev/null 2>&1 || need+=(golang-go)  # Go test programs for the seccomp door
+[ -x /bin/busybox ] || need+=(busybox-static)
+command -v rclone >/dev/null 2>&1 || need+=(rclone)  # a real Go tool wrapped end to end
 python3 -c 'import ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 
 if [ ${#need[@]} -eq 0 ]; then
