@@ -26,14 +26,14 @@ test: system-deps install
 	$(PY) -m pytest -q
 
 lint: install
-	$(PY) -m ruff check wrapguard tests bench
+	$(PY) -m ruff check wrapguard tests bench demo
 	$(PY) -m mypy --strict $(CORES)
 
 bench: system-deps install
 	$(PY) bench/run.py
 
 demo: install
-	$(PY) -m wrapguard.demo
+	$(PY) -m demo
 
 # An sdist and a platform wheel with the shim and the cffi helper compiled in (dist/).
 dist: install

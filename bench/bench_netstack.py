@@ -10,9 +10,12 @@ from __future__ import annotations
 import random
 import sys
 import time
+from pathlib import Path
 
 from wrapguard.netstack import Accepted, Readable, Stack
-from wrapguard.netstack.link import LinkModel, Pair
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "netstack"))
+from lossy_link import LinkModel, Pair
 
 
 def one_way(mib: int, v6: bool) -> tuple[float, int, int]:

@@ -1,6 +1,6 @@
 """Row 3 of `make bench` (no root): one TCP flow against the embedded peer on loopback.
 
-The peer (`python -m wrapguard.runtime.peer`, our own responder + netstack + HTTP server) runs
+The peer (`python -m demo.peer`: our engine as a responder + an HTTP server on loopback) runs
 as its own process on 127.0.0.1; a wrapped curl downloads /bytes/N and uploads a file (PUT,
 body discarded by the peer). The peer is Python too and may be the bottleneck, so the row gives
 the CPU seconds per GiB of both the peer and the launcher (from /proc/<pid>/stat).
@@ -36,9 +36,10 @@ def rows_loopback(workdir: Path, rounds: int, down_mib: int, up_mib: int) -> lis
     up_file.write_bytes(os.urandom(up_mib << 20))
     with open(workdir / "loopback-peer.log", "wb") as log:
         peer = subprocess.Popen(
-            [sys.executable, "-m", "wrapguard.runtime.peer", "--config-out", str(conf),
+            [sys.executable, "-m", "demo.peer", "--config-out", str(conf),
              "--http-port", "80", "--log-level", "warn"],
             env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+            cwd=CHECKOUT,
         )  # fmt: skip
     try:
         deadline = time.monotonic() + 15

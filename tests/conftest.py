@@ -41,6 +41,7 @@ from typing import Any
 import pytest
 
 sys.path.append(str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # demo/ (the demo peer)
 
 from rig.harness import FileStore, Rig, build_rig, leftovers
 from rig.netns import Netns, sweep_stale

@@ -26,6 +26,11 @@ def test_wheel_installs_and_runs_without_a_compiler(tmp_path: Path) -> None:
     assert "linux" in wheel.name, wheel.name  # a platform wheel, not py3-none-any
     names = zipfile.ZipFile(wheel).namelist()
     assert "wrapguard/_shim.so" in names and any("_fastpath" in n for n in names), names
+    # Every module of the package is in it (a subpackage without __init__.py would be left out).
+    source = {str(p.relative_to(ROOT)) for p in (ROOT / "wrapguard").rglob("*.py")}
+    missing = sorted(source - set(names) - {"wrapguard/_fastpath_build.py"})
+    assert not missing, missing
+    assert not [n for n in names if n.startswith(("demo/", "tests/"))], names
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)

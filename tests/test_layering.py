@@ -107,3 +107,43 @@ def test_relative_imports_are_resolved() -> None:
         assert "runtime" in wrapguard_imports(sample)
     finally:
         sample.unlink()
+
+
+# The doors stand on the flow API (runtime/service.py, issue 12): none imports the netstack or
+# the engine, or touches the engine's insides (its stack, its handler table, its flushes).
+DOOR_DIRS = ["doors", "control"]
+ENGINE_INSIDES = {"stack", "handlers", "schedule_flush", "engine", "device"}
+
+
+def door_files() -> list[Path]:
+    return [p for d in DOOR_DIRS for p in sorted((ROOT / d).rglob("*.py"))]
+
+
+def reach_throughs(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = [
+        f"line {node.lineno}: .{node.attr}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and node.attr in ENGINE_INSIDES
+    ]
+    for name in sorted(wrapguard_imports(path) & {"netstack", "tunnel"}):
+        found.append(f"imports wrapguard.{name}")
+    text = path.read_text()
+    if "runtime.engine" in text:
+        found.append("imports wrapguard.runtime.engine")
+    return found
+
+
+@pytest.mark.parametrize("path", door_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_doors_use_only_the_flow_api(path: Path) -> None:
+    bad = reach_throughs(path)
+    assert not bad, f"{path.relative_to(ROOT)} reaches into the engine: {bad}"
+
+
+def test_a_reach_through_is_found() -> None:
+    sample = ROOT / "doors" / "_reach_probe.py"
+    try:
+        sample.write_text("def f(s):\n    s.engine.stack.send(1)\n    s.engine.schedule_flush()\n")
+        assert len(reach_throughs(sample)) == 4
+    finally:
+        sample.unlink()

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import pytest
 
 from wrapguard import shim
-from wrapguard.runtime.channel import ChannelServer, Decision
+from wrapguard.doors.preload.channel import ChannelServer, Decision
 from wrapguard.wire.ipc import Action, Address, Proto
 
 T = TypeVar("T")

@@ -91,7 +91,7 @@ async def _run(plan: Plan, target: tuple[IPAddress, int] | None) -> int:
         report.step(False, "handshake", "the config has no [Peer]")
         return 1
     session = TunnelSession(cfg, plan.routing)
-    engine, backend = session.engine, session.backend
+    engine, preload = session.engine, session.preload
     try:
         try:
             await session.start_tunnel()
@@ -141,13 +141,13 @@ async def _run(plan: Plan, target: tuple[IPAddress, int] | None) -> int:
         else:
             argv = [sys.executable, "-c", PROBE, str(target[0]), str(target[1])]
         status = await asyncio.wait_for(
-            run_child(argv, sys.executable, env, ready=backend.hello_event), PROBE_TIMEOUT
+            run_child(argv, sys.executable, env, ready=preload.hello_event), PROBE_TIMEOUT
         )
         report.step(
-            backend.hello_event.is_set(),
+            preload.hello_event.is_set(),
             "channel",
             "the probe under the shim reached the launcher"
-            if backend.hello_event.is_set()
+            if preload.hello_event.is_set()
             else "the probe never reached the launcher",
         )
         if target is not None:

@@ -7,6 +7,7 @@ import hashlib
 import random
 
 import pytest
+from netstack.lossy_link import LinkModel, Pair, run_transfer
 
 from wrapguard.netstack import (
     Accepted,
@@ -21,7 +22,6 @@ from wrapguard.netstack import (
     TcpState,
     Writable,
 )
-from wrapguard.netstack.link import LinkModel, Pair, run_transfer
 
 MiB = 1 << 20
 LOSSY = LinkModel(delay=0.005, loss=0.02, duplicate=0.01, reorder=0.05)

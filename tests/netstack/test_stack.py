@@ -7,6 +7,7 @@ import random
 from ipaddress import ip_address
 
 import pytest
+from netstack.lossy_link import Pair
 
 from wrapguard.netstack import (
     DatagramReceived,
@@ -15,7 +16,6 @@ from wrapguard.netstack import (
     Stack,
     UdpError,
 )
-from wrapguard.netstack.link import Pair
 from wrapguard.wire.icmp import (
     ICMP_DEST_UNREACH,
     ICMP_ECHO_REPLY,

@@ -16,16 +16,19 @@ import hashlib
 import shutil
 from ipaddress import ip_address, ip_network
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from rig.harness import Rig
 from runtime.wraphelp import explain, last_json, py, run_wrapped
 
+from wrapguard.doors.preload.channel import Decision
+from wrapguard.doors.preload.door import PreloadDoor
+from wrapguard.doors.preload.udp import DNS_REMEMBERED
 from wrapguard.netstack.events import SockId
-from wrapguard.runtime.channel import Decision
-from wrapguard.runtime.launcher import TunnelBackend
-from wrapguard.runtime.udpassoc import DNS_REMEMBERED
+from wrapguard.runtime.bypass import BypassList
+from wrapguard.runtime.service import TunnelService
 from wrapguard.wire.ipc import Action, Address, Proto
 
 RIG_OPTIONS: dict[str, object] = {}
@@ -199,11 +202,12 @@ class StubResolver:
         return self.servers[0] if self.servers else None
 
 
-def backend(*servers: Any) -> TunnelBackend:
-    b = TunnelBackend(FakeEngine())  # type: ignore[arg-type]
+def backend(*servers: Any) -> PreloadDoor:
+    session = SimpleNamespace(engine=FakeEngine(), bypass=BypassList())
+    service = TunnelService(session)  # type: ignore[arg-type]
     if servers:
-        b.resolver = StubResolver(*(s for s in servers if s is not None))  # type: ignore[assignment]
-    return b
+        service.resolver = StubResolver(*(s for s in servers if s is not None))  # type: ignore[assignment]
+    return PreloadDoor(service)
 
 
 def addr(text: str, port: int = 53) -> Address:
@@ -214,7 +218,7 @@ def test_port_53_outside_the_tunnel_is_routed_to_the_tunnel_dns() -> None:
     plain = backend()  # no DNS=: port 53 is an ordinary port
     assert plain.route(Proto.UDP, addr("127.0.0.1")).action is Action.DIRECT
     assert plain.route(Proto.TCP, addr("198.18.3.2")).action is Action.DIRECT
-    assert plain.dns_target(ip_address("127.0.0.1"), 53) is None
+    assert plain.service.dns_target(ip_address("127.0.0.1"), 53) is None
     b = backend(DNS_SERVER)
     for proto, dst in [
         (Proto.UDP, addr("127.0.0.1")),
@@ -224,11 +228,11 @@ def test_port_53_outside_the_tunnel_is_routed_to_the_tunnel_dns() -> None:
         (Proto.UDP, addr("0.0.0.0")),
     ]:
         assert b.route(proto, dst) == Decision(Action.TUNNEL), dst
-        assert b.dns_target(dst.ip, 53, proto) == (DNS_SERVER, 53), dst
+        assert b.service.dns_target(dst.ip, 53, proto) == (DNS_SERVER, 53), dst
     assert b.route(Proto.UDP, addr("127.0.0.1", 5353)).action is Action.DIRECT
     # Port 53 of an address routed into the tunnel goes as asked (dig @10.150.0.1).
     assert b.route(Proto.UDP, addr("10.150.0.9")) == Decision(Action.TUNNEL)
-    assert b.dns_target(ip_address("10.150.0.9"), 53) is None
+    assert b.service.dns_target(ip_address("10.150.0.9"), 53) is None
     # DNS= set, but no server of it inside the tunnel: fail closed, never the host resolver.
     assert backend(None).route(Proto.UDP, addr("127.0.0.1")) == Decision(
         Action.FAIL, errno.ENETUNREACH

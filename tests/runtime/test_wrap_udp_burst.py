@@ -26,8 +26,10 @@ import pytest
 from rig.harness import Rig
 from runtime.wraphelp import explain, last_json, py, read_line, run_wrapped
 
+from wrapguard.doors.preload import udp as udpassoc
 from wrapguard.netstack.stack import Stack
-from wrapguard.runtime import udpassoc
+from wrapguard.runtime.bypass import BypassList
+from wrapguard.runtime.service import TunnelService
 from wrapguard.wire.ipc import (
     TOKEN_LEN,
     UDP_DATA_ACK,
@@ -393,7 +395,8 @@ def test_intake_drains_in_batches_and_pauses_while_a_handshake_is_in_flight(
 
     async def main() -> None:
         engine = _Engine()
-        relay = udpassoc.UdpRelay(engine)  # type: ignore[arg-type]
+        session = SimpleNamespace(engine=engine, bypass=BypassList())
+        relay = udpassoc.UdpRelay(TunnelService(session))  # type: ignore[arg-type]
         local = Address(IPv4Address("127.0.0.1"), 40000)
         relay.assoc(local, Address(IPv4Address("10.150.0.1"), 9))
         token = relay.token(local)

@@ -1,7 +1,8 @@
-"""Doors: how traffic gets into the engine besides the preload shim (architecture.md, "Where
+"""Doors: how traffic gets into the engine (architecture.md, "Where
 it grows"). Each door owns only its own protocol and maps it onto the flow API of
 `wrapguard.runtime.service.TunnelService`:
 
+- `preload/`: the shim's door (the local channel, outbound and inbound parts);
 - `socks5.py`: a SOCKS5 proxy (RFC 1928, RFC 1929 user/password), CONNECT and UDP ASSOCIATE;
 - `httpproxy.py`: an HTTP proxy (CONNECT and absolute-URI requests, h11).
 

@@ -431,6 +431,8 @@ class _Association:
         self.flow: UdpFlow | None = None
         self.direct: dict[int, socket.socket] = {}  # IP version -> our host UDP socket
         self.direct_peers: OrderedDict[tuple[IPAddress, int], None] = OrderedDict()
+        # DNS queries the service sent to the tunnel DNS server: its replies, as from the asked.
+        self.dns_asked: dict[tuple[IPAddress, int], tuple[IPAddress, int]] = {}
         self.names: OrderedDict[str, IPAddress] = OrderedDict()
         self.pending: dict[str, list[tuple[int, bytes]]] = {}
         self.tasks: set[asyncio.Task[None]] = set()
@@ -518,7 +520,9 @@ class _Association:
             if route.way is Way.TUNNEL:
                 if self.flow is None:
                     self.flow = self.service.open_udp(self._from_tunnel)
-                self.flow.send((ip, port), payload)
+                if route.target is not None:  # a DNS query to a server outside the tunnel
+                    self.dns_asked[route.target] = (ip, port)  # its replies come from there
+                self.flow.send(route.target or (ip, port), payload)
             elif route.way is Way.DIRECT:
                 self._direct_sock(ip.version).sendto(payload, (str(ip), port))
                 self.direct_peers[(ip, port)] = None
@@ -553,7 +557,8 @@ class _Association:
         self._to_client(src[0], src[1], data)
 
     def _from_tunnel(self, src: tuple[IPAddress, int], payload: bytes) -> None:
-        self._to_client(plain(src[0]), src[1], payload)
+        ip, port = self.dns_asked.get((plain(src[0]), src[1]), (plain(src[0]), src[1]))
+        self._to_client(ip, port, payload)
 
     def _to_client(self, ip: IPAddress, port: int, payload: bytes) -> None:
         if self.client_port is None or self.closed:

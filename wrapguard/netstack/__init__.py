@@ -5,7 +5,7 @@ tunnel; drain `next_event()` (Connected, Accepted, Readable, Writable, PeerClose
 ConnectFailed, Closed, DatagramReceived, UdpError, PacketDropped); call
 `handle_timeout(now)` at `next_deadline()`. App side: connect/listen/send/recv/
 shutdown_write/close/abort, udp_bind/udp_send. Tests and benches join two stacks in memory
-with `netstack.link.Pair`.
+with `Pair` in tests/netstack/lossy_link.py.
 """
 
 from wrapguard.netstack.events import (

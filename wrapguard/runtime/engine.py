@@ -77,6 +77,7 @@ class Engine:
         *,
         timers: TimerConfig | None = None,
         socket_factory: Callable[[int, int], object] | None = None,
+        bind: tuple[str, str | None] = ("0.0.0.0", "::"),
     ) -> None:
         self.log = log.get("wrapguard.engine")
         self.config = config
@@ -107,6 +108,8 @@ class Engine:
             on_packet=self._from_tunnel,
             on_event=self._tunnel_event,
             socket_factory=socket_factory,  # type: ignore[arg-type]
+            bind_v4=bind[0],
+            bind_v6=bind[1],
         )
         self.handlers: dict[int, FlowHandler] = {}
         self.listeners: dict[int, Callable[[ConnId], None]] = {}

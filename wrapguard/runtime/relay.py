@@ -262,6 +262,16 @@ class TcpRelay:
             return None
         return str(addr), port
 
+    def remote(self) -> tuple[str, int] | None:
+        """The far end of the tunnel flow (its address, port) while it exists."""
+        if self.cid is None or self._stack_closed:
+            return None
+        try:
+            addr, port = self.engine.stack.conn_info(self.cid).remote
+        except OSError:  # already gone
+            return None
+        return str(addr), port
+
     def abort(self) -> None:
         """Give up on the flow: RST to the peer and to the program."""
         self._abort_stack()

@@ -21,11 +21,12 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from wrapguard import log
-from wrapguard.netstack.events import DatagramReceived, Event, SockId, UdpError
+from wrapguard.netstack.events import ConnId, DatagramReceived, Event, SockId, UdpError
 from wrapguard.runtime.bypass import BypassList
 from wrapguard.runtime.relay import TcpRelay
 
 if TYPE_CHECKING:
+    from wrapguard.runtime.dns import DnsResolver
     from wrapguard.runtime.engine import Engine
     from wrapguard.runtime.launcher import TunnelSession
 
@@ -47,6 +48,9 @@ class Route:
     way: Way
     errno: int = 0
     peer: int | None = None  # the peer's index when TUNNEL
+    # Where a TUNNEL destination really goes when not where it was asked to: a DNS query to
+    # a server outside the tunnel, with DNS= set, goes to the tunnel's DNS server.
+    target: tuple[IPAddress, int] | None = None
 
 
 def plain(ip: IPAddress) -> IPAddress:
@@ -77,12 +81,13 @@ class UdpFlow:
         service: TunnelService,
         on_datagram: Callable[[tuple[IPAddress, int], bytes], None],
         on_error: Callable[[tuple[IPAddress, int], int], None] | None = None,
+        port: int = 0,
     ) -> None:
         self._service = service
         self._engine: Engine = service.engine
         self._on_datagram = on_datagram
         self._on_error = on_error
-        self.sock: SockId = self._engine.stack.udp_bind(0)
+        self.sock: SockId = self._engine.stack.udp_bind(port)  # OSError: EADDRINUSE
         self._engine.handlers[self.sock] = self
         self.closed = False
 
@@ -96,6 +101,23 @@ class UdpFlow:
         engine = self._engine
         engine.stack.udp_send(self.sock, (plain(dst[0]), dst[1]), payload, engine.now())
         engine.schedule_flush()
+
+    def send_many(self, datagrams: Sequence[tuple[tuple[IPAddress, int], bytes]]) -> int:
+        """A batch into the tunnel, flushed at once (so that the staged queues are current
+        when the caller looks at `TunnelService.backlogged()`); the number the netstack took
+        (the rest it refused: EMSGSIZE, no address of that family)."""
+        engine = self._engine
+        send, sock, now = engine.stack.udp_send, self.sock, engine.now()
+        taken = 0
+        for dst, payload in datagrams:
+            try:
+                send(sock, dst, payload, now)
+            except OSError:
+                continue
+            taken += 1
+        if taken:
+            engine.flush()
+        return taken
 
     def on_event(self, event: Event) -> None:
         if isinstance(event, DatagramReceived):
@@ -120,57 +142,151 @@ class TunnelService:
         self.frontends: list[FrontEnd] = []
         self.started = time.time()
         self.log = log.get("wrapguard.service")
+        self.resolver: DnsResolver | None = None  # with DNS=: the tunnel's resolver
+        self.dns_forwarded: set[IPAddress] = set()  # servers asked whose queries we answered
+
+    @property
+    def addresses(self) -> list[IPAddress]:
+        """Our tunnel addresses."""
+        return self.engine.addresses
+
+    def has_family(self, version: int) -> bool:
+        return any(a.version == version for a in self.engine.addresses)
 
     # -- routing -------------------------------------------------------------------------------
 
     def route(self, proto: int, ip: IPAddress, port: int) -> Route:
-        """The one routing decision every door uses: loopback and bypassed destinations go
-        direct; then policy routes and AllowedIPs (routing.py); unrouted goes direct."""
+        """The one routing decision every door uses: with DNS= set, a DNS query to a server
+        outside the tunnel goes to the tunnel's DNS server (or fails: never the host's
+        resolver); loopback and bypassed destinations go direct; then policy routes and
+        AllowedIPs (routing.py); unrouted goes direct."""
         ip = plain(ip)
+        if self._dns_captured(ip, port, proto):
+            target = self.dns_target(ip, port, proto)
+            if target is None or not self.has_family(target[0].version):
+                return Route(Way.FAIL, errno.ENETUNREACH)
+            return Route(Way.TUNNEL, peer=self.engine.route(target[0], proto, port), target=target)
         if ip.is_loopback or ip.is_unspecified or self.bypass.contains(ip):
             return Route(Way.DIRECT)
         peer = self.engine.route(ip, proto, port)
         if peer is None:
             return Route(Way.DIRECT)
-        if port == 0 and proto == TCP:
-            return Route(Way.FAIL, errno.ECONNREFUSED)
-        if not any(a.version == ip.version for a in self.engine.addresses):
+        if port == 0:
+            return Route(Way.FAIL, errno.ECONNREFUSED)  # as the kernel answers port 0
+        if not self.has_family(ip.version):
             return Route(Way.FAIL, errno.ENETUNREACH)
         return Route(Way.TUNNEL, peer=peer)
 
+    def _dns_captured(self, ip: IPAddress, port: int, proto: int) -> bool:
+        """A DNS query (port 53, TCP or UDP) to a server outside the tunnel, with DNS= set."""
+        if self.resolver is None or port != DNS_PORT or proto not in (TCP, UDP):
+            return False
+        return ip.is_loopback or ip.is_unspecified or self.engine.route(ip, proto, port) is None
+
+    def dns_target(
+        self, ip: IPAddress, port: int, proto: int = UDP
+    ) -> tuple[IPAddress, int] | None:
+        """Where a query to `ip`:`port` really goes (docs/channel.md "DNS").
+
+        With DNS= set, port 53 of an address not routed into the tunnel (the host's
+        resolv.conf servers, such as 127.0.0.53) would reach the host's resolver: the query
+        goes to the first tunnel DNS server instead, and its replies come back as if from
+        the address asked. None: send it as asked."""
+        ip = plain(ip)
+        if not self._dns_captured(ip, port, proto):
+            return None
+        server = self.resolver.forward_server() if self.resolver is not None else None
+        if server is None:
+            return None
+        if ip not in self.dns_forwarded:
+            self.dns_forwarded.add(ip)
+            self.log.info(
+                "DNS queries answered through the tunnel", asked=str(ip), server=str(server)
+            )
+        return server, DNS_PORT
+
+    def backlogged(self, room: int) -> set[int]:
+        """Peers whose staged queue (waiting for a handshake [W 6.5]) has less than `room`
+        places left: a door that reads on would only push packets out of it."""
+        device = self.engine.device
+        limit = device.timers.staged_queue_len - room
+        return {p.index for p in device.peers if len(p.staged) > limit}
+
     # -- flows ---------------------------------------------------------------------------------
 
-    def open_tcp(self, ip: IPAddress, port: int) -> tuple[TcpRelay, asyncio.Future[int]]:
-        """Connect through the tunnel. The future gives 0 once open, or the errno of the
-        failure (ECONNREFUSED, ETIMEDOUT, EHOSTUNREACH); the door then joins its socket with
-        `relay.attach_socket(sock, initial)` (or lets the relay go on failure)."""
+    def open_tcp(
+        self,
+        ip: IPAddress,
+        port: int,
+        *,
+        src_port: int = 0,
+        on_done: Callable[[TcpRelay], None] | None = None,
+    ) -> tuple[TcpRelay, asyncio.Future[int]]:
+        """Connect through the tunnel (a captured DNS query to its real target, see
+        `route`). The future gives 0 once open, or the errno of the failure (ECONNREFUSED,
+        ETIMEDOUT, EHOSTUNREACH); the door then joins its socket with
+        `relay.attach_socket(sock, initial)` (or lets the relay go on failure). `on_done`
+        runs when the flow has ended. Raises OSError (EADDRINUSE for a taken `src_port`)."""
         loop = asyncio.get_running_loop()
         outcome: asyncio.Future[int] = loop.create_future()
+        ip = plain(ip)
+        target = self.dns_target(ip, port, TCP)
+        if target is not None:
+            ip, port = target
 
         def on_status(status: int) -> None:
             if not outcome.done():
                 outcome.set_result(status)
 
-        def on_done(relay: TcpRelay) -> None:
+        def ended(relay: TcpRelay) -> None:
             if not outcome.done():
                 outcome.set_result(relay.status or errno.ECONNRESET)
+            if on_done is not None:
+                on_done(relay)
 
-        relay = TcpRelay(self.engine, on_status=on_status, on_done=on_done)
-        cid = self.engine.connect(plain(ip), port, relay)
+        relay = TcpRelay(self.engine, on_status=on_status, on_done=ended)
+        cid = self.engine.connect(ip, port, relay, src_port)
         relay.attach_conn(cid)
         return relay, outcome
+
+    def listen(
+        self,
+        port: int,
+        on_accept: Callable[[TcpRelay], None],
+        accepts: Callable[[bytes], bool] | None = None,
+        on_done: Callable[[TcpRelay], None] | None = None,
+    ) -> Callable[[], None]:
+        """Take tunnel connections to `port` of our addresses (`accepts(local_ip_bytes)`
+        may refuse some: they are reset, as the kernel would). `on_accept` gets each one as
+        an open `TcpRelay` (`remote()`, `local()`; `abort()` to refuse it, `attach_socket()`
+        to join it to a local socket). Returns the function that stops listening."""
+
+        def accepted(cid: ConnId) -> None:
+            relay = TcpRelay(self.engine, on_done=on_done)
+            relay.attach_conn(cid, established=True)
+            on_accept(relay)
+
+        lid = self.engine.listen(port, accepted, accepts)
+
+        def stop() -> None:
+            self.engine.unlisten(port, lid)
+
+        return stop
 
     def open_udp(
         self,
         on_datagram: Callable[[tuple[IPAddress, int], bytes], None],
         on_error: Callable[[tuple[IPAddress, int], int], None] | None = None,
+        port: int = 0,
     ) -> UdpFlow:
-        return UdpFlow(self, on_datagram, on_error)
+        """A UDP socket of ours in the tunnel (on `port` of our addresses, or an ephemeral
+        one). Raises OSError (EADDRINUSE)."""
+        return UdpFlow(self, on_datagram, on_error, port)
 
     async def resolve(self, name: str, family: int = 0) -> list[IPAddress]:
         """Through the tunnel DNS (DNS=), /etc/hosts first; without DNS=, the host resolver
         (off the loop). Raises OSError(ENOENT-like) with a message when nothing is found."""
-        resolver = self.session.backend.resolver
+        resolver = self.resolver
         if resolver is not None:
             from wrapguard.runtime.dns import ResolveError
 
@@ -194,7 +310,7 @@ class TunnelService:
 
     @property
     def resolves_in_tunnel(self) -> bool:
-        return self.session.backend.resolver is not None
+        return self.resolver is not None
 
     def add_frontend(self, frontend: FrontEnd) -> FrontEnd:
         self.frontends.append(frontend)

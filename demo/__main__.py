@@ -1,6 +1,6 @@
 """`make demo`: a WireGuard peer on loopback and a wrapped curl through it, no root needed.
 
-Generates two key pairs, starts the embedded peer (runtime/peer.py) on 127.0.0.1, writes a
+Generates two key pairs, starts the embedded peer (demo/peer.py) on 127.0.0.1, writes a
 demo config (0600) in a temporary directory, runs `wrapguard --config demo.conf -- curl -sS
 http://10.150.0.1/` as a subprocess and tells the user, step by step, what happened. Exit 0 on
 success, 1 with one clear line on failure. The peer and the directory go away on every path.
@@ -16,9 +16,9 @@ import tempfile
 import textwrap
 from pathlib import Path
 
+from demo.peer import TUNNEL_V4, EmbeddedPeer, Visit, client_addresses
 from wrapguard import log
 from wrapguard.keys import PrivateKey
-from wrapguard.runtime.peer import TUNNEL_V4, EmbeddedPeer, Visit, client_addresses
 
 TIMEOUT = 30.0  # seconds for the wrapped curl
 URL = f"http://{TUNNEL_V4.ip}/"

@@ -1,4 +1,4 @@
-"""The embedded peer (wrapguard/runtime/peer.py) answers HTTP through the tunnel.
+"""The embedded peer (demo/peer.py) answers HTTP through the tunnel.
 
 The client is built from our own cores (Device + Stack + WgUdpRuntime on 127.0.0.1, as the
 launcher's engine joins them) and talks to the peer over loopback UDP: a handshake, a TCP
@@ -13,14 +13,15 @@ import ipaddress
 import secrets
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from demo.peer import EmbeddedPeer, Visit, client_addresses
 from wrapguard.config import parse_config
 from wrapguard.keys import PrivateKey
 from wrapguard.netstack.events import Closed, Connected, ConnectFailed, PeerClosed, Readable, Reset
 from wrapguard.netstack.stack import Stack
-from wrapguard.runtime.peer import EmbeddedPeer, Visit, client_addresses
 from wrapguard.runtime.udp import WgUdpRuntime
 from wrapguard.tunnel.device import Device
 from wrapguard.tunnel.peer import PeerSpec
@@ -130,15 +131,17 @@ def test_bytes_stream_is_exact_and_two_clients_are_told_apart() -> None:
     n = 3_000_003  # several times the send buffer: exercises Writable and the pattern's offset
 
     async def body(peer, clients, visits):  # type: ignore[no-untyped-def]
-        resp = await clients[1].fetch(f"GET /bytes/{n} HTTP/1.1\r\n\r\n".encode())
+        resp = await clients[1].fetch(f"GET /bytes/{n} HTTP/1.1\r\nHost: peer\r\n\r\n".encode())
         status, fields, data = split(resp)
         assert status == "HTTP/1.1 200 OK"
         assert int(fields["content-length"]) == n
         expected = (bytes(range(256)) * (n // 256 + 1))[:n]
         assert hashlib.sha256(data).hexdigest() == hashlib.sha256(expected).hexdigest()
-        html = split(await clients[0].fetch(b"GET / HTTP/1.1\r\n\r\n"))[2]
+        html = split(await clients[0].fetch(b"GET / HTTP/1.1\r\nHost: peer\r\n\r\n"))[2]
         assert b"You are 10.150.0.2 " in html
-        html6 = split(await clients[1].fetch(b"GET / HTTP/1.1\r\n\r\n", dst="fd15::1"))[2]
+        html6 = split(
+            await clients[1].fetch(b"GET / HTTP/1.1\r\nHost: peer\r\n\r\n", dst="fd15::1")
+        )[2]
         assert b"You are fd15::3 " in html6
         assert [v.client for v in visits] == ["10.150.0.3", "10.150.0.2", "fd15::3"]
 
@@ -149,17 +152,24 @@ def test_upload_body_is_counted_and_errors_are_answered() -> None:
     async def body(peer, clients, visits):  # type: ignore[no-untyped-def]
         c = clients[0]
         payload = b"x" * 200_000
-        req = f"POST /sink HTTP/1.1\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+        req = (
+            f"POST /sink HTTP/1.1\r\nHost: peer\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+        )
         status, _, text = split(await c.fetch(req + payload))
         assert (status, text) == ("HTTP/1.1 200 OK", b"received 200000 bytes\n")
-        assert split(await c.fetch(b"GET /nope HTTP/1.1\r\n\r\n"))[0] == "HTTP/1.1 404 Not Found"
+        assert (
+            split(await c.fetch(b"GET /nope HTTP/1.1\r\nHost: peer\r\n\r\n"))[0]
+            == "HTTP/1.1 404 Not Found"
+        )
         assert split(await c.fetch(b"garbage\r\n\r\n"))[0] == "HTTP/1.1 400 Bad Request"
-        status, fields, empty = split(await c.fetch(b"HEAD /bytes/10 HTTP/1.1\r\n\r\n"))
+        status, fields, empty = split(
+            await c.fetch(b"HEAD /bytes/10 HTTP/1.1\r\nHost: peer\r\n\r\n")
+        )
         assert (status, fields["content-length"], empty) == ("HTTP/1.1 200 OK", "10", b"")
         # A client that gives up mid-request (FIN) is closed without an answer...
         assert await c.fetch(b"GET / HTTP/1.1\r\nHost:", half_close=True) == b""
         # ...while a complete request followed by a FIN is still answered.
-        done = await c.fetch(b"GET / HTTP/1.1\r\n\r\n", half_close=True)
+        done = await c.fetch(b"GET / HTTP/1.1\r\nHost: peer\r\n\r\n", half_close=True)
         assert split(done)[0] == "HTTP/1.1 200 OK"
         assert [(v.path, v.status, v.request_bytes, v.response_bytes) for v in visits] == [
             ("/sink", 200, 200_000, len(b"received 200000 bytes\n")),
@@ -205,7 +215,8 @@ def test_config_is_accepted_by_our_parser() -> None:
 def test_cli_prints_a_config_and_stops_on_sigterm(tmp_path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "c.conf"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "wrapguard.runtime.peer", "--config-out", str(out)],
+        [sys.executable, "-m", "demo.peer", "--config-out", str(out)],
+        cwd=Path(__file__).resolve().parents[2],
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -231,7 +242,7 @@ def test_real_launcher_downloads_exact_bytes(make_netns, tmp_path) -> None:  # t
     ns = make_netns("peer")
     conf, out = tmp_path / "c.conf", tmp_path / "out.bin"
     peer = ns.python_popen(
-        ["-m", "wrapguard.runtime.peer", "--config-out", str(conf)],
+        ["-m", "demo.peer", "--config-out", str(conf)],
         stderr=subprocess.PIPE,
         text=True,
     )

@@ -1,4 +1,4 @@
-"""`make demo` (wrapguard/demo.py) and demo/netns.sh work, say so, and leave nothing behind.
+"""`make demo` (demo/__main__.py) and demo/netns.sh work, say so, and leave nothing behind.
 
 Network safety: the demo's curl targets 10.150.0.1; if the shim ever failed to intercept, that
 connect would leave through the host's default route. So every run of the demo here happens in
@@ -18,18 +18,18 @@ from pathlib import Path
 import pytest
 from rig.netns import Netns
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 NETNS_SH = REPO / "demo" / "netns.sh"
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
 
 
 def _run_demo(ns: Netns, tmp: Path, path: str | None = None) -> subprocess.CompletedProcess[str]:
-    """Run `python -m wrapguard.demo` in `ns` with TMPDIR=tmp (and PATH=path if given)."""
+    """Run `python -m demo` in `ns` with TMPDIR=tmp (and PATH=path if given)."""
     tmp.mkdir()
     env = ns.python_env()
     env["TMPDIR"] = str(tmp)  # the demo's temp dir lands here, so we can see it is gone
-    argv = [sys.executable, "-m", "wrapguard.demo"]
+    argv = [sys.executable, "-m", "demo"]
     if path is not None:  # set inside the namespace: `ip` itself is found with ours
         argv = ["env", f"PATH={path}", *argv]
     return ns.run(argv, env=env, check=False, timeout=60, cwd=REPO)

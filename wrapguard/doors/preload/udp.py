@@ -1,4 +1,4 @@
-"""The launcher's UDP relay: the program's UDP sockets associated with netstack UDP sockets.
+"""The preload door's UDP relay: the program's UDP sockets associated with tunnel UDP flows.
 
 The shim's datagrams, each with a `UdpHeader` naming its real destination, arrive on the
 socket's data connection (unix SOCK_SEQPACKET, authenticated by the channel with the
@@ -19,13 +19,11 @@ import ipaddress
 import secrets
 import socket
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from wrapguard import log
 from wrapguard.errors import DecodeError, WrapguardError
-from wrapguard.netstack.events import DatagramReceived, Event, SockId, UdpError
-from wrapguard.runtime.engine import Engine
+from wrapguard.runtime.service import TunnelService, UdpFlow
 from wrapguard.wire.ipc import (
     TOKEN_LEN,
     UDP_HDR_LEN,
@@ -70,12 +68,13 @@ def _plain(ip: IPAddress) -> IPAddress:
 
 
 class _Assoc:
-    """One program socket <-> one netstack UDP socket; the netstack's events for it."""
+    """One program socket <-> one tunnel UDP flow; what comes back on it."""
 
-    __slots__ = ("conns", "dns", "key", "relay", "sock", "token")
+    __slots__ = ("conns", "dns", "flow", "key", "relay", "token")
 
-    def __init__(self, relay: UdpRelay, key: Key, sock: SockId) -> None:
-        self.relay, self.key, self.sock = relay, key, sock
+    def __init__(self, relay: UdpRelay, key: Key, port: int) -> None:
+        self.relay, self.key = relay, key
+        self.flow: UdpFlow = relay.service.open_udp(self.on_datagram, self.on_error, port)
         self.conns: set[socket.socket] = set()  # data connections (a fork()ed child shares one)
         # Carried by every datagram from the program: another local user who binds the
         # association's loopback port (after the program closed it) cannot know it.
@@ -83,14 +82,14 @@ class _Assoc:
         # Forwarded DNS queries: (server, message id) -> the address the program asked.
         self.dns: dict[tuple[IPAddress, bytes], Address] = {}
 
-    def on_event(self, event: Event) -> None:
-        if isinstance(event, DatagramReceived):
-            src = self.relay.program_source(self, event.src, event.data)
-            self.relay.to_program(self, UdpHeader(UdpKind.DATA, src), event.data)
-        elif isinstance(event, UdpError):
-            dst = Address(event.dst[0], event.dst[1])
-            self.relay.stats.errors_sent += 1
-            self.relay.to_program(self, UdpHeader(UdpKind.ERROR, dst), _ERRNO.pack(event.errno))
+    def on_datagram(self, src: tuple[IPAddress, int], data: bytes) -> None:
+        source = self.relay.program_source(self, src, data)
+        self.relay.to_program(self, UdpHeader(UdpKind.DATA, source), data)
+
+    def on_error(self, dst: tuple[IPAddress, int], err: int) -> None:
+        self.relay.stats.errors_sent += 1
+        where = Address(dst[0], dst[1])
+        self.relay.to_program(self, UdpHeader(UdpKind.ERROR, where), _ERRNO.pack(err))
 
 
 _DROP_ALL = struct.pack("HBBI", 0x06, 0, 0, 0)  # classic BPF: BPF_RET|BPF_K, accept 0 bytes
@@ -109,8 +108,8 @@ class UdpRelay:
     """The associations, their data connections and the loopback relay port; `start()`, then
     `env_value()`; `attach()` for each data connection the channel authenticated."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, service: TunnelService) -> None:
+        self.service = service
         self.log = log.get("wrapguard.udp")
         self.port = 0
         self.has_v6 = False
@@ -124,8 +123,6 @@ class UdpRelay:
         self._pause_timer: asyncio.TimerHandle | None = None
         self._paused_since = 0.0
         self._given_up: set[int] = set()  # peers that did not answer within PAUSE_MAX
-        # Set by the launcher: where a port-53 datagram really goes (None: as addressed).
-        self.dns_target: Callable[[IPAddress, int], tuple[IPAddress, int] | None] | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -188,21 +185,20 @@ class UdpRelay:
         return (str(_plain(local.ip)), local.port)
 
     def _source(self, assoc: _Assoc, version: int) -> Address:
-        ip = next((a for a in self.engine.addresses if a.version == version), None)
+        ip = next((a for a in self.service.addresses if a.version == version), None)
         if ip is None:
             raise OSError(errno.ENETUNREACH, f"no tunnel address of IPv{version}")
-        return Address(ip, self.engine.stack.udp_port(assoc.sock))
+        return Address(ip, assoc.flow.port)
 
     def _add(self, key: Key, port: int) -> _Assoc:
         old = self.assocs.get(key)
         if old is not None:
-            if port == 0 or self.engine.stack.udp_port(old.sock) == port:
+            if port == 0 or old.flow.port == port:
                 return old
             self.release(key)
-        assoc = _Assoc(self, key, self.engine.stack.udp_bind(port))
+        assoc = _Assoc(self, key, port)
         self.assocs[key] = assoc
         self._by_token[assoc.token] = assoc
-        self.engine.handlers[assoc.sock] = assoc
         self.log.debug("udp association", local=f"{key[0]}:{key[1]}", port=port or "ephemeral")
         return assoc
 
@@ -236,8 +232,7 @@ class UdpRelay:
             self._by_token.pop(assoc.token, None)
             for conn in list(assoc.conns):  # a sharer's next send re-associates (docs/shim.md)
                 self._detach(conn, assoc)
-            self.engine.handlers.pop(assoc.sock, None)
-            self.engine.stack.udp_close(assoc.sock)
+            assoc.flow.close()
 
     # -- data connections ----------------------------------------------------------------------
 
@@ -260,12 +255,13 @@ class UdpRelay:
 
     def _drain(self, conn: socket.socket, assoc: _Assoc, pause: bool = True) -> bool:
         """Up to DRAIN_BATCH records (one datagram each), one recv_into the same buffer each,
-        then one flush; the header's parse is reused while the destination stays the same.
-        True when the batch was full (more may be queued)."""
+        then one batch into the tunnel; the header's parse is reused while the destination
+        stays the same. True when the batch was full (more may be queued)."""
         buf, mv = self._buf, self._mv
-        recv_into, into_tunnel = conn.recv_into, self.into_tunnel
+        recv_into, destination = conn.recv_into, self.destination
         raw, header = b"", None
-        sent = read = 0
+        read = 0
+        batch: list[tuple[tuple[IPAddress, int], bytes]] = []
         for _ in range(DRAIN_BATCH):
             try:
                 n = recv_into(buf)
@@ -292,12 +288,20 @@ class UdpRelay:
                     header = None
                     self.stats.malformed += 1
                     continue
-            sent += into_tunnel(assoc, header, bytes(mv[UDP_HDR_LEN:n]))
-        if sent:
-            self.engine.flush()
+            payload = bytes(mv[UDP_HDR_LEN:n])
+            dst = destination(assoc, header, payload)
+            if dst is not None:
+                batch.append((dst, payload))
+        if batch:
+            self._send(assoc, batch)
             if pause and conn in assoc.conns and self._backlogged():
                 self._pause(conn, assoc)
         return read == DRAIN_BATCH
+
+    def _send(self, assoc: _Assoc, batch: list[tuple[tuple[IPAddress, int], bytes]]) -> None:
+        taken = assoc.flow.send_many(batch)
+        self.stats.to_tunnel += taken
+        self.stats.send_failed += len(batch) - taken  # EMSGSIZE, no address of that family
 
     # -- backpressure: a handshake in flight -----------------------------------------------------
 
@@ -305,9 +309,7 @@ class UdpRelay:
         """Peers whose staged queue [W 6.5] has less room than one more batch: reading on
         would only push packets out of it. A peer we waited PAUSE_MAX for is left out until
         its queue drains (its handshake completed, or it dropped them [W 6.4])."""
-        device = self.engine.device
-        limit = device.timers.staged_queue_len - DRAIN_BATCH
-        full = {p.index for p in device.peers if len(p.staged) > limit}
+        full = self.service.backlogged(DRAIN_BATCH)
         self._given_up &= full
         return full - self._given_up
 
@@ -334,20 +336,14 @@ class UdpRelay:
 
     # -- datagrams -----------------------------------------------------------------------------
 
-    def into_tunnel(self, assoc: _Assoc, header: UdpHeader, payload: bytes) -> bool:
-        """One datagram from the program into the tunnel (both intakes): True when queued in
-        the netstack (the caller flushes)."""
+    def destination(
+        self, assoc: _Assoc, header: UdpHeader, payload: bytes
+    ) -> tuple[IPAddress, int] | None:
+        """Where one datagram from the program goes in the tunnel (None: malformed)."""
         if header.kind is not UdpKind.DATA:
             self.stats.malformed += 1
-            return False
-        dst = self.tunnel_destination(assoc, header.addr, payload)
-        try:
-            self.engine.stack.udp_send(assoc.sock, dst, payload, self.engine.now())
-        except OSError:
-            self.stats.send_failed += 1
-            return False
-        self.stats.to_tunnel += 1
-        return True
+            return None
+        return self.tunnel_destination(assoc, header.addr, payload)
 
     # -- DNS queries to servers outside the tunnel (docs/channel.md "DNS") --------------------
 
@@ -357,9 +353,9 @@ class UdpRelay:
         """Where a datagram to `addr` goes: as addressed, or a DNS query to a server outside
         the tunnel to the tunnel DNS server (remembered by message id for the reply)."""
         ip = _plain(addr.ip)
-        if addr.port != DNS_PORT or self.dns_target is None:
+        if addr.port != DNS_PORT:
             return ip, addr.port
-        target = self.dns_target(ip, addr.port)
+        target = self.service.dns_target(ip, addr.port)
         if target is None:
             return ip, addr.port
         if len(assoc.dns) >= DNS_REMEMBERED:

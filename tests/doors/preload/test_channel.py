@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 
+from wrapguard.doors.preload import channel as channel_mod
+from wrapguard.doors.preload.channel import ChannelServer, Decision
 from wrapguard.errors import DecodeError, WrapguardError
-from wrapguard.runtime import channel as channel_mod
 from wrapguard.runtime import synfilter
-from wrapguard.runtime.channel import ChannelServer, Decision
 from wrapguard.wire.ipc import (
     Action,
     Address,
@@ -231,7 +231,7 @@ def test_directory_and_socket_are_private_and_removed(tmp_path: Path) -> None:
 def test_directory_is_removed_on_every_exit_path(tmp_path: Path) -> None:
     script = f"""
         import asyncio, os, sys
-        from wrapguard.runtime.channel import ChannelServer
+        from wrapguard.doors.preload.channel import ChannelServer
         async def main():
             s = ChannelServer(object(), secret=bytes(32), uid=os.getuid())
             await s.start({str(tmp_path)!r})
