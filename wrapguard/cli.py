@@ -18,7 +18,7 @@ from typing import NoReturn
 
 import click
 
-from wrapguard import __version__, log
+from wrapguard import __version__
 from wrapguard.errors import UsageError, WrapguardError
 from wrapguard.options import (
     EXIT_SETUP,
@@ -204,6 +204,8 @@ def _validate(opts: Options) -> None:
 
 def run(opts: Options) -> int:
     """Carry out a parsed command line; returns the exit code."""
+    from wrapguard import log  # structlog: not for --help and --version (start-up time)
+
     try:
         log.setup(opts.log_level, opts.log_file)
     except OSError as exc:
@@ -273,6 +275,7 @@ def _report(exc: WrapguardError) -> None:
     line = f"wrapguard: {exc}"
     if isinstance(exc, UsageError):
         line += " (see wrapguard --help)"
-    if log.writes_to_file():
+    log = sys.modules.get("wrapguard.log")  # None: logging never set up, so no log file
+    if log is not None and log.writes_to_file():
         log.get().error(str(exc))
     print(line, file=sys.stderr)

@@ -73,8 +73,10 @@ class StatusLink:
 def split(body: Callable[[StatusLink], int]) -> int:
     """Run `body` in a forked launcher; return (in the waiter) the status it reports.
 
-    In the launcher process this returns body's own result, after `body` reported it; the
-    caller then exits as usual."""
+    In the launcher process `body` has closed everything it owns by the time it returns: the
+    launcher reports the status and exits at once (os._exit), without the interpreter's
+    teardown, which would only keep the waiter waiting for the end of the pipe. An exception
+    from `body` takes the usual way out."""
     r, w = os.pipe()
     os.set_inheritable(r, False)
     os.set_inheritable(w, False)
@@ -92,7 +94,9 @@ def split(body: Callable[[StatusLink], int]) -> int:
             link.close()  # the waiter takes the exit code from waitpid
             raise
         link.report(code)
-        return code
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     os.close(w)
     status = _wait(pid, r)
     # The waiter has nothing to clean up (the launcher owns every resource): skip the
