@@ -98,9 +98,9 @@ def test_bypass_add_list_clear_changes_route_get_live(
             target = rig.peer_tunnel_v4
             assert f"dev {TUN}" in route_get(rig.client, target)
             auto = up.api("GET", "/bypass")
-            assert {"cidr": f"{rig.peer.veth_v4}/32", "automatic": True} <= {
-                k: v for e in auto for k, v in e.items() if k in ("cidr", "automatic")
-            } or any(e["cidr"] == f"{rig.peer.veth_v4}/32" and e["automatic"] for e in auto)
+            assert [(e["cidr"], e["reason"]) for e in auto if e["automatic"]] == [
+                (f"{rig.peer.veth_v4}/32", "peer endpoint")
+            ]
             got = up.api("POST", "/bypass", [target, "fd15::1"])
             assert {e["cidr"] for e in got if not e["automatic"]} == {
                 f"{target}/32",
@@ -204,7 +204,7 @@ def test_without_cap_net_admin_one_line_and_nothing_touched(
 @pytest.mark.parametrize(
     ("extra_lines", "flags", "code", "needle"),
     [
-        (["Bogus = 1"], [], 1, "Bogus"),
+        (["PersistentKeepalive = often"], [], 1, "PersistentKeepalive"),
         (["AllowedIPs = 10.160.0.0/33"], [], 1, "10.160.0.0/33"),
         ([], ["--route", "10.170.0.0/24:10.99.9.9"], 2, "10.99.9.9"),
         ([], ["--tun", "bad/name"], 1, "bad/name"),

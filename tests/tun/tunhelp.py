@@ -38,8 +38,9 @@ class Up:
     ) -> None:
         self.ns = ns
         self.tun = tun
-        self.control = workdir / f"{tun.replace('/', '_')}.sock"
-        self.log = workdir / f"up-{tun}-{time.monotonic_ns()}.log"
+        safe = tun.replace("/", "_")
+        self.control = workdir / f"{safe}.sock"
+        self.log = workdir / f"up-{safe}-{time.monotonic_ns()}.log"
         self.state_dir = state_dir or workdir / "state"
         env = ns.python_env()
         env["WRAPGUARD_STATE_DIR"] = str(self.state_dir)
