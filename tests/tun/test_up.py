@@ -37,7 +37,7 @@ def test_curl_udp_ping_v4_v6_through_the_tun(module_rig: Rig, conf: Path, tmp_pa
     up = Up(rig.client, conf, tmp_path, tun=TUN).wait_up()
     try:
         assert route_get(rig.client, rig.peer_tunnel_v4).split()[2] == TUN
-        size, digest = rig.files["64MiB.bin"]
+        _, digest = rig.files["64MiB.bin"]
         r = rig.client.run(
             ["sh", "-c", f"curl -sS --max-time 120 {rig.url('64MiB.bin')} | sha256sum"],
             timeout=150,
@@ -116,10 +116,8 @@ def test_bypass_add_list_clear_changes_route_get_live(
             assert any(e["automatic"] for e in after)
             assert f"dev {TUN}" in route_get(rig.client, target)
             assert f"dev {TUN}" in route_get(rig.client, "fd15::1")
-            bad = rig.client.run(
-                ["curl", "-sS", "--unix-socket", str(up.control), "-X", "POST", "--data",
-                 '["nope"]', "http://localhost/bypass"]  # fmt: skip
-            )
+            post = ["curl", "-sS", "--unix-socket", str(up.control), "-X", "POST"]
+            bad = rig.client.run([*post, "--data", '["nope"]', "http://localhost/bypass"])
             assert "nope" in json.loads(bad.stdout)["error"]
         finally:
             assert up.stop() == 0, up.output()
@@ -162,9 +160,7 @@ def test_endpoint_bypass_follows_a_roaming_peer(
     assert ours(rig.client, TUN) == []
 
 
-def test_after_sigkill_the_next_run_cleans_up(
-    module_rig: Rig, conf: Path, tmp_path: Path
-) -> None:
+def test_after_sigkill_the_next_run_cleans_up(module_rig: Rig, conf: Path, tmp_path: Path) -> None:
     rig = module_rig
     before = snapshot(rig.client)
     state = tmp_path / "state"
@@ -231,3 +227,22 @@ def test_bad_config_leaves_the_namespace_untouched(
     assert len(lines) == 1 and needle in lines[0], lines
     assert snapshot(rig.client) == before
     assert not (tmp_path / "state").exists()
+
+
+def test_link_deleted_under_it_is_fatal_and_the_rest_is_cleaned(
+    module_rig: Rig, conf: Path, tmp_path: Path
+) -> None:
+    rig = module_rig
+    before = snapshot(rig.client)
+    up = Up(rig.client, conf, tmp_path, tun=TUN).wait_up()
+    up.api("POST", "/bypass", ["192.0.2.0/24"])
+    rig.client.run(["ip", "link", "del", TUN])
+    rig.client.run(["busybox", "ping", "-c", "1", "-W", "1", rig.peer_tunnel_v4], check=False)
+    try:
+        code = up.proc.wait(20)
+    finally:
+        up.stop()
+    assert code == 1, up.output()
+    assert "the TUN device failed" in up.output()
+    assert ours(rig.client, TUN) == []
+    assert snapshot(rig.client) == before

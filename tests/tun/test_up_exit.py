@@ -19,9 +19,7 @@ TUN = "wgexit0"
 BEHIND_V4, BEHIND_V6 = "203.0.113.7", "fd99::7"  # only on the second peer's loopback
 
 
-def test_exit_node_carries_a_host_behind_the_second_peer(
-    module_rig: Rig, tmp_path: Path
-) -> None:
+def test_exit_node_carries_a_host_behind_the_second_peer(module_rig: Rig, tmp_path: Path) -> None:
     rig = module_rig
     p2 = rig.peer2
     assert p2 is not None

@@ -56,7 +56,8 @@ class Up:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"wrapguard up exited {self.proc.returncode}:\n{self.output()}")
+                code = self.proc.returncode
+                raise AssertionError(f"wrapguard up exited {code}:\n{self.output()}")
             if '"up: ' in self.output():
                 return self
             time.sleep(0.1)

@@ -57,6 +57,7 @@ class TunBypass(BypassList):
         super().__init__()
         self.net = net
         self.routes: dict[IPNetwork, dict[str, Any]] = {}
+        self.texts: dict[IPNetwork, str] = {}  # how each goes, as GET /bypass shows it
         self.log = log.get("wrapguard.tun")
 
     def add(self, entries: Iterable[object]) -> list[IPNetwork]:
@@ -82,6 +83,7 @@ class TunBypass(BypassList):
         """Make the routes match the entries: remove the stale, add the missing."""
         wanted = self.wanted()
         for net in [n for n in self.routes if n not in wanted]:
+            self.texts.pop(net, None)
             self.net.remove_route(self.routes.pop(net))
         for net in wanted:
             if net in self.routes:
@@ -90,20 +92,14 @@ class TunBypass(BypassList):
             if via is None:
                 continue  # local: never in the tunnel anyway
             self.routes[net] = self.net.add_route(net, via)
-            self.log.info("bypass route added", cidr=str(net), route=via.describe())
+            self.texts[net] = via.describe(self.net.ifname_of(via.oif))
+            self.log.info("bypass route added", cidr=str(net), route=self.texts[net])
 
     def entries(self) -> list[dict[str, Any]]:
         out = super().entries()
         for e in out:
-            rec = self.routes.get(ipaddress.ip_network(e["cidr"]))
-            e["route"] = "none (local)" if rec is None else _describe(rec)
+            e["route"] = self.texts.get(ipaddress.ip_network(e["cidr"]), "none (local)")
         return out
-
-
-def _describe(rec: dict[str, Any]) -> str:
-    if "oif" not in rec:
-        return "throw (no route outside the tunnel)"
-    return f"via {rec['gateway']}" if "gateway" in rec else f"dev if {rec['oif']}"
 
 
 class TunEngine:

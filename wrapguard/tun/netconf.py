@@ -79,10 +79,10 @@ class Via:
     oif: int | None = None
     gateway: str | None = None
 
-    def describe(self) -> str:
+    def describe(self, ifname: str) -> str:
         if self.oif is None:
-            return "no route"
-        return f"via {self.gateway} (if {self.oif})" if self.gateway else f"dev if {self.oif}"
+            return "throw (no route outside the tunnel: unreachable)"
+        return f"via {self.gateway} dev {ifname}" if self.gateway else f"dev {ifname}"
 
 
 class Ledger:
@@ -235,6 +235,14 @@ class HostNet:
             if _attr(link, "IFLA_IFNAME") == name and kind == "tun":
                 return True
         return False
+
+    def ifname_of(self, index: int | None) -> str:
+        if index is None:
+            return ""
+        with contextlib.suppress(Exception):
+            for link in self.ipr.get_links(index):
+                return str(_attr(link, "IFLA_IFNAME"))
+        return f"if{index}"
 
     def link_exists(self, name: str) -> bool:
         return bool(self.ipr.link_lookup(ifname=name))

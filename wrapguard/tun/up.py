@@ -157,7 +157,12 @@ async def _up(plan: UpPlan) -> int:
         stopper.cancel()
         if engine.fatal in done:
             exc = engine.fatal.result()
-            logger.error("the TUN device failed; shutting down", error=str(exc))
+            why = getattr(exc, "strerror", None) or str(exc)
+            logger.error(
+                "the TUN device failed (deleted from outside?); shutting down",
+                tun=plan.ifname,
+                error=why,
+            )
             status = 1
         else:
             logger.info("stopping")
