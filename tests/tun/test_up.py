@@ -246,3 +246,20 @@ def test_link_deleted_under_it_is_fatal_and_the_rest_is_cleaned(
     assert "the TUN device failed" in up.output()
     assert ours(rig.client, TUN) == []
     assert snapshot(rig.client) == before
+
+
+def test_dns_without_resolved_is_one_line_and_resolv_conf_stays(
+    module_rig: Rig, tmp_path: Path
+) -> None:
+    rig = module_rig
+    conf = rig.write_client_config(tmp_path / "dns.conf", dns=True)
+    resolv = rig.client.run(["cat", "/etc/resolv.conf"]).stdout
+    up = Up(rig.client, conf, tmp_path, tun=TUN).wait_up()
+    try:
+        notes = [ln for ln in up.output().splitlines() if "DNS=" in ln]
+        assert len(notes) == 1 and "not applied" in notes[0], notes
+        assert json.loads(notes[0])["level"] in ("warn", "warning")
+        assert rig.client.run(["cat", "/etc/resolv.conf"]).stdout == resolv
+    finally:
+        assert up.stop() == 0, up.output()
+    assert rig.client.run(["cat", "/etc/resolv.conf"]).stdout == resolv
