@@ -263,3 +263,34 @@ def test_dns_without_resolved_is_one_line_and_resolv_conf_stays(
     finally:
         assert up.stop() == 0, up.output()
     assert rig.client.run(["cat", "/etc/resolv.conf"]).stdout == resolv
+
+
+def test_a_route_the_host_already_has_fails_and_undoes_the_rest(
+    module_rig: Rig, conf: Path, tmp_path: Path
+) -> None:
+    """Setup fails half-way (the kernel refuses a tunnel route: the host has exactly that
+    route): one line, exit 1, and the link and endpoint bypass made before it are gone."""
+    rig = module_rig
+    rig.client.run(["ip", "route", "add", "10.150.0.0/24", "via", rig.peer.veth_v4])
+    try:
+        before = snapshot(rig.client)
+        up = Up(rig.client, conf, tmp_path, tun=TUN)
+        assert up.proc.wait(30) == 1, up.output()
+        last = up.output().strip().splitlines()[-1]
+        assert last.startswith("wrapguard: ") and "10.150.0.0/24" in last, last
+        assert ours(rig.client, TUN) == []
+        assert snapshot(rig.client) == before
+    finally:
+        rig.client.run(["ip", "route", "del", "10.150.0.0/24"])
+
+
+def test_wrapguard_show_reads_the_tun_state(module_rig: Rig, conf: Path, tmp_path: Path) -> None:
+    rig = module_rig
+    up = Up(rig.client, conf, tmp_path, tun=TUN).wait_up()
+    try:
+        r = rig.client.python(["-m", "wrapguard", "show", "--control", str(up.control)])
+        assert rig.peer_public_key.to_base64() in r.stdout, r.stdout
+        assert f"tun {TUN}" in r.stdout, r.stdout
+        assert f"{rig.peer.veth_v4}/32 (automatic: peer endpoint)" in r.stdout, r.stdout
+    finally:
+        assert up.stop() == 0, up.output()

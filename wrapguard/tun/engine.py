@@ -214,7 +214,11 @@ class TunEngine:
 
     def _endpoint_moved(self, peer: int) -> None:
         ep = self.device.peers[peer].endpoint
-        net = None if ep is None else ipaddress.ip_network(ep[0])
+        try:
+            net = None if ep is None else ipaddress.ip_network(ep[0].split("%")[0])
+        except ValueError:
+            self.log.warning("cannot bypass this endpoint", peer=peer + 1, endpoint=ep)
+            return
         old = self._endpoints.get(peer)
         if net == old:
             return

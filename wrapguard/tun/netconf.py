@@ -96,7 +96,7 @@ class Ledger:
     def for_link(cls, ifname: str) -> Ledger:
         d = state_dir()
         path = d / f"tun-{netns_id()}-{ifname}.json"
-        data = {
+        data: dict[str, Any] = {
             "pid": os.getpid(),
             "start": process_start(os.getpid()),
             "ifname": ifname,

@@ -152,10 +152,11 @@ async def _up(plan: UpPlan) -> int:
             pid=os.getpid(),
         )
         assert engine.fatal is not None
-        stopper = asyncio.ensure_future(stop.wait())
-        done, _ = await asyncio.wait({stopper, engine.fatal}, return_when=asyncio.FIRST_COMPLETED)
+        stopper: asyncio.Future[object] = asyncio.ensure_future(stop.wait())
+        fatal: asyncio.Future[object] = engine.fatal  # type: ignore[assignment]
+        done, _ = await asyncio.wait({stopper, fatal}, return_when=asyncio.FIRST_COMPLETED)
         stopper.cancel()
-        if engine.fatal in done:
+        if fatal in done:
             exc = engine.fatal.result()
             why = getattr(exc, "strerror", None) or str(exc)
             logger.error(
