@@ -294,3 +294,19 @@ def test_wrapguard_show_reads_the_tun_state(module_rig: Rig, conf: Path, tmp_pat
         assert f"{rig.peer.veth_v4}/32 (automatic: peer endpoint)" in r.stdout, r.stdout
     finally:
         assert up.stop() == 0, up.output()
+
+
+def test_ipv6_endpoint_is_bypassed_too(module_rig: Rig, tmp_path: Path) -> None:
+    rig = module_rig
+    conf = rig.write_client_config(tmp_path / "v6.conf", endpoint_v6=True)
+    up = Up(rig.client, conf, tmp_path, tun=TUN).wait_up()
+    try:
+        auto = [e["cidr"] for e in up.api("GET", "/bypass") if e["automatic"]]
+        assert auto == [f"{rig.peer.veth_v6}/128"]
+        routes = rig.client.run(["ip", "-6", "route", "show", "proto", "87"]).stdout
+        assert f"{rig.peer.veth_v6} dev" in routes, routes
+        r = rig.client.run(["busybox", "ping", "-c", "1", "-W", "5", rig.peer_tunnel_v6])
+        assert r.returncode == 0
+    finally:
+        assert up.stop() == 0, up.output()
+    assert ours(rig.client, TUN) == []

@@ -24,6 +24,7 @@ from typing import Any
 
 from wrapguard import log
 from wrapguard.config import Config
+from wrapguard.errors import UsageError
 from wrapguard.routing import RoutingTable
 from wrapguard.runtime.bypass import BypassList, IPNetwork
 from wrapguard.runtime.engine import PeerChooser, build_device
@@ -64,11 +65,12 @@ class TunBypass(BypassList):
         added = super().add(entries)
         try:
             self.sync()
-        except Exception:
-            # All or nothing, as the list itself: take the new entries back out.
+        except Exception as exc:
+            # All or nothing, as the list itself: take the new entries back out (the control
+            # socket answers 400 with the kernel's reason).
             self._user = [n for n in self._user if n not in added]
             self.sync()
-            raise
+            raise UsageError(str(exc)) from None
         return added
 
     def clear(self) -> int:

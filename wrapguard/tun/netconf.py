@@ -111,12 +111,18 @@ class Ledger:
         return routes
 
     def save(self) -> None:
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.data, f)
-        os.replace(tmp, self.path)
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.data, f)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            raise WrapguardError(
+                f"cannot write the state file {self.path}: {exc.strerror or exc} (it records "
+                "what wrapguard up makes, so that it can always be removed)"
+            ) from None
 
     def remove(self) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -94,7 +94,10 @@ def prepare(opts: UpOptions) -> UpPlan:
         raise WrapguardError(
             f"--tun {ifname!r}: not a valid interface name (1-15 characters, no '/', ':' or spaces)"
         )
-    control = opts.control or _default_control(opts.config_path)
+    control = os.path.abspath(opts.control or _default_control(opts.config_path))
+    from wrapguard.control.paths import check_parent
+
+    check_parent(os.path.dirname(control))  # a bad --control fails before anything is made
     return UpPlan(config, routing, ifname, tunnel_routes(config, routing), control)
 
 
