@@ -310,3 +310,23 @@ def test_ipv6_endpoint_is_bypassed_too(module_rig: Rig, tmp_path: Path) -> None:
     finally:
         assert up.stop() == 0, up.output()
     assert ours(rig.client, TUN) == []
+
+
+def test_a_second_run_on_the_same_link_name_is_refused(
+    module_rig: Rig, conf: Path, tmp_path: Path
+) -> None:
+    rig = module_rig
+    state = tmp_path / "state"
+    first = Up(rig.client, conf, tmp_path, tun=TUN, state_dir=state).wait_up()
+    try:
+        ledgers = sorted(state.glob("*.json"))
+        (tmp_path / "x").mkdir()
+        second = Up(rig.client, conf, tmp_path / "x", tun=TUN, state_dir=state)
+        assert second.proc.wait(30) == 1, second.output()
+        last = second.output().strip().splitlines()[-1]
+        assert "in use by another wrapguard up" in last, last
+        assert sorted(state.glob("*.json")) == ledgers  # the first run's record is intact
+        assert f"dev {TUN}" in route_get(rig.client, rig.peer_tunnel_v4)
+    finally:
+        assert first.stop() == 0, first.output()
+    assert ours(rig.client, TUN) == []

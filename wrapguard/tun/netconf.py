@@ -91,6 +91,7 @@ class Ledger:
     def __init__(self, path: Path, data: dict[str, Any]) -> None:
         self.path = path
         self.data = data
+        self.written = False  # by this process: only then is the file ours to remove
 
     @classmethod
     def for_link(cls, ifname: str) -> Ledger:
@@ -118,6 +119,7 @@ class Ledger:
             with os.fdopen(fd, "w") as f:
                 json.dump(self.data, f)
             os.replace(tmp, self.path)
+            self.written = True
         except OSError as exc:
             raise WrapguardError(
                 f"cannot write the state file {self.path}: {exc.strerror or exc} (it records "
@@ -127,6 +129,7 @@ class Ledger:
     def remove(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+        self.written = False
 
     def alive(self) -> bool:
         """Is the run that wrote it still running?"""
@@ -389,7 +392,8 @@ class HostNet:
             with contextlib.suppress(Exception):
                 self.ipr.link("del", index=self.index)
         self.index = None
-        self.ledger.remove()
+        if self.ledger.written:  # never the ledger of a live run that refused us
+            self.ledger.remove()
         with contextlib.suppress(Exception):
             self.ipr.close()
 

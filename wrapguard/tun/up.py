@@ -126,6 +126,17 @@ async def _up(plan: UpPlan) -> int:
     stop = asyncio.Event()
     for sig in STOP_SIGNALS:  # before the first change: a signal now still cleans up
         loop.add_signal_handler(sig, stop.set)
+
+    def on_error(_loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+        # A bug in one callback: one log line (never a traceback on the terminal), go on.
+        exc = context.get("exception")
+        logger.error(
+            "internal error in the event loop",
+            where=str(context.get("message", "")),
+            error=repr(exc) if exc is not None else "",
+        )
+
+    loop.set_exception_handler(on_error)
     net = HostNet(plan.ifname)
     engine: TunEngine | None = None
     door = None
