@@ -183,12 +183,19 @@ def test_after_sigkill_the_next_run_cleans_up(module_rig: Rig, conf: Path, tmp_p
     assert not list(state.glob("*.json"))
 
 
+@pytest.mark.parametrize(
+    "drop",
+    [
+        ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--"],  # root without caps
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"],  # nobody
+    ],
+    ids=["root-without-caps", "nobody"],
+)
 def test_without_cap_net_admin_one_line_and_nothing_touched(
-    module_rig: Rig, conf: Path, tmp_path: Path
+    module_rig: Rig, conf: Path, tmp_path: Path, drop: list[str]
 ) -> None:
     rig = module_rig
     before = snapshot(rig.client)
-    drop = ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--"]
     up = Up(rig.client, conf, tmp_path, tun=TUN, prefix=drop)
     assert up.proc.wait(30) == 1
     lines = up.output().strip().splitlines()

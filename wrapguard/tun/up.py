@@ -1,8 +1,8 @@
 """`wrapguard up`: the whole host through the tunnel, until SIGINT/SIGTERM (docs/tun.md).
 
-Everything that can be wrong is found before the host is touched: the config, --route and
---exit-node (routing.py), the interface name, the control socket's directory, and whether we
-may administer the network at all (CAP_NET_ADMIN). Then, in this order: leftovers of a killed
+Everything that can be wrong is found before the host is touched: whether we may administer
+the network at all (CAP_NET_ADMIN), the config, --route and --exit-node (routing.py), the
+interface name, the control socket's directory. Then, in this order: leftovers of a killed
 run are removed, the TUN link comes up with its addresses and MTU, the UDP road opens (endpoint
 names resolve) and every peer endpoint gets its bypass route, the tunnel's routes go in, the
 control socket and DNS= follow. On the way out (a signal, or a fatal error) the same in
@@ -108,13 +108,12 @@ def _default_ifname(config_path: str) -> str:
 
 
 def run_up(opts: UpOptions) -> int:
-    plan = prepare(opts)
-    if not has_net_admin():
+    if not has_net_admin():  # first: whatever else is wrong, this is what the user must know
         raise WrapguardError(
             "wrapguard up needs root or CAP_NET_ADMIN (it creates a TUN device and routes); "
             "without them, wrap one program instead: wrapguard --config F -- CMD"
         )
-    return asyncio.run(_up(plan))
+    return asyncio.run(_up(prepare(opts)))
 
 
 async def _up(plan: UpPlan) -> int:
