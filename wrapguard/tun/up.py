@@ -181,8 +181,7 @@ async def _up(plan: UpPlan) -> int:
         else:
             logger.info("stopping")
     finally:
-        for sig in STOP_SIGNALS:
-            loop.remove_signal_handler(sig)
+        # The signal handlers stay until the end: a second Ctrl-C must not cut the teardown.
         if door is not None:
             with contextlib.suppress(Exception):
                 await door.close()
@@ -193,9 +192,12 @@ async def _up(plan: UpPlan) -> int:
             with contextlib.suppress(Exception):
                 counters = TunService(engine, plan.ifname, {}).state()["counters"]
                 logger.info("run statistics", **counters)
-            engine.close()
+            with contextlib.suppress(Exception):
+                engine.close()
         net.teardown()
         logger.info("down: everything wrapguard up made is removed", tun=plan.ifname)
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
     return status
 
 
