@@ -136,3 +136,23 @@ def test_a_refused_route_adds_none_of_the_entries() -> None:
         bp.add(["203.0.113.0/24", "198.51.100.0/24"])
     assert net.routes == []
     assert bp.entries() == []
+
+
+def _cli(*args: str) -> Any:
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "wrapguard", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_cli_lists_up_and_refuses_usage_errors_in_one_line() -> None:
+    assert "wrapguard up --config" in _cli("--help").stdout
+    r = _cli("up")
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "--config" in r.stderr, r.stderr
+    r = _cli("up", "--config", "x.conf", "--exit-node", "nope")
+    assert r.returncode == 2 and "--exit-node" in r.stderr, r.stderr
+    r = _cli("up", "--help")
+    assert r.returncode == 0 and "--tun NAME" in r.stdout
