@@ -267,6 +267,97 @@ class RigBench:
                 probe.close()
         raise RuntimeError("SOCKS5 daemon not listening after 30 s")
 
+    # -- rows 1t and 2t: the TUN add-on -----------------------------------------------------------
+    def tun_up(self) -> subprocess.Popen[bytes]:
+        """`wrapguard up` in the client namespace (fresh handshake), once it says it is up."""
+        self.rig.reset_peer()
+        env = dict(self.env, WRAPGUARD_STATE_DIR=str(self.workdir / "tun-state"))
+        errlog = self.workdir / "tun-up.log"
+        argv = [
+            "ip", "netns", "exec", self.ns, sys.executable, "-m", "wrapguard", "up",
+            "--config", str(self.conf), "--tun", "wgbench0",
+            "--control", str(self.workdir / "tun.sock"),
+        ]  # fmt: skip
+        with open(errlog, "wb") as err:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=self.env | env,
+                start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while '"up: ' not in errlog.read_text(errors="replace"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                self.tun_down(proc)
+                raise RuntimeError(f"wrapguard up: {tail(errlog.read_text(errors='replace'))}")
+            time.sleep(0.05)
+        return proc
+
+    def tun_down(self, proc: subprocess.Popen[bytes]) -> None:
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, 15)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait(10)
+        self.rig.reset_peer()
+
+    def rows_tun(self, rounds: int) -> list[Row]:
+        """Rows 1 and 2 with plain (unwrapped) curl, once through `wrapguard up`'s TUN device
+        and once through wireguard-go's, turns interleaved; CPU of each tunnel process."""
+        speeds: dict[tuple[str, bool], list[float]] = {}
+        cpu: dict[tuple[str, bool], list[float]] = {}
+        errors: dict[str, str] = {}
+        for r in range(rounds):
+            for ours in [True, False] if r % 2 == 0 else [False, True]:
+                proc = self.tun_up() if ours else None
+                pid = proc.pid if proc is not None else self.kernel_up()
+                try:
+                    for kind in ("down", "up"):
+                        if kind in errors:
+                            continue
+                        before = cpu_times(pid)
+                        try:
+                            if kind == "down":
+                                mbps, _, size = self._curl_down(False, check=r == 0)
+                            else:
+                                mbps, _, size = self._curl_up(False)
+                        except Exception as e:
+                            errors[kind] = f"{'ours' if ours else 'kernel'}: {e}"
+                            continue
+                        after = cpu_times(pid)
+                        speeds.setdefault((kind, ours), []).append(mbps)
+                        if before is not None and after is not None:
+                            cpu.setdefault((kind, ours), []).append(
+                                (after.own - before.own) / (size / GiB)
+                            )
+                finally:
+                    if proc is not None:
+                        self.tun_down(proc)
+                    else:
+                        self.kernel_down()
+        rows = []
+        down_mib, up_mib = self.rig.files[self.down_name][0] >> 20, self.up_size >> 20
+        for kind, key, label in (
+            ("down", "1t", f"TUN mode: download {down_mib} MiB, plain curl, `wrapguard up` vs "
+                           "wireguard-go's TUN (MB/s)"),
+            ("up", "2t", f"TUN mode: upload {up_mib} MiB, plain curl -T, `wrapguard up` vs "
+                         "wireguard-go's TUN (MB/s)"),
+        ):  # fmt: skip
+            row = Row(key, label)
+            if kind in errors:
+                row.ours = f"error: {errors[kind]}"
+            else:
+                o, k = Stat.of(speeds[(kind, True)]), Stat.of(speeds[(kind, False)])
+                co = Stat.of(cpu.get((kind, True), [0.0]))
+                ck = Stat.of(cpu.get((kind, False), [0.0]))
+                row.ours, row.ref, row.ratio = o.fmt(), k.fmt(), ratio(o.median, k.median)
+                row.notes = (
+                    f"ours {o.spread()}, wireguard-go {k.spread()}; CPU s/GiB: wrapguard up "
+                    f"{co.fmt(1)}, wireguard-go client {ck.fmt(1)}"
+                )
+            rows.append(row)
+        return rows
+
     # -- row 4 --------------------------------------------------------------------------------
     def row_connect(self, rounds: int, n: int = 200) -> Row:
         row = Row("4", f"Connect round trip, {n} sequential connect+close (median us)")

@@ -41,6 +41,8 @@ ROOT_ROWS = [
     ("5", "`wrapguard -- true` vs `true` (median wall ms)"),
     ("6", "Launcher RSS, 1000 concurrent open connections (MB)"),
     ("1s", "Download, curl through the SOCKS5 door vs wrapped (MB/s)"),
+    ("1t", "TUN mode: download, `wrapguard up` vs wireguard-go's TUN (MB/s)"),
+    ("2t", "TUN mode: upload, `wrapguard up` vs wireguard-go's TUN (MB/s)"),
 ]
 
 
@@ -122,6 +124,7 @@ def root_rows(work: Path, args: argparse.Namespace, deadline: float) -> list[Row
         rows.append(guarded_row(Row(*ROOT_ROWS[4]), lambda: b.row_rss(args.conns)))
         socks_rounds = min(args.rounds, 3)
         rows.append(guarded_row(Row(*ROOT_ROWS[5]), lambda: b.row_socks5(socks_rounds)))
+        guarded(rows, ROOT_ROWS[6:8], lambda: b.rows_tun(min(args.rounds, 3)))
     except Exception as e:
         done = {r.key for r in rows}
         msg = " ".join(f"{type(e).__name__}: {e}".split())[-300:]

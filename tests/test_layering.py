@@ -59,7 +59,9 @@ ALLOWED = {
     "tunnel": {"wire", "noise", "tunnel"} | LEAVES,
     "netstack": {"wire", "netstack"} | LEAVES,
 }
-UPPER = {"runtime", "config", "log", "cli", "launch", "doors", "control", "doctor", "selftest"}
+UPPER = {
+    "runtime", "config", "log", "cli", "launch", "doors", "control", "doctor", "selftest", "tun"
+}  # fmt: skip
 
 
 def wrapguard_imports(path: Path) -> set[str]:

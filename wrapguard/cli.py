@@ -74,6 +74,7 @@ Modes:
   wrap a command   wrapguard --config wg0.conf -- curl http://10.150.0.1:8080/
   proxy daemon     wrapguard --config wg0.conf --socks5 127.0.0.1:1080 --http-proxy 127.0.0.1:8118
   show the state   wrapguard show [--control PATH]
+  whole host       wrapguard up --config wg0.conf [--exit-node IP]   (root: a TUN device)
   check, prove     wrapguard --doctor [TARGET] --config wg0.conf | --self-test [IP:PORT]
 """
 
@@ -234,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     try:
         if args[:1] == ["show"]:
             sys.exit(_show(args[1:]))
+        if args[:1] == ["up"]:
+            sys.exit(_up(args[1:]))
         parsed = parse_args(args)
         if isinstance(parsed, int):
             sys.exit(parsed)
@@ -268,6 +271,66 @@ def _show(argv: Sequence[str]) -> int:
     from wrapguard.control.show import main as show_main
 
     return show_main(result or None)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--config", "config_path", metavar="PATH", required=True, help="wg-quick config.")
+@click.option("--tun", metavar="NAME", help="The TUN device's name (default: the config's stem).")
+@click.option(
+    "--exit-node",
+    metavar="IP",
+    callback=_parse_exit_node,
+    help="Send all traffic (0.0.0.0/0 and ::/0) through the peer that owns this tunnel IP.",
+)
+@click.option(
+    "--route",
+    "routes",
+    metavar="CIDR:PEER_IP",
+    multiple=True,
+    callback=_parse_routes,
+    help="Send CIDR through the peer that owns PEER_IP (repeatable).",
+)
+@click.option(
+    "--control",
+    metavar="PATH",
+    help="The control socket (GET /state, /bypass, /metrics); default in $XDG_RUNTIME_DIR.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["error", "warn", "info", "debug"], case_sensitive=False),
+    default="info",
+    show_default=True,
+)
+@click.option("--log-file", metavar="FILE", help="Append JSON log lines here instead of stderr.")
+def _up_command(**kwargs: object) -> object:
+    """The TUN add-on (root or CAP_NET_ADMIN): the whole host's traffic to the tunnel's routes
+    goes through a TUN device into the tunnel, until SIGINT/SIGTERM; peer endpoints are
+    bypassed. Everything it made is removed on exit (docs/tun.md)."""
+    from wrapguard.tun.up import UpOptions
+
+    log_level, log_file = str(kwargs.pop("log_level")).lower(), kwargs.pop("log_file")
+    return (UpOptions(**kwargs), log_level, log_file)  # type: ignore[arg-type]
+
+
+def _up(argv: Sequence[str]) -> int:
+    try:
+        result = _up_command.main(list(argv), prog_name="wrapguard up", standalone_mode=False)
+    except click.UsageError as exc:
+        raise UsageError(_one_line(exc.format_message())) from None
+    except click.exceptions.Abort:
+        return 130
+    if not isinstance(result, tuple):
+        return 0 if result is None else int(result)  # --help
+    opts, level, log_file = result
+    from wrapguard import log
+
+    try:
+        log.setup(level, log_file)
+    except OSError as exc:
+        raise WrapguardError(f"cannot open log file {log_file}: {exc.strerror or exc}") from None
+    from wrapguard.tun.up import run_up
+
+    return run_up(opts)
 
 
 def _report(exc: WrapguardError) -> None:

@@ -67,6 +67,67 @@ def _tcp_config() -> TcpConfig:
     return TcpConfig(max_retries=int(retries))
 
 
+def build_device(
+    config: Config,
+    routing: RoutingTable,
+    *,
+    timers: TimerConfig | None = None,
+    factory: Callable[..., Device] = Device,
+) -> Device:
+    """The WireGuard device of a config: its peers, and the sources their policy routes let
+    in (compat.md "Routing"). Shared by the netstack engine and the TUN add-on."""
+    iface = config.interface
+    specs = [
+        PeerSpec(
+            public_key=p.public_key,
+            preshared_key=p.preshared_key,
+            endpoint=None if p.endpoint is None else (p.endpoint.host, p.endpoint.port),
+            allowed_ips=tuple(p.allowed_ips),
+            persistent_keepalive=p.persistent_keepalive or 0,
+        )
+        for p in config.peers
+    ]
+    device = factory(
+        iface.private_key, specs, rng=secrets.token_bytes, timers=timers, mtu=iface.mtu
+    )
+    for i in range(len(config.peers)):
+        for net in routing.allowed_sources(i):
+            if net not in config.peers[i].allowed_ips:
+                device.add_allowed_source(i, net)
+    return device
+
+
+class PeerChooser:
+    """The peer for an outgoing IP packet by the routing policy (None: unrouted), cached per
+    (destination, protocol, port): `chooser(packet)`."""
+
+    __slots__ = ("_cache", "routing")
+
+    def __init__(self, routing: RoutingTable) -> None:
+        self.routing = routing
+        self._cache: dict[tuple[bytes, int, int], int | None] = {}
+
+    def __call__(self, pkt: bytes) -> int | None:
+        if pkt[0] >> 4 == 4:
+            ihl = (pkt[0] & 15) * 4
+            dst, proto = pkt[16:20], pkt[9]
+        else:
+            ihl, dst, proto = 40, pkt[24:40], pkt[6]
+        port = int.from_bytes(pkt[ihl + 2 : ihl + 4], "big") if proto in (6, 17) else 0
+        key = (dst, proto, port)
+        try:
+            return self._cache[key]
+        except KeyError:
+            pass
+        peer = self.routing.lookup(
+            ipaddress.ip_address(dst), _PROTO.get(proto, RouteProto.ANY), port or None
+        )
+        if len(self._cache) > 65536:
+            self._cache.clear()
+        self._cache[key] = peer
+        return peer
+
+
 class Engine:
     """Owns the device, its UDP runtime and the stack; routes events to flow handlers."""
 
@@ -83,23 +144,7 @@ class Engine:
         self.config = config
         self.routing = routing
         iface = config.interface
-        specs = [
-            PeerSpec(
-                public_key=p.public_key,
-                preshared_key=p.preshared_key,
-                endpoint=None if p.endpoint is None else (p.endpoint.host, p.endpoint.port),
-                allowed_ips=tuple(p.allowed_ips),
-                persistent_keepalive=p.persistent_keepalive or 0,
-            )
-            for p in config.peers
-        ]
-        self.device = Device(
-            iface.private_key, specs, rng=secrets.token_bytes, timers=timers, mtu=iface.mtu
-        )
-        for i in range(len(config.peers)):
-            for net in routing.allowed_sources(i):
-                if net not in config.peers[i].allowed_ips:
-                    self.device.add_allowed_source(i, net)
+        self.device = build_device(config, routing, timers=timers)
         self.addresses: list[IPAddress] = [a.ip for a in iface.addresses]
         self.stack = Stack(self.addresses, rng=_random_int, mtu=iface.mtu, config=_tcp_config())
         self.wg = WgUdpRuntime(
@@ -113,7 +158,7 @@ class Engine:
         )
         self.handlers: dict[int, FlowHandler] = {}
         self.listeners: dict[int, Callable[[ConnId], None]] = {}
-        self._peer_cache: dict[tuple[bytes, int, int], int | None] = {}
+        self._peer_for_packet = PeerChooser(routing)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_scheduled = False
         self._rx_pending = 0
@@ -150,24 +195,6 @@ class Engine:
     def route(self, dst: IPAddress, proto: int, port: int | None) -> int | None:
         """The peer for a destination, or None: not tunnelled (goes direct)."""
         return self.routing.lookup(dst, _PROTO.get(proto, RouteProto.ANY), port)
-
-    def _peer_for_packet(self, pkt: bytes) -> int | None:
-        if pkt[0] >> 4 == 4:
-            ihl = (pkt[0] & 15) * 4
-            dst, proto = pkt[16:20], pkt[9]
-        else:
-            ihl, dst, proto = 40, pkt[24:40], pkt[6]
-        port = int.from_bytes(pkt[ihl + 2 : ihl + 4], "big") if proto in (6, 17) else 0
-        key = (dst, proto, port)
-        try:
-            return self._peer_cache[key]
-        except KeyError:
-            pass
-        peer = self.route(ipaddress.ip_address(dst), proto, port or None)
-        if len(self._peer_cache) > 65536:
-            self._peer_cache.clear()
-        self._peer_cache[key] = peer
-        return peer
 
     # ------------------------------------------------------------------ data path
 
@@ -360,4 +387,4 @@ class Engine:
             self.stack.unlisten(port)
 
 
-__all__ = ["Engine", "FlowHandler", "IPAddress"]
+__all__ = ["Engine", "FlowHandler", "IPAddress", "PeerChooser", "build_device"]

@@ -26,9 +26,11 @@ from wrapguard.runtime.bypass import BypassList
 from wrapguard.runtime.relay import TcpRelay
 
 if TYPE_CHECKING:
+    from wrapguard.config import Config
     from wrapguard.runtime.dns import DnsResolver
     from wrapguard.runtime.engine import Engine
     from wrapguard.runtime.launcher import TunnelSession
+    from wrapguard.tunnel.device import Device
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 TCP, UDP = 6, 17
@@ -323,25 +325,7 @@ class TunnelService:
         engine = self.engine
         config = self.session.config
         iface = config.interface
-        peers = []
-        for i, p in enumerate(config.peers):
-            dev = engine.device.peers[i]
-            ep = dev.endpoint
-            peers.append(
-                {
-                    "public_key": p.public_key.to_base64(),
-                    "endpoint": None if ep is None else _hostport(ep[0], ep[1]),
-                    "configured_endpoint": None
-                    if p.endpoint is None
-                    else _hostport(p.endpoint.host, p.endpoint.port),
-                    "allowed_ips": [str(n) for n in p.allowed_ips],
-                    "latest_handshake": _wall(dev.last_handshake_wall),
-                    "rx_bytes": dev.rx_bytes,
-                    "tx_bytes": dev.tx_bytes,
-                    "persistent_keepalive": p.persistent_keepalive or 0,
-                    "transport": "udp",
-                }
-            )
+        peers = peer_states(config, engine.device)
         tcp = sum(1 for h in list(engine.handlers.values()) if isinstance(h, TcpRelay))
         udp = sum(1 for h in list(engine.handlers.values()) if not isinstance(h, TcpRelay))
         return {
@@ -364,6 +348,30 @@ class TunnelService:
         }
 
 
+def peer_states(config: Config, device: Device) -> list[dict[str, Any]]:
+    """The peers as /state shows them (every mode)."""
+    peers = []
+    for i, p in enumerate(config.peers):
+        dev = device.peers[i]
+        ep = dev.endpoint
+        peers.append(
+            {
+                "public_key": p.public_key.to_base64(),
+                "endpoint": None if ep is None else _hostport(ep[0], ep[1]),
+                "configured_endpoint": None
+                if p.endpoint is None
+                else _hostport(p.endpoint.host, p.endpoint.port),
+                "allowed_ips": [str(n) for n in p.allowed_ips],
+                "latest_handshake": _wall(dev.last_handshake_wall),
+                "rx_bytes": dev.rx_bytes,
+                "tx_bytes": dev.tx_bytes,
+                "persistent_keepalive": p.persistent_keepalive or 0,
+                "transport": "udp",
+            }
+        )
+    return peers
+
+
 def _hostport(host: object, port: int) -> str:
     text = str(host)
     return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
@@ -379,4 +387,4 @@ def close_quietly(closers: Sequence[Callable[[], object]]) -> None:
             close()
 
 
-__all__ = ["FrontEnd", "Route", "TunnelService", "UdpFlow", "Way", "plain"]
+__all__ = ["FrontEnd", "Route", "TunnelService", "UdpFlow", "Way", "peer_states", "plain"]
