@@ -197,23 +197,27 @@ class EmbeddedPeer:
             return
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
+        port = 0
         try:
             sock.bind(("127.0.0.1", 0))
-            self._clients[sock.getsockname()[1]] = remote
-            await asyncio.get_running_loop().sock_connect(
-                sock, self._server.sockets[0].getsockname()
-            )
-        except OSError:
+            port = sock.getsockname()[1]
+            self._clients[port] = remote
+            server = self._server.sockets[0].getsockname()
+            await asyncio.get_running_loop().sock_connect(sock, server)
+        except BaseException as exc:  # OSError, or cancelled by close()
+            self._clients.pop(port, None)
             sock.close()
             relay.abort()
+            if not isinstance(exc, OSError):
+                raise
             return
         relay.attach_socket(sock)
 
     # ------------------------------------------------------------------ HTTP (h11)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        port = writer.get_extra_info("peername")[1]
-        client, client_port = self._clients.pop(port, ("?", 0))
+        peer = writer.get_extra_info("peername")  # None: reset before we got here
+        client, client_port = self._clients.pop(peer[1], ("?", 0)) if peer else ("?", 0)
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER)
         request: h11.Request | None = None
         received = 0

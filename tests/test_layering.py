@@ -111,10 +111,12 @@ def test_relative_imports_are_resolved() -> None:
         sample.unlink()
 
 
-# The doors stand on the flow API (runtime/service.py, issue 12): none imports the netstack or
-# the engine, or touches the engine's insides (its stack, its handler table, its flushes).
+# The doors stand on the flow API (runtime/service.py, issue 12): none imports the netstack, the
+# tunnel or the engine, or touches the engine's insides (its stack, handler table, device, UDP
+# road, flushes), directly or through a flow's or the service's private parts.
 DOOR_DIRS = ["doors", "control"]
-ENGINE_INSIDES = {"stack", "handlers", "schedule_flush", "engine", "device"}
+ENGINE_INSIDES = {"stack", "handlers", "schedule_flush", "engine", "device", "wg", "session"}
+STDIO = {"sys.stdout", "sys.stderr"}  # their flush() is fine
 
 
 def door_files() -> list[Path]:
@@ -123,15 +125,24 @@ def door_files() -> list[Path]:
 
 def reach_throughs(path: Path) -> list[str]:
     tree = ast.parse(path.read_text(), filename=str(path))
-    found = [
-        f"line {node.lineno}: .{node.attr}"
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Attribute) and node.attr in ENGINE_INSIDES
-    ]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            name = node.attr
+            if name in ENGINE_INSIDES or (name.startswith("_") and name[1:] in ENGINE_INSIDES):
+                found.append(f"line {node.lineno}: .{name}")
+            elif name == "flush" and ast.unparse(node.value) not in STDIO:
+                found.append(f"line {node.lineno}: .flush")
+        elif isinstance(node, ast.ImportFrom) and node.module == "wrapguard.runtime":
+            if any(a.name == "engine" for a in node.names):
+                found.append(f"line {node.lineno}: imports wrapguard.runtime.engine")
+        elif isinstance(node, ast.Call) and ast.unparse(node.func) == "getattr":
+            what = node.args[1] if len(node.args) > 1 else None
+            if isinstance(what, ast.Constant) and str(what.value).lstrip("_") in ENGINE_INSIDES:
+                found.append(f"line {node.lineno}: getattr(..., {what.value!r})")
     for name in sorted(wrapguard_imports(path) & {"netstack", "tunnel"}):
         found.append(f"imports wrapguard.{name}")
-    text = path.read_text()
-    if "runtime.engine" in text:
+    if "wrapguard.runtime.engine" in path.read_text():
         found.append("imports wrapguard.runtime.engine")
     return found
 
@@ -144,8 +155,20 @@ def test_doors_use_only_the_flow_api(path: Path) -> None:
 
 def test_a_reach_through_is_found() -> None:
     sample = ROOT / "doors" / "_reach_probe.py"
+    probe = (
+        "from wrapguard.runtime import engine as eng\n"
+        "import sys\n"
+        "def f(service, flow, s):\n"
+        "    s.engine.stack.send(1)\n"  # .engine, .stack
+        "    s.schedule_flush()\n"
+        "    service.session.wg.send_packet(b'')\n"  # .session, .wg
+        "    flow._engine.flush()\n"  # ._engine, .flush
+        "    getattr(service, 'eng' 'ine')\n"
+        "    sys.stdout.flush()\n"  # allowed
+        "    return eng.Engine\n"
+    )
     try:
-        sample.write_text("def f(s):\n    s.engine.stack.send(1)\n    s.engine.schedule_flush()\n")
-        assert len(reach_throughs(sample)) == 4
+        sample.write_text(probe)
+        assert len(reach_throughs(sample)) == 9, reach_throughs(sample)
     finally:
         sample.unlink()

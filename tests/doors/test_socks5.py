@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from rig.harness import MiB, Rig
@@ -638,3 +639,54 @@ def test_glue_handshake_timeout_and_cap(monkeypatch: pytest.MonkeyPatch) -> None
             await door.close()
 
     asyncio.run(main())
+
+
+def test_udp_dns_capture_maps_only_the_captured_replies_back() -> None:
+    """A query to an outside resolver goes to the tunnel DNS server; only its reply (same
+    server, same message id) comes back as from the address asked: a reply to a query the
+    client sent to that server itself keeps its real source (a review finding)."""
+    server = ipaddress.ip_address("10.150.0.53")
+
+    class Flow:
+        def __init__(self) -> None:
+            self.sent: list[tuple[object, bytes]] = []
+
+        def send(self, dst: object, payload: bytes) -> None:
+            self.sent.append((dst, payload))
+
+        def close(self) -> None:
+            pass
+
+    class Service:
+        def route(self, proto: int, ip: Any, port: int) -> Route:
+            if ip.is_loopback and port == 53:
+                return Route(Way.TUNNEL, target=(server, 53))
+            return Route(Way.TUNNEL)
+
+        def open_udp(self, on_datagram: object) -> Flow:
+            return Flow()
+
+    class Door:
+        service = Service()
+
+        def drop(self, reason: str) -> None:
+            raise AssertionError(reason)
+
+    async def main() -> list[tuple[str, int, bytes]]:
+        a = socks5._Association(Door(), ipaddress.ip_address("127.0.0.1"), 5555, "127.0.0.1")  # type: ignore[arg-type]
+        got: list[tuple[str, int, bytes]] = []
+        a._to_client = lambda ip, port, p: got.append((str(ip), port, p))  # type: ignore[method-assign]
+        a._send(ipaddress.ip_address("127.0.0.53"), 53, b"\x00\x01q")  # captured
+        a._send(server, 53, b"\x00\x02q")  # asked directly
+        assert a.flow is not None and [d for d, _ in a.flow.sent] == [(server, 53)] * 2  # type: ignore[attr-defined]
+        a._from_tunnel((server, 53), b"\x00\x02direct")
+        a._from_tunnel((server, 53), b"\x00\x01captured")
+        a._from_tunnel((server, 53), b"\x00\x01again")  # answered once: the next is as it is
+        a.close()
+        return got
+
+    assert asyncio.run(main()) == [
+        ("10.150.0.53", 53, b"\x00\x02direct"),
+        ("127.0.0.53", 53, b"\x00\x01captured"),
+        ("10.150.0.53", 53, b"\x00\x01again"),
+    ]

@@ -57,6 +57,7 @@ UDP_BATCH = 64  # datagrams read per readable callback
 UDP_NAMES = 64  # names an association remembers
 UDP_PENDING = 32  # datagrams an association holds while their names resolve
 UDP_DIRECT_PEERS = 256  # direct destinations whose replies an association lets back in
+UDP_DNS_REMEMBERED = 256  # captured DNS queries per association whose replies map back
 # When several addresses fail, report the most telling failure (refused beats unreachable).
 _WEAK = {errno.ENETUNREACH: 0, errno.EHOSTUNREACH: 1}
 
@@ -431,8 +432,11 @@ class _Association:
         self.flow: UdpFlow | None = None
         self.direct: dict[int, socket.socket] = {}  # IP version -> our host UDP socket
         self.direct_peers: OrderedDict[tuple[IPAddress, int], None] = OrderedDict()
-        # DNS queries the service sent to the tunnel DNS server: its replies, as from the asked.
-        self.dns_asked: dict[tuple[IPAddress, int], tuple[IPAddress, int]] = {}
+        # DNS queries sent to the tunnel DNS server in place of an outside one, by (server,
+        # port, message id): the reply comes back as from the address the client asked.
+        self.dns_asked: OrderedDict[tuple[IPAddress, int, bytes], tuple[IPAddress, int]] = (
+            OrderedDict()
+        )
         self.names: OrderedDict[str, IPAddress] = OrderedDict()
         self.pending: dict[str, list[tuple[int, bytes]]] = {}
         self.tasks: set[asyncio.Task[None]] = set()
@@ -521,7 +525,10 @@ class _Association:
                 if self.flow is None:
                     self.flow = self.service.open_udp(self._from_tunnel)
                 if route.target is not None:  # a DNS query to a server outside the tunnel
-                    self.dns_asked[route.target] = (ip, port)  # its replies come from there
+                    # Its reply (same message id) comes back as from the address asked.
+                    self.dns_asked[(*route.target, bytes(payload[:2]))] = (ip, port)
+                    while len(self.dns_asked) > UDP_DNS_REMEMBERED:
+                        self.dns_asked.popitem(last=False)
                 self.flow.send(route.target or (ip, port), payload)
             elif route.way is Way.DIRECT:
                 self._direct_sock(ip.version).sendto(payload, (str(ip), port))
@@ -557,7 +564,9 @@ class _Association:
         self._to_client(src[0], src[1], data)
 
     def _from_tunnel(self, src: tuple[IPAddress, int], payload: bytes) -> None:
-        ip, port = self.dns_asked.get((plain(src[0]), src[1]), (plain(src[0]), src[1]))
+        ip, port = plain(src[0]), src[1]
+        if self.dns_asked:
+            ip, port = self.dns_asked.pop((ip, port, bytes(payload[:2])), (ip, port))
         self._to_client(ip, port, payload)
 
     def _to_client(self, ip: IPAddress, port: int, payload: bytes) -> None:

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 TCP, UDP = 6, 17
 DNS_PORT = 53
+DNS_ASKED_LOGGED = 64  # outside resolvers named in the log (a proxy client may try millions)
 
 
 class Way(Enum):
@@ -113,7 +114,7 @@ class UdpFlow:
         taken = 0
         for dst, payload in datagrams:
             try:
-                send(sock, dst, payload, now)
+                send(sock, (plain(dst[0]), dst[1]), payload, now)
             except OSError:
                 continue
             taken += 1
@@ -200,8 +201,8 @@ class TunnelService:
         server = self.resolver.forward_server() if self.resolver is not None else None
         if server is None:
             return None
-        if ip not in self.dns_forwarded:
-            self.dns_forwarded.add(ip)
+        if ip not in self.dns_forwarded and len(self.dns_forwarded) < DNS_ASKED_LOGGED:
+            self.dns_forwarded.add(ip)  # one line per address asked, for the first few
             self.log.info(
                 "DNS queries answered through the tunnel", asked=str(ip), server=str(server)
             )
