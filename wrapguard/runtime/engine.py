@@ -24,6 +24,7 @@ from wrapguard.config import Protocol as RouteProto
 from wrapguard.errors import DecodeError
 from wrapguard.netstack.events import Accepted, Closed, ConnId, Event, ListenerId, TcpConfig
 from wrapguard.netstack.stack import Stack
+from wrapguard.roads.stream import attach_roads, device_endpoint
 from wrapguard.routing import RoutingTable
 from wrapguard.runtime.timer import DeadlineTimer
 from wrapguard.runtime.udp import WgUdpRuntime
@@ -86,11 +87,11 @@ class Engine:
             PeerSpec(
                 public_key=p.public_key,
                 preshared_key=p.preshared_key,
-                endpoint=None if p.endpoint is None else (p.endpoint.host, p.endpoint.port),
+                endpoint=device_endpoint(i, p),
                 allowed_ips=tuple(p.allowed_ips),
                 persistent_keepalive=p.persistent_keepalive or 0,
             )
-            for p in config.peers
+            for i, p in enumerate(config.peers)
         ]
         self.device = Device(
             iface.private_key, specs, rng=secrets.token_bytes, timers=timers, mtu=iface.mtu
@@ -108,6 +109,7 @@ class Engine:
             on_event=self._tunnel_event,
             socket_factory=socket_factory,  # type: ignore[arg-type]
         )
+        self.roads = attach_roads(self.wg, config.peers)  # peers over HTTP(S) streams
         self.handlers: dict[int, FlowHandler] = {}
         self.listeners: dict[int, Callable[[ConnId], None]] = {}
         self._peer_cache: dict[tuple[bytes, int, int], int | None] = {}

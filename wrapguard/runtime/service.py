@@ -211,19 +211,25 @@ class TunnelService:
         for i, p in enumerate(config.peers):
             dev = engine.device.peers[i]
             ep = dev.endpoint
+            road = engine.roads.get(i)
             peers.append(
                 {
                     "public_key": p.public_key.to_base64(),
-                    "endpoint": None if ep is None else _hostport(ep[0], ep[1]),
-                    "configured_endpoint": None
-                    if p.endpoint is None
-                    else _hostport(p.endpoint.host, p.endpoint.port),
+                    "endpoint": road.target.url
+                    if road is not None
+                    else (None if ep is None else _hostport(ep[0], ep[1])),
+                    "configured_endpoint": str(p.stream)
+                    if p.stream is not None
+                    else (
+                        None if p.endpoint is None else _hostport(p.endpoint.host, p.endpoint.port)
+                    ),
                     "allowed_ips": [str(n) for n in p.allowed_ips],
                     "latest_handshake": _wall(dev.last_handshake_wall),
                     "rx_bytes": dev.rx_bytes,
                     "tx_bytes": dev.tx_bytes,
                     "persistent_keepalive": p.persistent_keepalive or 0,
-                    "transport": "udp",
+                    "transport": "udp" if road is None else road.target.scheme,
+                    **({} if road is None else {"stream": road.describe()}),
                 }
             )
         tcp = sum(1 for h in list(engine.handlers.values()) if isinstance(h, TcpRelay))
