@@ -3,12 +3,14 @@
 A client session is two long-lived HTTP/1.1 requests to the same URL, both carrying the API key
 and one session id the client picked:
 
-    GET  /path   X-Wrapguard-Key: KEY   X-Wrapguard-Session: 32 hex digits
+    GET  /path   Authorization: Bearer KEY   X-Wrapguard-Session: 32 hex digits
          -> 200, a chunked body: datagrams from the WireGuard server (wire/stream.py framing)
     PUT  /path   (or POST) the same headers, a chunked body: datagrams to the WireGuard server
          -> 200 when the upload ends
 
 A wrong or missing key is 401 (nothing forwarded), a full relay 503, a malformed request 400.
+The key travels as a bearer token in Authorization (RFC 6750) because reverse proxies treat
+that header as a credential: Caddy, for one, redacts it from its logs.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from collections.abc import Sequence
 
 from wrapguard.errors import WrapguardError
 
-KEY_HEADER = b"x-wrapguard-key"
+KEY_HEADER = b"authorization"
+BEARER = b"bearer "
 SESSION_HEADER = b"x-wrapguard-session"
 SESSION_RE = re.compile(rb"[0-9a-f]{32}\Z")
 CONTENT_TYPE = b"application/octet-stream"
@@ -81,6 +84,13 @@ def key_matches(given: bytes, keys: Sequence[bytes]) -> int | None:
     return found
 
 
+def bearer(value: bytes | None) -> bytes | None:
+    """The token of an `Authorization: Bearer TOKEN` value, or None."""
+    if value is None or value[: len(BEARER)].lower() != BEARER:
+        return None
+    return value[len(BEARER) :].strip()
+
+
 def header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     """The value of the one header `name` (lower case), None if absent or repeated."""
     values = [v for k, v in headers if k == name]
@@ -88,11 +98,13 @@ def header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:
 
 
 __all__ = [
+    "BEARER",
     "CONTENT_TYPE",
     "KEEPALIVE_EVERY",
     "KEY_HEADER",
     "SESSION_HEADER",
     "SESSION_RE",
+    "bearer",
     "check_key",
     "header",
     "key_matches",

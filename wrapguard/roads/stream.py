@@ -226,7 +226,7 @@ class StreamRoad:
         return [
             (b"host", host.encode()),
             (b"user-agent", USER_AGENT),
-            (proto.KEY_HEADER, t.key.encode("ascii")),
+            (proto.KEY_HEADER, b"Bearer " + t.key.encode("ascii")),
             (proto.SESSION_HEADER, self.session_id.encode("ascii")),
             *extra,
         ]

@@ -379,7 +379,7 @@ class Relay:
             raise _Refuse(
                 405, "use GET (download) or PUT/POST (upload)", [(b"allow", b"GET, PUT, POST")]
             )
-        given = proto.header(req.headers, proto.KEY_HEADER)
+        given = proto.bearer(proto.header(req.headers, proto.KEY_HEADER))
         index = None if given is None else proto.key_matches(given, self._keys)
         if index is None:
             self.refused += 1
@@ -387,7 +387,9 @@ class Relay:
                 "refused: wrong or missing key" if given is not None else "refused: no key",
                 client=client,
             )
-            raise _Refuse(401, "wrong or missing X-Wrapguard-Key")
+            raise _Refuse(
+                401, "wrong or missing key", [(b"www-authenticate", b'Bearer realm="wrapguard"')]
+            )
         sid = proto.header(req.headers, proto.SESSION_HEADER)
         if sid is None or not proto.SESSION_RE.match(sid):
             raise _Refuse(400, "X-Wrapguard-Session must be 32 lower-case hex digits")
