@@ -19,8 +19,7 @@ KEY = "load-test-key"
 MAX_RSS_MIB = 160  # a Python process is ~30 MiB; 100 sessions with bounded buffers add little
 
 # The server: answers each datagram to its source with the source port prepended.
-ECHO = (
-    """
+ECHO = """
 import socket
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
@@ -28,9 +27,7 @@ s.bind(("127.0.0.1", PORT))
 while True:
     data, addr = s.recvfrom(65535)
     s.sendto(addr[1].to_bytes(2, "big") + data, addr)
-"""
-    % ECHO_PORT
-)
+""".replace("PORT", str(ECHO_PORT))
 
 # The clients: SESSIONS roads in one process; each tags its datagrams with its index.
 CLIENTS = """
