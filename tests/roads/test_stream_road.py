@@ -215,3 +215,18 @@ def test_proxy_restart_mid_run(road: StreamRig, tmp_path: Path) -> None:
     finally:
         proc.terminate()
         assert proc.wait(20) == 0
+
+
+@pytest.mark.timeout(200)
+def test_doctor_checks_the_relay(road: StreamRig, tmp_path: Path) -> None:
+    def doctor(conf: Path) -> str:
+        argv = [sys.executable, "-m", "wrapguard", "--doctor", "--config", str(conf)]
+        r = road.rig.client.run(argv, check=False, timeout=90, env=road.rig.client.python_env())
+        return r.stdout + r.stderr
+
+    good = doctor(road.config(tmp_path / "good.conf"))
+    assert "relay reachable, TLS certificate valid, key accepted" in good, good
+    bad = doctor(road.config(tmp_path / "bad.conf", key="wrong"))
+    assert "refused the TransportKey (HTTP 401)" in bad, bad
+    untrusted = doctor(road.config(tmp_path / "ca.conf", ca=road.other_ca))
+    assert "not trusted: unable to get local issuer certificate" in untrusted, untrusted

@@ -422,6 +422,45 @@ def _without_credentials(url: str) -> str:
     return f"{p.scheme}://{host}" + (f":{p.port}" if p.port else "")
 
 
+async def probe(target: StreamEndpoint, timeout: float = 10.0) -> tuple[bool, str]:
+    """For --doctor: can we reach the relay, is its certificate valid, is our key accepted?
+    Opens one download stream (a session of its own, which the relay soon forgets) and reads
+    the magic. Returns (ok, what happened in one sentence)."""
+    road = StreamRoad(target, lambda _d: None)
+    via = "" if road.proxy is None else f" via {_without_credentials(road.proxy)}"
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await road._open()
+            try:
+                conn = h11.Connection(h11.CLIENT)
+                head = h11.Request(method="GET", target=target.target, headers=road._headers([]))
+                writer.write(conn.send(head))
+                writer.write(conn.send(h11.EndOfMessage()) or b"")
+                road._check_status(await _response(conn, reader))
+                decoder = framing.StreamDecoder()
+                while not decoder.started:
+                    event = conn.next_event()
+                    if event is h11.NEED_DATA:
+                        data = await reader.read(READ_CHUNK)
+                        if not data:
+                            raise RoadFailed("the stream ended before it began")
+                        conn.receive_data(data)
+                    elif isinstance(event, h11.Data):
+                        decoder.feed(event.data)
+                    else:
+                        raise RoadFailed("the stream ended before it began")
+            finally:
+                writer.close()
+    except RoadRefused as exc:
+        return False, str(exc)
+    except ssl.SSLCertVerificationError as exc:
+        return False, f"the TLS certificate of {target.host} is not trusted: {exc.verify_message}"
+    except (OSError, RoadFailed, framing.StreamError, h11.ProtocolError) as exc:
+        return False, _reason(exc) + via
+    tls = ", TLS certificate valid" if target.scheme == "https" else " (no TLS)"
+    return True, f"relay reachable{via}{tls}, key accepted"
+
+
 # The device addresses a stream peer by a synthetic endpoint in 100::/64, the IPv6
 # discard-only prefix (RFC 6666): it is never a real host, and no UDP ever goes there.
 ROAD_PREFIX = "100::"
@@ -461,6 +500,7 @@ __all__ = [
     "StreamRoad",
     "attach_roads",
     "device_endpoint",
+    "probe",
     "proxy_for",
     "road_address",
     "tls_context",
