@@ -41,6 +41,7 @@ ROOT_ROWS = [
     ("5", "`wrapguard -- true` vs `true` (median wall ms)"),
     ("6", "Launcher RSS, 1000 concurrent open connections (MB)"),
     ("1s", "Download, curl through the SOCKS5 door vs wrapped (MB/s)"),
+    ("1h", "Download, wrapped curl over the HTTPS stream road vs UDP (MB/s)"),
 ]
 
 
@@ -122,6 +123,9 @@ def root_rows(work: Path, args: argparse.Namespace, deadline: float) -> list[Row
         rows.append(guarded_row(Row(*ROOT_ROWS[4]), lambda: b.row_rss(args.conns)))
         socks_rounds = min(args.rounds, 3)
         rows.append(guarded_row(Row(*ROOT_ROWS[5]), lambda: b.row_socks5(socks_rounds)))
+        from stream_row import row_stream
+
+        rows.append(guarded_row(Row(*ROOT_ROWS[6]), lambda: row_stream(b, socks_rounds)))
     except Exception as e:
         done = {r.key for r in rows}
         msg = " ".join(f"{type(e).__name__}: {e}".split())[-300:]

@@ -268,7 +268,8 @@ table inet wgblock {{
     rig.client.run(["nft", "-f", "-"], input=rules)
 
 
-def build(rig: Rig, d: Path) -> StreamRig:
+def build(rig: Rig, d: Path, *, block: bool = True, caddy: bool = True) -> StreamRig:
+    """The relay and its fronts beside `rig`'s peer; `block`: nftables drops the client's UDP."""
     peer_ns = rig.peer.ns
     addr = rig.peer_endpoint[0]
     ca, cert, key = make_ca(d / "pki", "wrapguard", [RELAY_NAME, addr])
@@ -303,6 +304,11 @@ def build(rig: Rig, d: Path) -> StreamRig:
         dict(os.environ),
         NGINX_PORT,
     ).start()
+    rig.client.hosts(f"127.0.0.1 localhost\n::1 localhost\n{addr} {RELAY_NAME}\n")
+    if block:
+        block_udp(rig)
+    if not caddy:
+        return sr
     cdy = d / "caddy"
     cdy.mkdir()
     (cdy / "Caddyfile").write_text(
@@ -321,8 +327,6 @@ def build(rig: Rig, d: Path) -> StreamRig:
         env,
         CADDY_PORT,
     ).start()
-    rig.client.hosts(f"127.0.0.1 localhost\n::1 localhost\n{addr} {RELAY_NAME}\n")
-    block_udp(rig)
     return sr
 
 

@@ -175,10 +175,9 @@ class StreamRoad:
         backoff = BACKOFF_FIRST
         while True:
             wait = backoff * (1 + random.random() / 2)
+            self.state = "connecting"
             try:
-                self.state = "connecting"
                 await self._session()
-                wait, backoff = BACKOFF_FIRST, BACKOFF_FIRST  # it worked a while: start over
             except asyncio.CancelledError:
                 raise
             except RoadRefused as exc:
@@ -195,9 +194,12 @@ class StreamRoad:
                 )
                 wait = BACKOFF_MAX
             except (OSError, RoadFailed, framing.StreamError, h11.ProtocolError) as exc:
+                if self.state == "up":  # it worked until now: try again soon, start over
+                    wait = backoff = BACKOFF_FIRST
+                else:
+                    backoff = min(backoff * 2, BACKOFF_MAX)
                 self.state = "backoff"
                 self._problem("warning", _reason(exc))
-                backoff = min(backoff * 2, BACKOFF_MAX)
             finally:
                 self._up = None
                 for w in list(self._writers):

@@ -334,10 +334,15 @@ class Engine:
             if peer in self.handshakes_done:
                 return
             ep = self.device.peers[peer].endpoint
+            road = self.roads.get(peer)
             self.log.warning(
-                "no handshake response from peer yet: wrong keys, peer down, or UDP blocked?",
+                "no handshake response from peer yet: wrong keys, peer down, or UDP blocked?"
+                if road is None
+                else f"no handshake response from peer yet (stream road {road.state})",
                 peer=peer + 1,
-                endpoint=None if ep is None else f"{ep[0]}:{ep[1]}",
+                endpoint=road.target.url
+                if road is not None
+                else (None if ep is None else f"{ep[0]}:{ep[1]}"),
                 waited_s=HANDSHAKE_WARN_AFTER,
             )
 
