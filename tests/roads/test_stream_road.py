@@ -230,3 +230,32 @@ def test_doctor_checks_the_relay(road: StreamRig, tmp_path: Path) -> None:
     assert "refused the TransportKey (HTTP 401)" in bad, bad
     untrusted = doctor(road.config(tmp_path / "ca.conf", ca=road.other_ca))
     assert "not trusted: unable to get local issuer certificate" in untrusted, untrusted
+
+
+@pytest.mark.timeout(300)
+def test_https_proxy_connect(road: StreamRig, tmp_path: Path) -> None:
+    """HTTPS_PROXY: the streams go through a CONNECT proxy, TLS to nginx inside the tunnel."""
+    script = Path(__file__).with_name("connectproxy.py")
+    proxy = road.rig.client.popen(
+        [sys.executable, str(script), "3128"], stdout=subprocess.PIPE, text=True,
+        env=road.rig.client.python_env(),
+    )  # fmt: skip
+    try:
+        assert proxy.stdout is not None and proxy.stdout.readline().strip() == "listening"
+        conf = road.config(tmp_path / "wg0.conf")
+        env = road.rig.client.python_env({**os.environ, "HTTPS_PROXY": "http://127.0.0.1:3128"})
+        env.pop("NO_PROXY", None)
+        env.pop("no_proxy", None)
+        argv = [sys.executable, "-m", "wrapguard", "--config", str(conf), "--log-level", "info"]
+        r = road.rig.client.run(
+            [*argv, "--", "curl", "-sS", "--max-time", "60", "-o", "/dev/null",
+             "-w", "%{size_download}", road.rig.url(SMALL)],
+            check=False, timeout=120, env=env,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert int(r.stdout) == road.rig.files[SMALL][0]
+        assert '"proxy": "http://127.0.0.1:3128"' in r.stderr
+    finally:
+        proxy.terminate()
+        out, _ = proxy.communicate(timeout=10)
+    assert out.count(f"CONNECT {streamrig.RELAY_NAME}:{streamrig.NGINX_PORT}") >= 2
