@@ -259,3 +259,13 @@ def test_https_proxy_connect(road: StreamRig, tmp_path: Path) -> None:
         proxy.terminate()
         out, _ = proxy.communicate(timeout=10)
     assert out.count(f"CONNECT {streamrig.RELAY_NAME}:{streamrig.NGINX_PORT}") >= 2
+
+
+@pytest.mark.timeout(200)
+def test_self_test_over_the_road(road: StreamRig, tmp_path: Path) -> None:
+    conf = road.config(tmp_path / "wg0.conf")
+    argv = [sys.executable, "-m", "wrapguard", "--self-test", "--config", str(conf)]
+    r = road.rig.client.run(argv, check=False, timeout=90, env=road.rig.client.python_env())
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert f"with peer 1 at {road.url('nginx')} in " in out, out

@@ -281,3 +281,50 @@ def test_relay_command_errors_are_one_line(tmp_path: Path) -> None:
     r = relay("--listen", "127.0.0.1:0", "--forward", "127.0.0.1:9", "--key-file", str(keys),
               "--tls-cert", str(keys))  # fmt: skip
     assert r.returncode == 2 and "--tls-key" in r.stderr
+
+
+def test_relay_tls_verifies_certificate_and_host_name(tmp_path: Path) -> None:
+    """--tls-cert/--tls-key on the relay itself; the road checks the chain and the name."""
+    from roads.streamrig import make_ca
+
+    ca, cert, key = make_ca(tmp_path / "pki", "relay", ["localhost"])
+    other_ca, _, _ = make_ca(tmp_path / "other", "other", ["localhost"])
+
+    async def main() -> None:
+        log.setup("debug")
+        loop = asyncio.get_running_loop()
+        transport, sink = await loop.create_datagram_endpoint(Sink, local_addr=("127.0.0.1", 0))
+        port = transport.get_extra_info("sockname")[1]
+        tls = streamrelay.server_tls(str(cert), str(key))
+        relay = Relay(HostPort("127.0.0.1", 0), HostPort("127.0.0.1", port), [KEY], ssl_context=tls)
+        await relay.start()
+        roads: list[StreamRoad] = []
+
+        def road(host: str, ca_file: Path) -> tuple[StreamRoad, list[bytes]]:
+            url = f"https://{host}:{relay.port}/wg"
+            t = StreamEndpoint(url, "https", host, relay.port, "/wg", KEY, str(ca_file))
+            got: list[bytes] = []
+            r = StreamRoad(t, got.extend, proxy=False)
+            r.start()
+            roads.append(r)
+            return r, got
+
+        try:
+            good, got = road("localhost", ca)
+            await until(lambda: good.state == "up")
+            good.send(b"over-tls")
+            await until(lambda: got == [b"over-tls"])
+            wrong_name, _ = road("127.0.0.1", ca)  # the certificate names only "localhost"
+            wrong_ca, _ = road("localhost", other_ca)
+            await until(lambda: bool(wrong_name.last_error and wrong_ca.last_error))
+            assert "not trusted" in str(wrong_name.last_error)
+            assert "IP address mismatch" in str(wrong_name.last_error), wrong_name.last_error
+            assert "unable to get local issuer certificate" in str(wrong_ca.last_error)
+            assert len(sink.got) == 1
+        finally:
+            for r in roads:
+                r.close()
+            await relay.close()
+            transport.close()
+
+    asyncio.run(main())

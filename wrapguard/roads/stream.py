@@ -157,7 +157,8 @@ class StreamRoad:
                 self.stats["dropped"] += dropped
             return
         conn, writer = up
-        if writer.transport.get_write_buffer_size() > UP_HIGH_WATER:
+        transport = writer.transport
+        if transport.is_closing() or transport.get_write_buffer_size() > UP_HIGH_WATER:
             self.stats["dropped"] += len(batch)  # the relay reads too slowly: UDP would drop
             return
         try:
@@ -380,7 +381,9 @@ class StreamRoad:
         while True:
             await asyncio.sleep(proto.KEEPALIVE_EVERY / 3)
             up = self._up
-            if up is not None and self._loop.time() - self._up_last >= proto.KEEPALIVE_EVERY:
+            if up is None or up[1].transport.is_closing():
+                continue
+            if self._loop.time() - self._up_last >= proto.KEEPALIVE_EVERY:
                 up[1].write(up[0].send(h11.Data(data=framing.KEEPALIVE)) or b"")
                 self._up_last = self._loop.time()
 

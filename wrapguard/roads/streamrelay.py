@@ -81,7 +81,7 @@ class _Down:
 
     def write(self, payload: bytes, now: float) -> None:
         data = self.conn.send(h11.Data(data=payload))
-        if data:
+        if data and not self.writer.transport.is_closing():
             self.writer.write(data)
         self.last_write = now
 
