@@ -18,6 +18,9 @@ command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)  # the tests start their own sshd; none is enabled
 command -v cc >/dev/null 2>&1 || need+=(gcc libc6-dev)
 [ -x /usr/sbin/setcap ] || need+=(libcap2-bin)  # setcap: the file-capability tests
+[ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || need+=(nginx)  # stream road tests
+command -v caddy >/dev/null 2>&1 || need+=(caddy)  # stream road tests
+[ -x /usr/sbin/nft ] || command -v nft >/dev/null 2>&1 || need+=(nftables)  # UDP blocked
 python3 -c 'import ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 
 if [ ${#need[@]} -eq 0 ]; then
