@@ -26,15 +26,17 @@ import urllib.parse
 import urllib.request
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h11
 
 from wrapguard import __version__, log
 from wrapguard.config import PeerConfig, StreamEndpoint
 from wrapguard.roads import proto
-from wrapguard.runtime.udp import WgUdpRuntime
 from wrapguard.wire import stream as framing
+
+if TYPE_CHECKING:
+    from wrapguard.runtime.udp import WgUdpRuntime
 
 BACKOFF_FIRST = 0.25
 BACKOFF_MAX = 10.0
