@@ -127,6 +127,12 @@ def test_bad_requests_are_refused() -> None:
             reply = await raw(p, b"garbage\r\n\r\n")
             assert reply.startswith(b"HTTP/1.1 400 ")
             assert not b.sink.got
+            # POST works as PUT does: a plain Content-Length body of frames is forwarded.
+            post = put(KEY, framing.start([b"p1", b"p2"]), sid="b" * 32).replace(b"PUT", b"POST")
+            reply = await raw(p, post)
+            assert reply.startswith(b"HTTP/1.1 200 "), reply
+            await until(lambda: len(b.sink.got) == 2)
+            assert [d for d, _ in b.sink.got] == [b"p1", b"p2"]
 
     run(main)
 
