@@ -269,6 +269,12 @@ class Relay:
                 f"--listen {self.listen}: cannot listen: {exc.strerror or exc}"
             ) from None
         self._sweeper = asyncio.ensure_future(self._sweep())
+        if self.ssl_context is None and not _is_loopback(self.listen.host):
+            self.log.warning(
+                "serving plain HTTP beyond loopback: keys travel in clear unless a TLS proxy "
+                "is in front (or use --tls-cert/--tls-key)",
+                listen=str(self.listen),
+            )
         self.log.info(
             "relay listening",
             listen=str(HostPort(self.listen.host, self.port)),
@@ -473,6 +479,15 @@ class Relay:
             raise _Refuse(400, f"bad upload stream: {exc}") from None
         finally:
             session.detach_up(writer, self.loop.time())
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def server_tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
