@@ -228,6 +228,7 @@ class Relay:
         self._keys = [k.encode("ascii") for k in keys]
         self.ssl_context = ssl_context
         self.max_sessions = max_sessions
+        self.max_connections = 4 * max_sessions + 16  # two streams each, and reconnects
         self.idle_timeout = idle_timeout
         self.detached_grace = detached_grace
         self.log = log.get("wrapguard.relay")
@@ -319,6 +320,9 @@ class Relay:
     # ------------------------------------------------------------------ one connection
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._writers) >= self.max_connections:
+            writer.close()  # more connections than the sessions could use: refuse, stay bounded
+            return
         self._writers.add(writer)
         task = asyncio.current_task()
         if task is not None:
