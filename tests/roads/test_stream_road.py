@@ -169,12 +169,13 @@ def test_untrusted_certificate_is_one_line(road: StreamRig, tmp_path: Path) -> N
 
 
 @pytest.mark.timeout(400)
-def test_proxy_restart_mid_run(road: StreamRig, tmp_path: Path) -> None:
-    """nginx stops and starts while a download runs through a SOCKS5 daemon: new connections
-    work again within seconds, the open download resumes or fails - it never hangs."""
-    conf = road.config(tmp_path / "wg0.conf")
+@pytest.mark.parametrize("kind", ["nginx", "caddy"])
+def test_proxy_restart_mid_run(road: StreamRig, tmp_path: Path, kind: str) -> None:
+    """The reverse proxy stops and starts while a download runs through a SOCKS5 daemon: new
+    connections work again within seconds, the open download resumes or fails, never hangs."""
+    conf = road.config(tmp_path / "wg0.conf", kind)
     log = tmp_path / "daemon.log"
-    port = SOCKS_PORT + 1
+    port = SOCKS_PORT + (1 if kind == "nginx" else 2)
     env = road.rig.client.python_env({**os.environ, "WRAPGUARD_TEST_TCP_RETRIES": "8"})
     proc = road.rig.client.popen(
         [
@@ -194,7 +195,8 @@ def test_proxy_restart_mid_run(road: StreamRig, tmp_path: Path) -> None:
             stderr=subprocess.PIPE,
         )  # fmt: skip
         wait_for(lambda: out.exists() and out.stat().st_size > 2 * MiB, 60, "download under way")
-        road.fronts["nginx"].restart()
+        stopped = time.monotonic()
+        road.fronts[kind].restart()
         started = time.monotonic()
         small = ["curl", "-sS", "--max-time", "5", "--socks5", f"127.0.0.1:{port}"]
         while True:
@@ -209,7 +211,10 @@ def test_proxy_restart_mid_run(road: StreamRig, tmp_path: Path) -> None:
             assert hashlib.sha256(out.read_bytes()).hexdigest() == road.rig.files[BIG][1]
         else:
             assert err.strip(), "the download failed without saying why"
-        print(f"new connections again after {recovered:.1f} s; open download: rc={rc}")
+        print(
+            f"{kind} down and up again in {started - stopped:.1f} s; new connections worked "
+            f"{recovered:.1f} s later; the open download: rc={rc}"
+        )
         text = log.read_text()
         assert "stream road reconnected" in text
     finally:
