@@ -51,6 +51,7 @@ def wrapped(
 def fetch_and_check(sr: StreamRig, conf: Path, out: Path) -> None:
     r = wrapped(sr, conf, "curl", "-sS", "--max-time", "200", "-o", str(out), sr.rig.url(BIG))
     assert r.returncode == 0, r.stderr
+    assert r.stderr.strip() == "", r.stderr  # --log-level warn: a clean run says nothing
     size, sha = sr.rig.files[BIG]
     data = out.read_bytes()
     assert len(data) == size
