@@ -197,12 +197,15 @@ class StreamRoad:
                 )
                 wait = BACKOFF_MAX
             except (OSError, RoadFailed, framing.StreamError, h11.ProtocolError) as exc:
-                if self.state == "up":  # it worked until now: try again soon, start over
+                if self.state == "up":
+                    # It worked until now (a proxy restarted, the relay ended an idle session):
+                    # try again soon, and say so quietly; a reconnect that fails is a warning.
                     wait = backoff = BACKOFF_FIRST
+                    self._problem("info", _reason(exc) + "; reconnecting")
                 else:
                     backoff = min(backoff * 2, BACKOFF_MAX)
+                    self._problem("warning", _reason(exc))
                 self.state = "backoff"
-                self._problem("warning", _reason(exc))
             finally:
                 self._up = None
                 for w in list(self._writers):
