@@ -130,6 +130,7 @@ http {{
             proxy_pass http://127.0.0.1:{relay};
             proxy_http_version 1.1;
             proxy_set_header Connection "";
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
             proxy_buffering off;
             proxy_request_buffering off;
             client_max_body_size 0;

@@ -98,6 +98,9 @@ def test_64mib_both_ways_through_the_reverse_proxy(
         assert '"GET /wg HTTP/1.1" 200' in access
         assert '"PUT /wg HTTP/1.1"' in access
     assert KEY not in front_log  # Authorization is a credential: proxies do not log it
+    client = road.rig.client_veth_v4.split("/")[0]
+    opened = [x for x in road.relay_lines() if x.get("message") == "session opened"]
+    assert any(f" for {client}" in str(x["client"]) for x in opened), opened
 
 
 @pytest.mark.timeout(300)

@@ -337,6 +337,9 @@ class Relay:
                     event = await self._next(conn, reader)
                 if not isinstance(event, h11.Request):
                     return
+                forwarded = proto.header(event.headers, b"x-forwarded-for")
+                if forwarded is not None:  # behind nginx/Caddy: for the log only, never trusted
+                    client += f" for {forwarded.decode('latin-1')[:100]}"
                 await self._serve(conn, event, reader, writer, client)
             except _Refuse as r:
                 await self._respond(conn, writer, r.status, r.text, r.headers)
