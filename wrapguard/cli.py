@@ -74,6 +74,7 @@ Modes:
   wrap a command   wrapguard --config wg0.conf -- curl http://10.150.0.1:8080/
   proxy daemon     wrapguard --config wg0.conf --socks5 127.0.0.1:1080 --http-proxy 127.0.0.1:8118
   show the state   wrapguard show [--control PATH]
+  UDP blocked?     wrapguard relay --listen HOST:PORT --forward WG_HOST:PORT --key-file FILE
   check, prove     wrapguard --doctor [TARGET] --config wg0.conf | --self-test [IP:PORT]
 """
 
