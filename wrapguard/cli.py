@@ -306,6 +306,8 @@ def _relay(argv: Sequence[str]) -> int:
         raise UsageError(_one_line(exc.format_message())) from None
     if not isinstance(result, dict):
         return 0 if result is None else int(result)  # --help
+    from wrapguard import log  # structlog: only once the command is known (start-up time)
+
     log_file = result["log_file"]
     try:
         log.setup(str(result["log_level"]).lower(), log_file)  # type: ignore[arg-type]
