@@ -234,7 +234,9 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         if args[:1] == ["show"]:
             sys.exit(_show(args[1:]))
         if args[:1] == ["relay"]:
-            sys.exit(_relay(args[1:]))
+            from wrapguard.roads.relaycli import relay_main
+
+            sys.exit(relay_main(args[1:]))
         parsed = parse_args(args)
         if isinstance(parsed, int):
             sys.exit(parsed)
@@ -269,61 +271,6 @@ def _show(argv: Sequence[str]) -> int:
     from wrapguard.control.show import main as show_main
 
     return show_main(result or None)
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--listen", required=True, metavar="HOST:PORT", help="Where to accept streams.")
-@click.option("--forward", required=True, metavar="HOST:PORT", help="The WireGuard server (UDP).")
-@click.option(
-    "--key-file", required=True, metavar="FILE", help="API keys, one a line (never on argv)."
-)
-@click.option("--tls-cert", metavar="FILE", help="Serve TLS with this certificate chain.")
-@click.option("--tls-key", metavar="FILE", help="The private key of --tls-cert.")
-@click.option("--max-sessions", type=click.IntRange(1, 100000), default=1000, show_default=True)
-@click.option(
-    "--idle-timeout",
-    type=click.FloatRange(1, 86400),
-    default=180.0,
-    show_default=True,
-    help="Seconds without a datagram before a session ends.",
-)
-@click.option(
-    "--log-level",
-    type=click.Choice(["error", "warn", "info", "debug"], case_sensitive=False),
-    default="info",
-    show_default=True,
-)
-@click.option("--log-file", metavar="FILE", help="Append JSON log lines here instead of stderr.")
-def _relay_command(**kwargs: object) -> dict[str, object]:
-    """Relay WireGuard datagrams between HTTP(S) stream clients and a WireGuard server."""
-    return kwargs
-
-
-def _relay(argv: Sequence[str]) -> int:
-    try:
-        result = _relay_command.main(list(argv), prog_name="wrapguard relay", standalone_mode=False)
-    except click.UsageError as exc:
-        raise UsageError(_one_line(exc.format_message())) from None
-    if not isinstance(result, dict):
-        return 0 if result is None else int(result)  # --help
-    from wrapguard import log  # structlog: only once the command is known (start-up time)
-
-    log_file = result["log_file"]
-    try:
-        log.setup(str(result["log_level"]).lower(), log_file)  # type: ignore[arg-type]
-    except OSError as exc:
-        raise WrapguardError(f"cannot open log file {log_file}: {exc.strerror or exc}") from None
-    from wrapguard.roads.streamrelay import run_relay
-
-    return run_relay(
-        str(result["listen"]),
-        str(result["forward"]),
-        str(result["key_file"]),
-        result["tls_cert"],  # type: ignore[arg-type]
-        result["tls_key"],  # type: ignore[arg-type]
-        int(result["max_sessions"]),  # type: ignore[call-overload]
-        float(result["idle_timeout"]),  # type: ignore[arg-type]
-    )
 
 
 def _report(exc: WrapguardError) -> None:
