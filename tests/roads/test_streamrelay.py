@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import h11
@@ -27,6 +27,17 @@ from wrapguard.roads.streamrelay import HostPort, Relay
 from wrapguard.wire import stream as framing
 
 KEY = "the-key"
+
+
+@pytest.fixture(autouse=True)
+def _logging() -> Iterator[None]:
+    """These tests log at debug level in this process: put the logging back afterwards."""
+    import structlog
+
+    saved = structlog.get_config()
+    log.setup("debug")
+    yield
+    structlog.configure(**saved)
 
 
 class Sink(asyncio.DatagramProtocol):
@@ -223,8 +234,7 @@ def test_through_a_connect_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @contextlib.asynccontextmanager
 async def bench() -> AsyncIterator[Bench]:
-    """The bench as an async generator a test's own loop can use (one loop per test)."""
-    log.setup("debug")
+    """The bench as an async context a test's own loop can use (one loop per test)."""
     loop = asyncio.get_running_loop()
     transport, sink = await loop.create_datagram_endpoint(Sink, local_addr=("127.0.0.1", 0))
     port = transport.get_extra_info("sockname")[1]
@@ -297,7 +307,6 @@ def test_relay_tls_verifies_certificate_and_host_name(tmp_path: Path) -> None:
     other_ca, _, _ = make_ca(tmp_path / "other", "other", ["localhost"])
 
     async def main() -> None:
-        log.setup("debug")
         loop = asyncio.get_running_loop()
         transport, sink = await loop.create_datagram_endpoint(Sink, local_addr=("127.0.0.1", 0))
         port = transport.get_extra_info("sockname")[1]
