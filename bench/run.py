@@ -43,6 +43,7 @@ ROOT_ROWS = [
     ("1s", "Download, curl through the SOCKS5 door vs wrapped (MB/s)"),
     ("1t", "TUN mode: download, `wrapguard up` vs wireguard-go's TUN (MB/s)"),
     ("2t", "TUN mode: upload, `wrapguard up` vs wireguard-go's TUN (MB/s)"),
+    ("1h", "Download, wrapped curl over the HTTPS stream road vs UDP (MB/s)"),
 ]
 
 
@@ -125,6 +126,9 @@ def root_rows(work: Path, args: argparse.Namespace, deadline: float) -> list[Row
         socks_rounds = min(args.rounds, 3)
         rows.append(guarded_row(Row(*ROOT_ROWS[5]), lambda: b.row_socks5(socks_rounds)))
         guarded(rows, ROOT_ROWS[6:8], lambda: b.rows_tun(min(args.rounds, 3)))
+        from stream_row import row_stream
+
+        rows.append(guarded_row(Row(*ROOT_ROWS[8]), lambda: row_stream(b, socks_rounds)))
     except Exception as e:
         done = {r.key for r in rows}
         msg = " ".join(f"{type(e).__name__}: {e}".split())[-300:]

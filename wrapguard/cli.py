@@ -74,6 +74,7 @@ Modes:
   wrap a command   wrapguard --config wg0.conf -- curl http://10.150.0.1:8080/
   proxy daemon     wrapguard --config wg0.conf --socks5 127.0.0.1:1080 --http-proxy 127.0.0.1:8118
   show the state   wrapguard show [--control PATH]
+  UDP blocked?     wrapguard relay --listen HOST:PORT --forward WG_HOST:PORT --key-file FILE
   whole host       wrapguard up --config wg0.conf [--exit-node IP]   (root: a TUN device)
   check, prove     wrapguard --doctor [TARGET] --config wg0.conf | --self-test [IP:PORT]
 """
@@ -235,6 +236,10 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     try:
         if args[:1] == ["show"]:
             sys.exit(_show(args[1:]))
+        if args[:1] == ["relay"]:
+            from wrapguard.roads.relaycli import relay_main
+
+            sys.exit(relay_main(args[1:]))
         if args[:1] == ["up"]:
             sys.exit(_up(args[1:]))
         parsed = parse_args(args)

@@ -15,13 +15,16 @@ import ipaddress
 import os
 import re
 import select
+import ssl
 import stat
-from dataclasses import dataclass
+import urllib.parse
+from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 
-from wrapguard.errors import ConfigError, UsageError
+from wrapguard.errors import ConfigError, UsageError, WrapguardError
 from wrapguard.frontends import ProxySpec, make_spec, parse_hostport
 from wrapguard.keys import KeyFormatError, PresharedKey, PrivateKey, PublicKey
+from wrapguard.roads.proto import check_key, read_key_file
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -88,6 +91,23 @@ class Endpoint:
 
 
 @dataclass(frozen=True, slots=True)
+class StreamEndpoint:
+    """A peer reached over HTTP(S) streams through `wrapguard relay` (docs/streams.md)."""
+
+    url: str  # as written (it holds no secret: the key is never in the URL)
+    scheme: str  # "http" or "https"
+    host: str  # a DNS name or an IP literal (IPv6 without brackets)
+    port: int
+    target: str  # path and query, e.g. "/wg"
+    key: str = field(repr=False)
+    ca_file: str | None = None  # TransportCA, an absolute path; None: the system store
+    line: int = 0  # the Endpoint line
+
+    def __str__(self) -> str:
+        return self.url
+
+
+@dataclass(frozen=True, slots=True)
 class RouteSpec:
     """A policy route. `port_low`/`port_high` are None for any port; `line` is 0 for flags."""
 
@@ -118,6 +138,7 @@ class PeerConfig:
     persistent_keepalive: int | None = None  # seconds; None when off
     routes: tuple[RouteSpec, ...] = ()
     line: int = 0  # line of the [Peer] header
+    stream: StreamEndpoint | None = None  # Endpoint = http(s)://...; then `endpoint` is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +165,9 @@ _PEER_KEYS = {
         "AllowedIPs",
         "PersistentKeepalive",
         "Route",
+        "TransportKey",
+        "TransportKeyFile",
+        "TransportCA",
     )
 }
 _PROXY_KEYS = {k.lower(): k for k in ("BindAddress", "Username", "Password")}
@@ -154,8 +178,9 @@ _WG_QUICK_ONLY = {
 }
 _SINGLE_VALUED = frozenset(
     {"PrivateKey", "MTU", "ListenPort", "PublicKey", "PresharedKey", "Endpoint"}
-    | {"PersistentKeepalive"}
+    | {"PersistentKeepalive", "TransportKey", "TransportKeyFile", "TransportCA"}
 )
+_TRANSPORT_KEYS = ("TransportKey", "TransportKeyFile", "TransportCA")
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)\Z")
 
 
@@ -295,6 +320,53 @@ def _parse_route_spec(
 
 
 # ------------------------------------------------------------------------------ the parser
+
+
+def _parse_stream_url(text: str) -> tuple[str, str, int, str]:
+    """`https://host[:port]/path` -> (scheme, host, port, target); raises _Bad."""
+    try:
+        parts = urllib.parse.urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise _Bad(f"{_show(text)} is not a valid URL ({exc})") from None
+    scheme = parts.scheme.lower()
+    if parts.username is not None or parts.password is not None:
+        raise _Bad("the URL must not hold credentials: put the key in TransportKey")
+    host = parts.hostname or ""
+    if not host:
+        raise _Bad(f"{_show(text)} has no host name")
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise _Bad(f"{_show(host)} in brackets is not an IPv6 address") from None
+    else:
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            if not _is_hostname(host):
+                raise _Bad(f"{_show(host)} is not an IP address or a host name") from None
+    if port == 0:
+        raise _Bad(f"{_show(text)}: port 0 is not a port")
+    target = parts.path or "/"
+    if parts.query:
+        target += "?" + parts.query
+    return scheme, host, port or (443 if scheme == "https" else 80), target
+
+
+def _check_ca(path: str) -> None:
+    """TransportCA must hold at least one PEM certificate ssl can use (raises _Bad)."""
+    try:
+        ctx = ssl.create_default_context(cafile=path)
+    except FileNotFoundError:
+        raise _Bad(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise _Bad(f"{path}: is a directory, not a PEM file") from None
+    except PermissionError:
+        raise _Bad(f"{path}: cannot read it: permission denied") from None
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise _Bad(f"{path}: holds no usable PEM certificate ({exc})") from None
+    del ctx
 
 
 @dataclass(frozen=True, slots=True)
@@ -506,9 +578,15 @@ class _Parser:
         allowed: list[IPNetwork] = []
         keepalive: int | None = None
         routes: list[RouteSpec] = []
+        url: tuple[_Entry, tuple[str, str, int, str]] | None = None
+        transport: dict[str, _Entry] = {}
         for e in section.entries:
             try:
-                if e.key == "PublicKey":
+                if e.key == "Endpoint" and e.value.lower().startswith(("http://", "https://")):
+                    url = (e, _parse_stream_url(e.value))
+                elif e.key in _TRANSPORT_KEYS:
+                    transport[e.key] = e
+                elif e.key == "PublicKey":
                     public_key = PublicKey.from_base64(e.value)
                 elif e.key == "PresharedKey":
                     psk = PresharedKey.from_base64(e.value)
@@ -535,9 +613,76 @@ class _Parser:
                 raise self.error(str(bad), e.line, e.key) from None
         if public_key is None:
             raise self.error("is missing from this [Peer] (required)", section.line, "PublicKey")
+        stream = self.build_stream(section, url, transport)
         return PeerConfig(
-            public_key, psk, endpoint, tuple(allowed), keepalive, tuple(routes), section.line
+            public_key,
+            psk,
+            endpoint,
+            tuple(allowed),
+            keepalive,
+            tuple(routes),
+            section.line,
+            stream,
         )
+
+    def relative(self, path: str) -> str:
+        """A path from the config, relative to the config file's directory."""
+        path = os.path.expanduser(path)
+        if os.path.isabs(path) or self.path.startswith("<"):
+            return os.path.abspath(path)
+        return os.path.abspath(os.path.join(os.path.dirname(self.path), path))
+
+    def build_stream(
+        self,
+        section: _Section,
+        url: tuple[_Entry, tuple[str, str, int, str]] | None,
+        transport: dict[str, _Entry],
+    ) -> StreamEndpoint | None:
+        if url is None:
+            for name in _TRANSPORT_KEYS:
+                if name in transport:
+                    raise self.error(
+                        "is only for a peer whose Endpoint is an http:// or https:// URL",
+                        transport[name].line,
+                        name,
+                    )
+            return None
+        entry, (scheme, host, port, target) = url
+        key_e, file_e = transport.get("TransportKey"), transport.get("TransportKeyFile")
+        if key_e is not None and file_e is not None:
+            raise self.error(
+                f"and TransportKey (line {key_e.line}) are both set; use one",
+                file_e.line,
+                "TransportKeyFile",
+            )
+        if key_e is not None:
+            why = check_key(key_e.value)
+            if why is not None:
+                raise self.error(f"the key {why}", key_e.line, "TransportKey")
+            key = key_e.value
+        elif file_e is not None:
+            try:
+                key = read_key_file(self.relative(file_e.value), many=False)[0]
+            except WrapguardError as exc:
+                raise self.error(str(exc), file_e.line, "TransportKeyFile") from None
+        else:
+            raise self.error(
+                "is an http(s) URL: this [Peer] needs TransportKey or TransportKeyFile too "
+                "(the relay's API key)",
+                entry.line,
+                "Endpoint",
+            )
+        ca: str | None = None
+        ca_e = transport.get("TransportCA")
+        if ca_e is not None:
+            if scheme != "https":
+                raise self.error("is only for an https:// Endpoint", ca_e.line, "TransportCA")
+            ca = self.relative(ca_e.value)
+            try:
+                _check_ca(ca)
+            except _Bad as bad:
+                raise self.error(str(bad), ca_e.line, "TransportCA") from None
+        return StreamEndpoint(entry.value, scheme, host, port, target, key, ca, entry.line)
 
     def masked(self, text: str, network: IPNetwork, e: _Entry) -> None:
         # wg(8) silently masks host bits; we do the same but say so.

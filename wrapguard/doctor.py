@@ -25,6 +25,7 @@ from wrapguard.elf import ElfInfo, NotElf, describe_identity, read_elf, read_fil
 from wrapguard.errors import WrapguardError
 
 if TYPE_CHECKING:
+    from wrapguard.config import StreamEndpoint
     from wrapguard.options import Options
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
@@ -394,6 +395,9 @@ def check_config(config_path: str) -> list[Finding]:
             out.append(Finding(WARN, "config", f"{where}: {notice.message}", "see the message"))
     for i, peer in enumerate(config.peers, 1):
         ep = peer.endpoint
+        if peer.stream is not None:
+            out.append(_check_relay(i, peer.stream))
+            continue
         if ep is None:
             out.append(
                 Finding(
@@ -433,6 +437,23 @@ def check_config(config_path: str) -> list[Finding]:
             )
         )
     return out
+
+
+def _check_relay(i: int, target: StreamEndpoint) -> Finding:
+    """A peer over HTTP(S) streams: reachable, TLS valid, key accepted (one real request)."""
+    import asyncio
+
+    from wrapguard.roads.stream import probe
+
+    ok, text = asyncio.run(probe(target))
+    if ok:
+        return Finding(OK, "relay", f"peer {i} Endpoint {target.url}: {text}")
+    return Finding(
+        FAIL,
+        "relay",
+        f"peer {i} Endpoint {target.url}: {text}",
+        "see docs/streams.md (the relay, its key file, the proxy in front)",
+    )
 
 
 def _config_has_dns(config_path: str | None) -> bool | None:

@@ -103,6 +103,8 @@ async def _run(plan: Plan, target: tuple[IPAddress, int] | None) -> int:
         if endpoint is None:
             report.step(False, "handshake", "the first peer has no Endpoint to reach")
             return 1
+        road = engine.roads.get(0)
+        where = road.target.url if road is not None else f"{endpoint[0]}:{endpoint[1]}"
         started = time.monotonic()
         if 0 not in engine.handshakes_done:
             engine.wg.start_handshake(0)
@@ -115,15 +117,18 @@ async def _run(plan: Plan, target: tuple[IPAddress, int] | None) -> int:
             report.step(
                 False,
                 "handshake",
-                f"no answer from {endpoint[0]}:{endpoint[1]} in {HANDSHAKE_TIMEOUT:g} s "
-                "(wrong keys, peer down, or UDP blocked)",
+                f"no answer from {where} in {HANDSHAKE_TIMEOUT:g} s "
+                + (
+                    "(wrong keys, peer down, or UDP blocked)"
+                    if road is None
+                    else f"(stream road {road.state}: {road.last_error or 'no problem seen'})"
+                ),
             )
             return 1
         report.step(
             True,
             "handshake",
-            f"with peer 1 at {endpoint[0]}:{endpoint[1]} "
-            f"in {(time.monotonic() - started) * 1000:.0f} ms",
+            f"with peer 1 at {where} in {(time.monotonic() - started) * 1000:.0f} ms",
         )
         await session.start_channel()
         env = session.child_env()

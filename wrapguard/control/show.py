@@ -154,7 +154,16 @@ def render(state: dict[str, Any], now: float | None = None) -> str:
             every = _plural(int(peer["persistent_keepalive"]), "second")
             lines.append(f"  persistent keepalive: every {every}")
         if peer.get("transport"):
-            lines.append(f"  transport: {peer['transport']}")
+            road = peer.get("stream")
+            text = str(peer["transport"])
+            if isinstance(road, dict):
+                text += f" stream ({road.get('state')}, {road.get('connects')} connects"
+                if road.get("proxy"):
+                    text += f", via {road['proxy']}"
+                text += ")"
+                if road.get("last_error"):
+                    text += f"; last problem: {road['last_error']}"
+            lines.append(f"  transport: {text}")
     frontends = state.get("frontends") or []
     if frontends:
         lines += ["", "front-ends:"]

@@ -24,6 +24,7 @@ from wrapguard.config import Protocol as RouteProto
 from wrapguard.errors import DecodeError
 from wrapguard.netstack.events import Accepted, Closed, ConnId, Event, ListenerId, TcpConfig
 from wrapguard.netstack.stack import Stack
+from wrapguard.roads.stream import attach_roads, device_endpoint
 from wrapguard.routing import RoutingTable
 from wrapguard.runtime.timer import DeadlineTimer
 from wrapguard.runtime.udp import WgUdpRuntime
@@ -81,11 +82,11 @@ def build_device(
         PeerSpec(
             public_key=p.public_key,
             preshared_key=p.preshared_key,
-            endpoint=None if p.endpoint is None else (p.endpoint.host, p.endpoint.port),
+            endpoint=device_endpoint(i, p),
             allowed_ips=tuple(p.allowed_ips),
             persistent_keepalive=p.persistent_keepalive or 0,
         )
-        for p in config.peers
+        for i, p in enumerate(config.peers)
     ]
     device = factory(
         iface.private_key, specs, rng=secrets.token_bytes, timers=timers, mtu=iface.mtu
@@ -156,6 +157,7 @@ class Engine:
             bind_v4=bind[0],
             bind_v6=bind[1],
         )
+        self.roads = attach_roads(self.wg, config.peers)  # peers over HTTP(S) streams
         self.handlers: dict[int, FlowHandler] = {}
         self.listeners: dict[int, Callable[[ConnId], None]] = {}
         self._peer_for_packet = PeerChooser(routing)
@@ -362,10 +364,15 @@ class Engine:
             if peer in self.handshakes_done:
                 return
             ep = self.device.peers[peer].endpoint
+            road = self.roads.get(peer)
             self.log.warning(
-                "no handshake response from peer yet: wrong keys, peer down, or UDP blocked?",
+                "no handshake response from peer yet: wrong keys, peer down, or UDP blocked?"
+                if road is None
+                else f"no handshake response from peer yet (stream road {road.state})",
                 peer=peer + 1,
-                endpoint=None if ep is None else f"{ep[0]}:{ep[1]}",
+                endpoint=road.target.url
+                if road is not None
+                else (None if ep is None else f"{ep[0]}:{ep[1]}"),
                 waited_s=HANDSHAKE_WARN_AFTER,
             )
 

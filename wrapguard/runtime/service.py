@@ -15,7 +15,7 @@ import contextlib
 import errno
 import ipaddress
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any
@@ -27,6 +27,7 @@ from wrapguard.runtime.relay import TcpRelay
 
 if TYPE_CHECKING:
     from wrapguard.config import Config
+    from wrapguard.roads.stream import StreamRoad
     from wrapguard.runtime.dns import DnsResolver
     from wrapguard.runtime.engine import Engine
     from wrapguard.runtime.launcher import TunnelSession
@@ -326,7 +327,7 @@ class TunnelService:
         engine = self.engine
         config = self.session.config
         iface = config.interface
-        peers = peer_states(config, engine.device)
+        peers = peer_states(config, engine.device, engine.roads)
         tcp = sum(1 for h in list(engine.handlers.values()) if isinstance(h, TcpRelay))
         udp = sum(1 for h in list(engine.handlers.values()) if not isinstance(h, TcpRelay))
         return {
@@ -349,25 +350,31 @@ class TunnelService:
         }
 
 
-def peer_states(config: Config, device: Device) -> list[dict[str, Any]]:
-    """The peers as /state shows them (every mode)."""
+def peer_states(
+    config: Config, device: Device, roads: Mapping[int, StreamRoad] | None = None
+) -> list[dict[str, Any]]:
+    """The peers as /state shows them (every mode); `roads`: the stream roads by peer."""
     peers = []
     for i, p in enumerate(config.peers):
         dev = device.peers[i]
         ep = dev.endpoint
+        road = None if roads is None else roads.get(i)
         peers.append(
             {
                 "public_key": p.public_key.to_base64(),
-                "endpoint": None if ep is None else _hostport(ep[0], ep[1]),
-                "configured_endpoint": None
-                if p.endpoint is None
-                else _hostport(p.endpoint.host, p.endpoint.port),
+                "endpoint": road.target.url
+                if road is not None
+                else (None if ep is None else _hostport(ep[0], ep[1])),
+                "configured_endpoint": str(p.stream)
+                if p.stream is not None
+                else (None if p.endpoint is None else _hostport(p.endpoint.host, p.endpoint.port)),
                 "allowed_ips": [str(n) for n in p.allowed_ips],
                 "latest_handshake": _wall(dev.last_handshake_wall),
                 "rx_bytes": dev.rx_bytes,
                 "tx_bytes": dev.tx_bytes,
                 "persistent_keepalive": p.persistent_keepalive or 0,
-                "transport": "udp",
+                "transport": "udp" if road is None else road.target.scheme,
+                **({} if road is None else {"stream": road.describe()}),
             }
         )
     return peers

@@ -19,7 +19,7 @@ import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -62,6 +62,18 @@ MMSG_BATCH = 16  # datagrams per recvmmsg/sendmmsg call (the C helper caps it at
 MMSG_SLOT = 65536  # receive slot per datagram: any UDP payload fits
 _TRUNCATED = 0xFFFFFFFF
 _ADDR_SLOT = 28  # sizeof(struct sockaddr_in6), as in the C helper
+
+
+class Road(Protocol):
+    """Another way to a peer than UDP (roads/stream.py): the device sees a synthetic endpoint
+    address; datagrams to it go to `send`, and the road hands back what it receives."""
+
+    def start(self) -> None: ...
+
+    def send(self, datagram: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
 
 SocketFactory = Callable[[int, int], socket.socket]
 Resolver = Callable[[str, int], Awaitable[Sequence[tuple[str, int]]]]  # addresses, best first
@@ -119,6 +131,7 @@ class WgUdpRuntime:
             interval=reresolve_interval,
         )
         self._tasks: set[asyncio.Task[None]] = set()
+        self.roads: dict[tuple[str, int], Road] = {}  # synthetic endpoint -> road
         self._hs_window = 0.0
         self._hs_count = 0
         self.stats = {"rx_datagrams": 0, "tx_datagrams": 0, "send_errors": 0, "delivered": 0}
@@ -155,6 +168,8 @@ class WgUdpRuntime:
         if self._v6 is not None:
             self._loop.add_reader(self._v6.fileno(), self._readable, self._v6)
         self._rr_timer = DeadlineTimer(self._loop, self._on_reresolve_timer)
+        for road in self.roads.values():
+            road.start()
         await asyncio.gather(*(self._lookup(lk) for lk in self.reresolver.start(self._loop.time())))
         now, wall = self._loop.time(), self._wall()
         for p in self.device.peers:
@@ -169,6 +184,8 @@ class WgUdpRuntime:
                 timer.cancel()
         for task in list(self._tasks):
             task.cancel()
+        for road in self.roads.values():
+            road.close()
         for sock in (self._v4, self._v6):
             if sock is not None:
                 if self._loop is not None:
@@ -239,6 +256,9 @@ class WgUdpRuntime:
                             pend = []
                         pend_addr = addr
                     pend.append(data)
+                elif addr in self.roads:
+                    self.roads[addr].send(data)
+                    sent += 1
                 else:
                     sock = v6 if ":" in addr[0] else v4
                     if sock is None:
@@ -405,6 +425,43 @@ class WgUdpRuntime:
         stats["delivered"] += delivered
         self._rearm()
 
+    def add_road(self, addr: tuple[str, int], road: Road) -> None:
+        """Send datagrams for endpoint `addr` (synthetic, never a real host) through `road`."""
+        self.roads[addr] = road
+
+    def road_received(self, addr: tuple[str, int], datagrams: Sequence[bytes]) -> None:
+        """Datagrams a road received from its peer, handled as if `addr` had sent them."""
+        if self._loop is None:
+            return
+        dev = self.device
+        now, wall = self._loop.time(), self._wall()
+        on_packet = self.on_packet
+        outs: list[Output] = []
+        delivered = 0
+        for data in datagrams:
+            if (
+                data[0] == 4
+                and len(data) >= MIN_TRANSPORT_LEN
+                and not (data[1] or data[2] or data[3])
+            ):
+                got = dev.receive_transport(data, addr, now, wall, outs)
+                if outs:
+                    self._dispatch(outs)
+                    outs = []
+                if got is not None:
+                    delivered += 1
+                    if on_packet is not None:
+                        on_packet(got[0], got[1])
+                continue
+            if data[0] in (1, 2):
+                self._count_handshake(now)
+            outs2 = dev.datagram_received(data, addr, now, wall)
+            if outs2:
+                self._dispatch(outs2)
+        self.stats["rx_datagrams"] += len(datagrams)
+        self.stats["delivered"] += delivered
+        self._rearm()
+
     def _count_handshake(self, now: float) -> None:
         if now - self._hs_window >= 1.0:
             self.device.under_load = self._hs_count > UNDER_LOAD_HANDSHAKES
@@ -434,6 +491,12 @@ class WgUdpRuntime:
                 self._event(o)
 
     def _sendto(self, addr: tuple[str, int], data: bytes) -> None:
+        if self.roads:
+            road = self.roads.get(addr)
+            if road is not None:
+                road.send(data)
+                self.stats["tx_datagrams"] += 1
+                return
         sock = self._v6 if ":" in addr[0] else self._v4
         if sock is None:
             self.stats["send_errors"] += 1
