@@ -590,6 +590,17 @@ def test_load_config_world_accessible_warning(tmp_path: os.PathLike[str], mode: 
     assert c.notices[1].key == "Colour"  # parse notices follow
 
 
+def test_world_accessible_config_keeps_everything_else(tmp_path: os.PathLike[str]) -> None:
+    """The warning is added to what was parsed; nothing parsed is dropped ([Socks5] was)."""
+    text = cfg(*IFACE, *peer(), "[Socks5]", "BindAddress = 127.0.0.1:1080")
+    private = load_config(_write(tmp_path, text, 0o600))
+    os.rename(private.path, os.path.join(tmp_path, "private.conf"))
+    shared = load_config(_write(tmp_path, text, 0o644))
+    assert shared.notices[0].level is NoticeLevel.WARNING
+    assert shared.proxies == private.proxies and len(shared.proxies) == 1
+    assert shared.peers == private.peers and shared.interface == private.interface
+
+
 def test_load_config_errors_name_the_path(tmp_path: os.PathLike[str]) -> None:
     missing = os.path.join(tmp_path, "nope.conf")
     with pytest.raises(ConfigError) as info:

@@ -11,6 +11,7 @@ Also parses the values of the CLI's `--route CIDR:PEER_IP` and `--exit-node IP`.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import re
@@ -771,7 +772,7 @@ def load_config(path: str) -> Config:
             f"it holds a private key: chmod 600 {path}",
             path,
         )
-        config = Config(config.interface, config.peers, config.path, (warning, *config.notices))
+        config = dataclasses.replace(config, notices=(warning, *config.notices))
     return config
 
 

@@ -236,6 +236,24 @@ def test_bad_config_leaves_the_namespace_untouched(
     assert not (tmp_path / "state").exists()
 
 
+def test_a_stream_road_peer_is_refused_and_nothing_is_touched(
+    module_rig: Rig, tmp_path: Path
+) -> None:
+    rig = module_rig
+    before = snapshot(rig.client)
+    conf = rig.write_client_config(
+        tmp_path / "stream.conf",
+        endpoint="https://relay.wg.test/wg",
+        extra_lines=["TransportKey = not-a-real-key-0123456789"],
+        second_peer=False,
+    )
+    up = Up(rig.client, conf, tmp_path, [], tun="wgtun0")
+    assert up.proc.wait(30) == 1, up.output()
+    lines = up.output().strip().splitlines()
+    assert len(lines) == 1 and "not available in TUN mode" in lines[0], lines
+    assert snapshot(rig.client) == before
+
+
 def test_link_deleted_under_it_is_fatal_and_the_rest_is_cleaned(
     module_rig: Rig, conf: Path, tmp_path: Path
 ) -> None:

@@ -84,6 +84,13 @@ def prepare(opts: UpOptions) -> UpPlan:
     if not config.interface.addresses:
         raise WrapguardError(f"{opts.config_path}: [Interface] has no Address: the TUN device "
                              "needs one")  # fmt: skip
+    for peer in config.peers:
+        if peer.stream is not None:  # its relay would need a road and an endpoint bypass here
+            raise WrapguardError(
+                f"{opts.config_path}:{peer.line}: [Peer] with Endpoint = {peer.stream.url}: the "
+                "stream road (docs/streams.md) is not available in TUN mode yet; use the wrapped "
+                "mode or the proxies for this peer"
+            )
     logger = log.get()
     for notice in config.notices:
         fields = {"file": notice.path, "line": notice.line, "key": notice.key}
