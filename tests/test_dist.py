@@ -15,17 +15,32 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+SKIP_DIRS = {".git", ".venv", "build", "dist", "__pycache__", ".pytest_cache", ".mypy_cache"}
+
+
+def _checkout_files() -> list[str]:
+    """The checkout's files: git's tracked and new ones, or (no git) the tree without what
+    builds and runs leave behind."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, timeout=60,
+    )  # fmt: skip
+    if listed.returncode == 0:
+        return [n for n in listed.stdout.decode().split("\0") if n]
+    out = []
+    for dirpath, dirnames, filenames in os.walk(ROOT):
+        dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS and not d.endswith(".egg-info")]
+        out += [str((Path(dirpath) / f).relative_to(ROOT)) for f in filenames]
+    return out
+
+
 @pytest.mark.timeout(600)
 def test_wheel_installs_and_runs_without_a_compiler(tmp_path: Path) -> None:
     out = tmp_path / "dist"
     # From a copy of the checkout's files (tracked and new, not ignored): an in-tree build
     # reuses build/lib, where setuptools keeps modules that were deleted from the source.
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT, capture_output=True, check=True, timeout=60,
-    ).stdout.decode().split("\0")  # fmt: skip
     tree = tmp_path / "src"
-    for name in filter(None, listed):
+    for name in _checkout_files():
         if (ROOT / name).is_file():
             (tree / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, tree / name)
