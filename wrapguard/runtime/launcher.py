@@ -41,6 +41,7 @@ from wrapguard.wire.ipc import RESOLVE_ADDRCONFIG, Action, Address, Proto
 
 if TYPE_CHECKING:
     from wrapguard.doors import Door
+    from wrapguard.doors.seccomp import SeccompDoor
     from wrapguard.launch import Plan
 
 GATE_DEADLINE = 5.0  # seconds for the GATE request to follow the token (the local step)
@@ -177,6 +178,9 @@ class TunnelBackend:
         if (ip.version == 4 and not self.v4) or (ip.version == 6 and not self.v6):
             return Decision(Action.FAIL, errno.ENETUNREACH)
         return Decision(Action.TUNNEL)
+
+    def dns_captured(self, ip: IPAddress, port: int, proto: int) -> bool:
+        return self._dns_forwarded(ip, port, proto)
 
     def _dns_forwarded(self, ip: IPAddress, port: int, proto: int) -> bool:
         """A DNS query (port 53, TCP or UDP) to a server outside the tunnel, with DNS= set."""
@@ -682,6 +686,7 @@ class Launcher:
         self.link = link or StatusLink(None, None)
         self.log = log.get("wrapguard.launcher")
         self.doors: list[Door] = []
+        self.seccomp: SeccompDoor | None = None
 
     async def _start_doors(self, service: TunnelService) -> None:
         """The control socket, then each proxy the flags or the config ask for."""
@@ -767,10 +772,26 @@ class Launcher:
         self, session: TunnelSession, shim_path: str, forwarded: list[signal.Signals]
     ) -> int:
         assert self.executable is not None
-        session.backend.frontend = session.service.add_frontend(
-            FrontEnd("preload", address=session.channel.ctl_path or "")
-        )
-        self.log.debug("starting program", program=self.argv[0], shim=shim_path)
+        argv, executable = self.argv, self.executable
+        if self.plan.door == "seccomp":
+            from wrapguard.doors import seccomp
+
+            assert session.channel.directory is not None
+            door = await seccomp.start(session.service, session.channel.directory)
+            self.doors.append(door)
+            self.seccomp = door
+            argv = door.helper_argv(executable, argv)
+            executable = argv[0]
+            env = dict(os.environ)
+            ready = door.ready
+            self.log.debug("starting program", program=self.argv[0], door="seccomp")
+        else:
+            session.backend.frontend = session.service.add_frontend(
+                FrontEnd("preload", address=session.channel.ctl_path or "")
+            )
+            env = session.child_env()
+            ready = session.backend.hello_event
+            self.log.debug("starting program", program=self.argv[0], shim=shim_path)
         loop = asyncio.get_running_loop()
         program: list[int] = []
 
@@ -785,10 +806,10 @@ class Launcher:
         loop.add_signal_handler(signal.SIGCHLD, reap)
         try:
             status = await run_child(
-                self.argv,
-                self.executable,
-                session.child_env(),
-                ready=session.backend.hello_event,
+                argv,
+                executable,
+                env,
+                ready=ready,
                 ready_timeout=HELLO_TIMEOUT,
                 on_started=started,
                 forwarded=forwarded,

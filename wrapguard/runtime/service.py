@@ -140,7 +140,9 @@ class TunnelService:
 
     # -- flows ---------------------------------------------------------------------------------
 
-    def open_tcp(self, ip: IPAddress, port: int) -> tuple[TcpRelay, asyncio.Future[int]]:
+    def open_tcp(
+        self, ip: IPAddress, port: int, on_done: Callable[[TcpRelay], None] | None = None
+    ) -> tuple[TcpRelay, asyncio.Future[int]]:
         """Connect through the tunnel. The future gives 0 once open, or the errno of the
         failure (ECONNREFUSED, ETIMEDOUT, EHOSTUNREACH); the door then joins its socket with
         `relay.attach_socket(sock, initial)` (or lets the relay go on failure)."""
@@ -151,14 +153,38 @@ class TunnelService:
             if not outcome.done():
                 outcome.set_result(status)
 
-        def on_done(relay: TcpRelay) -> None:
+        def done(relay: TcpRelay) -> None:
             if not outcome.done():
                 outcome.set_result(relay.status or errno.ECONNRESET)
+            if on_done is not None:
+                on_done(relay)
 
-        relay = TcpRelay(self.engine, on_status=on_status, on_done=on_done)
+        relay = TcpRelay(self.engine, on_status=on_status, on_done=done)
         cid = self.engine.connect(plain(ip), port, relay)
         relay.attach_conn(cid)
         return relay, outcome
+
+    def tcp_local(self, relay: TcpRelay) -> tuple[IPAddress, int]:
+        """Our tunnel address and port of an open_tcp() flow (what getsockname reports)."""
+        assert relay.cid is not None
+        local = self.engine.stack.conn_info(relay.cid).local
+        return local[0], local[1]
+
+    def tunnel_address(self, version: int) -> IPAddress | None:
+        """Our first tunnel address of that IP version, if the config has one."""
+        return next((a for a in self.engine.addresses if a.version == version), None)
+
+    def dns_redirect(self, proto: int, ip: IPAddress, port: int) -> tuple[IPAddress, int] | None:
+        """Where a DNS query the program sends itself really goes: with DNS= set, port 53 of
+        an address outside the tunnel (the host's resolv.conf servers) is answered by the
+        first tunnel DNS server (as the preload door does, docs/channel.md "DNS"). None: as
+        asked. Check it before route(): such a query must never reach the host resolver."""
+        return self.session.backend.dns_target(plain(ip), port, proto)
+
+    def dns_captured(self, proto: int, ip: IPAddress, port: int) -> bool:
+        """A port-53 query outside the tunnel with DNS= set (even when no tunnel DNS server
+        of a usable family exists: then it fails, never the host)."""
+        return self.session.backend.dns_captured(plain(ip), port, proto)
 
     def open_udp(
         self,

@@ -1,0 +1,759 @@
+"""The seccomp door: programs the preload shim cannot see (static and Go binaries) have their
+socket system calls answered by the launcher (docs/seccomp.md).
+
+The helper (csrc/seccomp/helper.c) connects to this door's unix socket, installs a seccomp
+filter with a user-notification listener and says the listener's fd number; the door takes
+the listener with pidfd_getfd() and answers "K"; the helper execs the program. From then on
+the calls the filter traps stop in the program until `_Supervisor` answers them on the
+launcher's loop (SECCOMP_IOCTL_NOTIF_RECV/SEND):
+
+- connect() to a destination routed into the tunnel: the door borrows the program's socket
+  (pidfd_getfd: the same open file, so Go's epoll registration stays valid), connects it to
+  a loopback listener of ours and joins the accepted end to a tunnel flow
+  (TunnelService.open_tcp + TcpRelay.attach_socket). A blocking connect is answered when the
+  tunnel says open/refused; a non-blocking one gets EINPROGRESS, and its
+  getsockopt(SO_ERROR) is held until the outcome is known. UDP: the socket is connected to a
+  loopback UDP socket of ours that forwards into a tunnel UDP flow. Port 53 outside the
+  tunnel goes to the tunnel DNS when DNS= is set. Unrouted: the call runs as asked
+  (SECCOMP_USER_NOTIF_FLAG_CONTINUE); routed but impossible: its errno (fail closed).
+- getpeername()/getsockname() of such a socket report the tunnel addresses.
+- Anything else trapped runs as asked.
+
+Every read of the program's memory is followed by SECCOMP_IOCTL_NOTIF_ID_VALID (the thread
+may have died and its pid been reused) before the door acts on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import errno
+import fcntl
+import ipaddress
+import os
+import select
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from wrapguard import log
+from wrapguard.errors import DecodeError
+from wrapguard.runtime.relay import TcpRelay, reset_socket
+from wrapguard.runtime.service import TCP, UDP, FrontEnd, TunnelService, UdpFlow, Way, plain
+from wrapguard.wire import seccomp as sc
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+HELPER_NAME = "_seccomp_helper"
+SOCKET_NAME = "seccomp.sock"
+SYS_PIDFD_GETFD = 438  # the same number on x86_64 and aarch64 (the unified table)
+SOL_SOCKET, SO_ERROR, SO_TYPE, SO_DOMAIN = 1, 4, 3, 39
+MAX_SOCKADDR = 128
+HANDOVER_TIMEOUT = 5.0  # seconds for a helper to say its listener's number
+UDP_SWEEP_EVERY = 5.0  # seconds between checks that a redirected UDP socket still exists
+FLOW_KEEP = 60.0  # seconds a TCP flow's addresses stay answerable after it ended
+
+_NR: dict[str, int] = (
+    {
+        "connect": 42, "getpeername": 52, "getsockname": 51, "getsockopt": 55,
+        "bind": 49, "listen": 50, "accept": 43, "accept4": 288, "sendto": 44,
+        "sendmsg": 46, "sendmmsg": 307,
+    }
+    if os.uname().machine == "x86_64"
+    else {
+        "connect": 203, "getpeername": 205, "getsockname": 204, "getsockopt": 209,
+        "bind": 200, "listen": 201, "accept": 202, "accept4": 242, "sendto": 206,
+        "sendmsg": 211, "sendmmsg": 269,
+    }
+)  # fmt: skip
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def helper_path() -> str | None:
+    """The helper built at install next to the package (setup.py), if it is there."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), HELPER_NAME)
+    return path if os.access(path, os.X_OK) else None
+
+
+def supported() -> str | None:
+    """None if this kernel offers seccomp user notification to us, else why not."""
+    try:
+        with open("/proc/self/status") as f:
+            if not any(line.startswith("Seccomp:") for line in f):
+                return "this kernel has no seccomp (CONFIG_SECCOMP)"
+    except OSError as exc:
+        return f"cannot read /proc/self/status: {exc.strerror}"
+    release = os.uname().release.split(".")
+    try:
+        major, minor = int(release[0]), int(release[1].split("-")[0])
+    except (ValueError, IndexError):
+        return None
+    if (major, minor) < (5, 9):
+        return f"Linux {major}.{minor} has no seccomp user notification with pidfd_getfd (5.9+)"
+    return None
+
+
+# -- the program's side: its memory, its fds ---------------------------------------------------
+
+
+def pidfd_getfd(pid: int, fd: int) -> int:
+    """A duplicate of the process's fd `fd` (the same open file)."""
+    pidfd = os.pidfd_open(_tgid(pid))
+    try:
+        got = _libc.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
+        if got < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        os.set_inheritable(got, False)
+        return int(got)
+    finally:
+        os.close(pidfd)
+
+
+def _tgid(tid: int) -> int:
+    """pidfd_open() wants the thread-group leader; a notification names the thread."""
+    with open(f"/proc/{tid}/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"Tgid:"):
+                return int(line.split()[1])
+    raise ProcessLookupError(tid)
+
+
+def read_mem(pid: int, addr: int, size: int) -> bytes:
+    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.pread(fd, size, addr)
+    finally:
+        os.close(fd)
+
+
+def write_mem(pid: int, addr: int, data: bytes) -> None:
+    fd = os.open(f"/proc/{pid}/mem", os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        if os.pwrite(fd, data, addr) != len(data):
+            raise OSError(errno.EFAULT, "short write into the program's memory")
+    finally:
+        os.close(fd)
+
+
+def fd_inode(pid: int, fd: int) -> int | None:
+    """The inode of the program's fd if it is a socket (the key of a redirected socket)."""
+    try:
+        st = os.stat(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return None
+    return st.st_ino if (st.st_mode & 0o170000) == 0o140000 else None
+
+
+# -- one redirected socket ---------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Flow:
+    proto: int
+    family: int  # the program's socket's family (addresses it sees are in this family)
+    peer: tuple[IPAddress, int]  # what the program asked for (getpeername)
+    local: tuple[IPAddress, int]  # our tunnel side (getsockname)
+    nonblocking: bool = False
+    status: int | None = None  # TCP: 0 open, errno failed, None not known yet
+    so_error_told: bool = False
+    held: list[sc.Notification] = field(default_factory=list)  # SO_ERROR waiting for status
+    relay: TcpRelay | None = None
+    udp: UdpFlow | None = None
+    ours: socket.socket | None = None  # UDP: our loopback socket the program's one talks to
+    inode: int = 0
+
+
+# -- the door ----------------------------------------------------------------------------------
+
+
+class SeccompDoor:
+    """The door: its helper socket, the loopback listeners redirected sockets are joined
+    through, and one supervisor per listener fd received."""
+
+    def __init__(self, service: TunnelService, directory: str) -> None:
+        self.service = service
+        self.log = log.get("wrapguard.seccomp")
+        self.path = os.path.join(directory, SOCKET_NAME)
+        self.loop = asyncio.get_running_loop()
+        self.frontend = service.add_frontend(FrontEnd("seccomp", address=self.path))
+        self.listeners = 0  # listener fds received so far
+        self.ready = asyncio.Event()  # set by the first one
+        self.flows: dict[int, _Flow] = {}  # by the program socket's inode
+        self._pending: dict[tuple[str, int], _Flow] = {}  # loopback source -> flow
+        self._accepted: dict[tuple[str, int], socket.socket] = {}  # accepted before mapped
+        self._sups: set[_Supervisor] = set()
+        self._tasks: set[asyncio.Future[None]] = set()
+        self._server: socket.socket | None = None
+        self._tcp: dict[int, socket.socket] = {}  # family -> loopback listener
+        self._sweep: asyncio.TimerHandle | None = None
+        self.counters: dict[str, int] = {}
+
+    @property
+    def address(self) -> str:
+        return self.path
+
+    def count(self, what: str) -> None:
+        self.counters[what] = self.counters.get(what, 0) + 1
+
+    async def start(self) -> None:
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        server.bind(self.path)
+        os.chmod(self.path, 0o600)
+        server.listen(64)
+        server.setblocking(False)
+        self._server = server
+        self.loop.add_reader(server.fileno(), self._on_helper)
+        for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+            s = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                if family == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                s.bind((host, 0))
+                s.listen(4096)
+            except OSError:
+                s.close()
+                continue
+            s.setblocking(False)
+            self._tcp[family] = s
+            self.loop.add_reader(s.fileno(), self._on_loopback, s)
+        self.frontend.extra["counters"] = self.counters
+
+    def helper_argv(self, executable: str, argv: list[str]) -> list[str]:
+        helper = helper_path()
+        if helper is None:
+            raise OSError(errno.ENOENT, "the seccomp helper is missing (reinstall wrapguard)")
+        return [helper, self.path, executable, *argv]
+
+    async def close(self) -> None:
+        for sup in list(self._sups):
+            sup.close()
+        if self._server is not None:
+            self.loop.remove_reader(self._server.fileno())
+            self._server.close()
+            self._server = None
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+        for s in self._tcp.values():
+            self.loop.remove_reader(s.fileno())
+            s.close()
+        self._tcp.clear()
+        for flow in list(self.flows.values()):
+            self._end_udp(flow)
+        for s in self._accepted.values():
+            s.close()
+        self._accepted.clear()
+        if self._sweep is not None:
+            self._sweep.cancel()
+
+    # -- the helper hands a listener over ----------------------------------------------------
+
+    def _on_helper(self) -> None:
+        assert self._server is not None
+        try:
+            conn, _ = self._server.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        task = asyncio.ensure_future(self._handover(conn))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handover(self, conn: socket.socket) -> None:
+        conn.setblocking(False)
+        try:
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            pid, uid, _ = struct.unpack("iII", creds)
+            if uid != os.geteuid():
+                self.log.warning("seccomp helper of another user refused", uid=uid)
+                return
+            line = b""
+            async with asyncio.timeout(HANDOVER_TIMEOUT):
+                while not line.endswith(b"\n") and len(line) < 32:
+                    chunk = await self.loop.sock_recv(conn, 32 - len(line))
+                    if not chunk:
+                        return
+                    line += chunk
+            word, num = line.split()
+            if word != b"L":
+                return
+            listener = pidfd_getfd(pid, int(num))
+            self._sups.add(_Supervisor(self, listener, pid))
+            self.listeners += 1
+            await self.loop.sock_sendall(conn, b"K")
+            self.log.debug("seccomp filter on", pid=pid)
+            self.ready.set()
+        except (OSError, ValueError, TimeoutError) as exc:
+            self.log.warning("seccomp helper hand-over failed", error=str(exc))
+        finally:
+            conn.close()
+
+    def supervisor_gone(self, sup: _Supervisor) -> None:
+        self._sups.discard(sup)
+
+    # -- loopback joins ----------------------------------------------------------------------
+
+    def _on_loopback(self, listener: socket.socket) -> None:
+        for _ in range(64):
+            try:
+                sock, addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self.log.warning("loopback accept failed", error=str(exc))
+                return
+            key = (str(ipaddress.ip_address(addr[0])), addr[1])
+            flow = self._pending.pop(key, None)
+            if flow is None:
+                # Our own connect() has not been recorded yet (it is, right after it
+                # returns), or a stranger: keep it a moment, then drop it.
+                self._accepted[key] = sock
+                self.loop.call_later(1.0, self._drop_stranger, key)
+                continue
+            self._join(flow, sock)
+
+    def _drop_stranger(self, key: tuple[str, int]) -> None:
+        sock = self._accepted.pop(key, None)
+        if sock is not None:
+            sock.close()
+
+    def _join(self, flow: _Flow, sock: socket.socket) -> None:
+        assert flow.relay is not None
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        flow.relay.attach_socket(sock)
+
+    # -- decisions -----------------------------------------------------------------------------
+
+    def connect_tcp(self, sup: _Supervisor, n: sc.Notification, family: int,
+                    dst: tuple[IPAddress, int], target: tuple[IPAddress, int]) -> None:  # fmt: skip
+        """Borrow the program's socket and join it to a tunnel flow to `target` (it asked
+        for `dst`)."""
+        fd = n.args[0]
+        dup = pidfd_getfd(n.pid, fd)
+        sock = socket.socket(fileno=dup)
+        try:
+            if not sup.valid(n):
+                return
+            nonblocking = bool(fcntl.fcntl(dup, fcntl.F_GETFL) & os.O_NONBLOCK)
+            listener = self._tcp.get(family) or self._tcp.get(socket.AF_INET)
+            if listener is None:
+                sup.answer(n, error=errno.ENETUNREACH)
+                return
+            lhost, lport = listener.getsockname()[:2]
+            if family == socket.AF_INET6 and listener.family == socket.AF_INET:
+                lhost = "::ffff:" + lhost
+            inode = os.fstat(dup).st_ino
+            flow = _Flow(TCP, family, dst, dst, nonblocking, inode=inode)
+            relay, outcome = self.service.open_tcp(
+                target[0], target[1], on_done=lambda _r: self._ended(flow)
+            )
+            flow.relay = relay
+            flow.local = self.service.tcp_local(relay)
+            self.frontend.flows += 1
+            self.count("tcp_redirected")
+            err = sock.connect_ex((lhost, lport))
+            if err not in (0, errno.EINPROGRESS):
+                relay.abort()
+                sup.answer(n, error=err)
+                return
+            name = sock.getsockname()
+            key = (str(ipaddress.ip_address(name[0])), name[1])
+            old = self.flows.get(inode)
+            if old is not None:
+                self._forget(old)
+            self.flows[inode] = flow
+            early = self._accepted.pop(key, None)
+            if early is not None:
+                self._join(flow, early)
+            else:
+                self._pending[key] = flow
+            if nonblocking:
+                sup.answer(n, error=errno.EINPROGRESS)
+            else:
+                flow.so_error_told = True
+            outcome.add_done_callback(lambda f: self._outcome(sup, flow, n, f.result(), key))
+        finally:
+            sock.detach()
+            os.close(dup)
+
+    def _outcome(self, sup: _Supervisor, flow: _Flow, n: sc.Notification, status: int,
+                 key: tuple[str, int]) -> None:  # fmt: skip
+        flow.status = status
+        if status:
+            self.count("tcp_failed")
+            self.log.debug("tunnel connect failed", dst=f"{flow.peer[0]}:{flow.peer[1]}", errno=status)
+            stray = self._pending.pop(key, None)
+            if stray is not None and flow.relay is not None:
+                flow.relay.abort()
+        if not flow.nonblocking:
+            sup.answer(n, error=status)  # the blocking connect() returns now
+        for held in flow.held:
+            self.answer_so_error(sup, held, flow)
+        flow.held.clear()
+
+    def _ended(self, flow: _Flow) -> None:
+        self.loop.call_later(FLOW_KEEP, self._expire, flow)
+
+    def _expire(self, flow: _Flow) -> None:
+        if self.flows.get(flow.inode) is flow:
+            del self.flows[flow.inode]
+
+    def _forget(self, flow: _Flow) -> None:
+        self.flows.pop(flow.inode, None)
+        self._end_udp(flow)
+
+    def answer_so_error(self, sup: _Supervisor, n: sc.Notification, flow: _Flow) -> None:
+        assert flow.status is not None
+        flow.so_error_told = True
+        optval, optlen = n.args[3], n.args[4]
+        try:
+            have = struct.unpack("<i", read_mem(n.pid, optlen, 4))[0]
+            if not sup.valid(n):
+                return
+            value = struct.pack("<i", flow.status)
+            write_mem(n.pid, optval, value[: max(0, min(have, 4))])
+            write_mem(n.pid, optlen, struct.pack("<i", min(have, 4)))
+        except OSError:
+            sup.answer(n, error=errno.EFAULT)
+            return
+        sup.answer(n)
+
+    def connect_udp(self, sup: _Supervisor, n: sc.Notification, family: int,
+                    dst: tuple[IPAddress, int], target: tuple[IPAddress, int]) -> None:  # fmt: skip
+        """A connected UDP socket to a routed destination: connect it to a loopback UDP
+        socket of ours that forwards into a tunnel UDP flow (and back)."""
+        dup = pidfd_getfd(n.pid, n.args[0])
+        sock = socket.socket(fileno=dup)
+        ours: socket.socket | None = None
+        try:
+            if not sup.valid(n):
+                return
+            inode = os.fstat(dup).st_ino
+            old = self.flows.get(inode)
+            if old is not None:
+                self._forget(old)
+            v6 = family == socket.AF_INET6
+            ours = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+            ours.bind(("::1" if v6 else "127.0.0.1", 0))
+            err = sock.connect_ex(ours.getsockname()[:2])
+            if err == errno.EADDRNOTAVAIL and v6:  # no ::1 here: v4-mapped loopback
+                ours.close()
+                ours = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+                ours.bind(("::ffff:127.0.0.1", 0))
+                err = sock.connect_ex(ours.getsockname()[:2])
+            if err:
+                ours.close()
+                sup.answer(n, error=err)
+                return
+            ours.connect(sock.getsockname()[:2])
+            ours.setblocking(False)
+            sock_ours = ours
+
+            def back(src: tuple[IPAddress, int], payload: bytes) -> None:
+                if plain(src[0]) == plain(target[0]) and src[1] == target[1]:
+                    with contextlib.suppress(OSError):
+                        sock_ours.send(payload)
+
+            udp = self.service.open_udp(back)
+            tunnel_ip = self.service.tunnel_address(plain(target[0]).version)
+            assert tunnel_ip is not None  # route() said TUNNEL: we have that family
+            flow = _Flow(UDP, family, dst, (tunnel_ip, udp.port), udp=udp, ours=ours, inode=inode)
+            flow.status = 0
+            self.flows[inode] = flow
+            self.frontend.flows += 1
+            self.count("udp_redirected")
+            self.loop.add_reader(ours.fileno(), self._udp_out, flow, target)
+            self._arm_sweep()
+            ours = None
+            sup.answer(n)
+        finally:
+            if ours is not None:
+                ours.close()
+            sock.detach()
+            os.close(dup)
+
+    def _udp_out(self, flow: _Flow, target: tuple[IPAddress, int]) -> None:
+        assert flow.ours is not None and flow.udp is not None
+        for _ in range(64):
+            try:
+                data = flow.ours.recv(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            try:
+                flow.udp.send(target, data)
+            except OSError as exc:
+                self.log.debug("udp datagram not sent", error=str(exc))
+
+    def _end_udp(self, flow: _Flow) -> None:
+        if flow.ours is not None:
+            with contextlib.suppress(Exception):
+                self.loop.remove_reader(flow.ours.fileno())
+            flow.ours.close()
+            flow.ours = None
+        if flow.udp is not None:
+            flow.udp.close()
+            flow.udp = None
+
+    def _arm_sweep(self) -> None:
+        if self._sweep is None:
+            self._sweep = self.loop.call_later(UDP_SWEEP_EVERY, self._sweep_udp)
+
+    def _sweep_udp(self) -> None:
+        """End the UDP redirections whose program socket is gone (no close() is seen)."""
+        self._sweep = None
+        udp = [f for f in self.flows.values() if f.proto == UDP]
+        if not udp:
+            return
+        alive = _udp_inodes()
+        for flow in udp:
+            if flow.inode not in alive:
+                self._forget(flow)
+        if any(f.proto == UDP for f in self.flows.values()):
+            self._arm_sweep()
+
+
+def _udp_inodes() -> set[int]:
+    out: set[int] = set()
+    for name in ("udp", "udp6"):
+        try:
+            with open(f"/proc/net/{name}") as f:
+                next(f, None)
+                for line in f:
+                    parts = line.split()
+                    if len(parts) > 9:
+                        out.add(int(parts[9]))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+class _Supervisor:
+    """One listener fd: receive notifications as they come, answer each (now or later)."""
+
+    def __init__(self, door: SeccompDoor, fd: int, pid: int) -> None:
+        self.door = door
+        self.fd = fd
+        self.pid = pid
+        self.log = door.log
+        self.loop = door.loop
+        self._poll = select.poll()
+        self._poll.register(fd, select.POLLIN)
+        self.loop.add_reader(fd, self._on_ready)
+        self.handlers: dict[int, Callable[[sc.Notification], None]] = {
+            _NR["connect"]: self._connect,
+            _NR["getpeername"]: self._getpeername,
+            _NR["getsockname"]: self._getsockname,
+            _NR["getsockopt"]: self._getsockopt,
+        }
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.loop.remove_reader(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+            self.door.supervisor_gone(self)
+
+    # -- the kernel's side ---------------------------------------------------------------------
+
+    def _on_ready(self) -> None:
+        for _ in range(64):
+            events = self._poll.poll(0)
+            if not events:
+                return
+            ev = events[0][1]
+            if not ev & select.POLLIN:
+                if ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                    self.close()  # every filtered process has exited
+                return
+            buf = bytearray(sc.NOTIF_SIZE)
+            try:
+                fcntl.ioctl(self.fd, sc.IOCTL_NOTIF_RECV, buf, True)
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.EINTR):  # it died meanwhile
+                    continue
+                self.log.warning("seccomp receive failed", error=str(exc))
+                self.close()
+                return
+            n = sc.parse_notification(bytes(buf))
+            handler = self.handlers.get(n.nr)
+            try:
+                if handler is None:
+                    self.answer(n, flags=sc.FLAG_CONTINUE)
+                else:
+                    handler(n)
+            except (ProcessLookupError, FileNotFoundError):
+                self.answer(n, error=errno.ESRCH)  # gone: nobody reads it
+            except Exception as exc:  # fail closed: never CONTINUE on a surprise
+                self.log.warning(
+                    "seccomp call refused after an internal error", nr=n.nr, error=repr(exc)
+                )
+                self.answer(n, error=errno.ENETUNREACH if n.nr == _NR["connect"] else errno.EIO)
+
+    def valid(self, n: sc.Notification) -> bool:
+        """The notification is still pending (its thread did not die): what we read of its
+        memory was that thread's."""
+        try:
+            fcntl.ioctl(self.fd, sc.IOCTL_NOTIF_ID_VALID, struct.pack("<Q", n.id))
+        except OSError:
+            return False
+        return True
+
+    def answer(self, n: sc.Notification, val: int = 0, error: int = 0, flags: int = 0) -> None:
+        if self.fd < 0:
+            return
+        try:
+            fcntl.ioctl(self.fd, sc.IOCTL_NOTIF_SEND, sc.emit_response(n.id, val, error, flags))
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # ENOENT: the caller died, or was interrupted
+                self.log.debug("seccomp answer failed", error=str(exc))
+
+    def go_on(self, n: sc.Notification) -> None:
+        self.answer(n, flags=sc.FLAG_CONTINUE)
+
+    # -- the calls -----------------------------------------------------------------------------
+
+    def _connect(self, n: sc.Notification) -> None:
+        door = self.door
+        fd, addr, addrlen = n.args[0], n.args[1], n.args[2]
+        if addr == 0 or addrlen < 2:
+            self.go_on(n)
+            return
+        raw = read_mem(n.pid, addr, min(addrlen, MAX_SOCKADDR))
+        try:
+            family, ip, port = sc.parse_sockaddr(raw)
+        except DecodeError:
+            self.go_on(n)  # the kernel answers EINVAL itself
+            return
+        if ip is None:
+            self.go_on(n)  # AF_UNIX, AF_UNSPEC (a UDP disconnect), AF_NETLINK ...
+            return
+        if not self.valid(n):
+            return
+        inode = fd_inode(n.pid, fd)
+        flow = door.flows.get(inode) if inode is not None else None
+        if flow is not None and flow.proto == TCP:
+            if flow.status is None:
+                self.answer(n, error=errno.EALREADY)
+            elif flow.status == 0:
+                self.answer(n, error=errno.EISCONN)
+            else:
+                self.answer(n, error=flow.status)
+            return
+        service = door.service
+        if flow is None and all(
+            not service.dns_captured(p, ip, port) and service.route(p, ip, port).way is Way.DIRECT
+            for p in (TCP, UDP)
+        ):
+            self.go_on(n)  # loopback, bypassed, unrouted: the host network, as asked
+            return
+        proto = _sock_proto(n.pid, fd)
+        if proto is None:
+            self.go_on(n)  # not TCP/UDP (raw, SCTP ...): as asked
+            return
+        dst = (ip, port)
+        target: tuple[IPAddress, int] = (plain(ip), port)
+        if service.dns_captured(proto, ip, port):
+            redirect = service.dns_redirect(proto, ip, port)
+            if redirect is None or service.route(proto, redirect[0], redirect[1]).way is not Way.TUNNEL:
+                self.answer(n, error=errno.ENETUNREACH)  # never the host's resolver
+                return
+            target = redirect
+        else:
+            route = service.route(proto, ip, port)
+            if route.way is Way.DIRECT:
+                if flow is not None:  # a UDP socket re-connected elsewhere
+                    door._forget(flow)
+                self.go_on(n)
+                return
+            if route.way is Way.FAIL:
+                self.answer(n, error=route.errno)
+                return
+        if proto == TCP:
+            door.connect_tcp(self, n, family, dst, target)
+        else:
+            door.connect_udp(self, n, family, dst, target)
+
+    def _flow_of(self, n: sc.Notification) -> _Flow | None:
+        inode = fd_inode(n.pid, n.args[0])
+        return None if inode is None else self.door.flows.get(inode)
+
+    def _name(self, n: sc.Notification, which: str) -> None:
+        flow = self._flow_of(n)
+        if flow is None:
+            self.go_on(n)
+            return
+        if flow.status != 0 and which == "peer":
+            self.answer(n, error=errno.ENOTCONN)
+            return
+        ip, port = flow.peer if which == "peer" else flow.local
+        family = socket.AF_INET6 if flow.family == socket.AF_INET6 else socket.AF_INET
+        if family == socket.AF_INET and ip.version == 6:
+            ip = plain(ip)
+        data = sc.emit_sockaddr(family, ip, port)
+        addr, lenp = n.args[1], n.args[2]
+        have = struct.unpack("<i", read_mem(n.pid, lenp, 4))[0]
+        if have < 0:
+            self.answer(n, error=errno.EINVAL)
+            return
+        if not self.valid(n):
+            return
+        if have:
+            write_mem(n.pid, addr, data[:have])
+        write_mem(n.pid, lenp, struct.pack("<i", len(data)))
+        self.answer(n)
+
+    def _getpeername(self, n: sc.Notification) -> None:
+        self._name(n, "peer")
+
+    def _getsockname(self, n: sc.Notification) -> None:
+        self._name(n, "local")
+
+    def _getsockopt(self, n: sc.Notification) -> None:
+        flow = self._flow_of(n)
+        if flow is None or flow.proto != TCP or flow.so_error_told:
+            self.go_on(n)
+            return
+        if flow.status is None:
+            flow.held.append(n)  # answered when the tunnel says open or refused
+            return
+        self.door.answer_so_error(self, n, flow)
+
+
+def _sock_proto(pid: int, fd: int) -> int | None:
+    """TCP or UDP (None: another kind of socket, or not a socket): asked of a borrowed copy."""
+    try:
+        dup = pidfd_getfd(pid, fd)
+    except OSError:
+        return None
+    try:
+        s = socket.socket(fileno=dup)
+        try:
+            kind = s.getsockopt(SOL_SOCKET, SO_TYPE)
+            proto = s.getsockopt(SOL_SOCKET, 38)  # SO_PROTOCOL
+        finally:
+            s.detach()
+    finally:
+        os.close(dup)
+    if kind == socket.SOCK_STREAM and proto in (0, 6):
+        return TCP
+    if kind == socket.SOCK_DGRAM and proto in (0, 17):
+        return UDP
+    return None
+
+
+async def start(service: TunnelService, directory: str) -> SeccompDoor:
+    door = SeccompDoor(service, directory)
+    await door.start()
+    return door
+
+
+__all__ = ["SeccompDoor", "helper_path", "pidfd_getfd", "start", "supported"]
+
