@@ -12,7 +12,6 @@ a static program later.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -92,8 +91,8 @@ def test_go_tcp_addresses_are_the_tunnels(
     peer = rig.peer_tunnel_v6 if v6 else rig.peer_tunnel_v4
     ours = rig.our_tunnel_v6 if v6 else rig.our_tunnel_v4
     host = f"[{peer}]" if v6 else peer
-    res = go(rig, conf, probe, "tcp", f"{host}:{rig.echo_port}")
-    assert res["remote"] == f"{host}:{rig.echo_port}", res
+    res = go(rig, conf, probe, "tcp", f"{host}:{rig.tcp_echo_port}")
+    assert res["remote"] == f"{host}:{rig.tcp_echo_port}", res
     local = str(res["local"])
     assert local.rsplit(":", 1)[0].strip("[]") == ours, res
     seen = str(res["echo"]).split()
@@ -112,7 +111,7 @@ def test_go_unroutable_is_network_unreachable(module_rig: Rig, tmp_path: Path,
     conf4 = module_rig.write_client_config(
         tmp_path / "v4only.conf", address=f"{module_rig.our_tunnel_v4}/32"
     )
-    res = go(module_rig, conf4, probe, "dial", f"[{module_rig.peer_tunnel_v6}]:{module_rig.echo_port}")
+    res = go(module_rig, conf4, probe, "dial", f"[{module_rig.peer_tunnel_v6}]:{module_rig.tcp_echo_port}")
     assert "network is unreachable" in str(res.get("error")), res
 
 
@@ -137,7 +136,7 @@ def test_go_300_concurrent_connections(module_rig: Rig, conf: Path,
                                        goprobes: dict[str, Path]) -> None:  # fmt: skip
     rig = module_rig
     res = go(rig, conf, str(goprobes["static"]), "many", "300",
-             f"{rig.peer_tunnel_v4}:{rig.echo_port}", timeout=180)  # fmt: skip
+             f"{rig.peer_tunnel_v4}:{rig.tcp_echo_port}", timeout=180)  # fmt: skip
     assert res["ok"] == 300, res
 
 
@@ -151,7 +150,7 @@ def test_busybox_wget_and_nc(module_rig: Rig, conf: Path, tmp_path: Path) -> Non
     assert hashlib.sha256(out.read_bytes()).hexdigest() == rig.files["1MiB.bin"][1]
     r = run_wrapped(
         rig.client, conf,
-        ["sh", "-c", f"echo hello-nc | {BUSYBOX} nc -w 5 {rig.peer_tunnel_v4} {rig.echo_port}"],
+        ["sh", "-c", f"echo hello-nc | {BUSYBOX} nc -w 5 {rig.peer_tunnel_v4} {rig.tcp_echo_port}"],
         extra=("--intercept", "seccomp"),
     )  # fmt: skip
     assert r.returncode == 0, explain(r)
@@ -165,7 +164,3 @@ def test_doctor_names_the_seccomp_door(goprobes: dict[str, Path]) -> None:
     assert any("seccomp door" in f.detail and f.status == "ok" for f in findings), findings
     refused = check_target(str(goprobes["static"]), seccomp=False)
     assert any(f.status == "FAIL" for f in refused), refused
-
-
-def _unused(x: object) -> str:
-    return json.dumps(x)
