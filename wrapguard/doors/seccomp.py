@@ -51,6 +51,7 @@ SOCKET_NAME = "seccomp.sock"
 SYS_PIDFD_GETFD = 438  # the same number on x86_64 and aarch64 (the unified table)
 SOL_SOCKET, SO_ERROR, SO_TYPE, SO_DOMAIN = 1, 4, 3, 39
 MAX_SOCKADDR = 128
+MSGHDR_SIZE, MMSGHDR_SIZE = 56, 64  # struct msghdr, struct mmsghdr (64-bit)
 HANDOVER_TIMEOUT = 5.0  # seconds for a helper to say its listener's number
 UDP_SWEEP_EVERY = 5.0  # seconds between checks that a redirected UDP socket still exists
 FLOW_KEEP = 60.0  # seconds a TCP flow's addresses stay answerable after it ended
@@ -552,7 +553,11 @@ class _Supervisor:
             _NR["getpeername"]: self._getpeername,
             _NR["getsockname"]: self._getsockname,
             _NR["getsockopt"]: self._getsockopt,
+            _NR["sendto"]: self._sendto,
+            _NR["sendmsg"]: self._sendmsg,
+            _NR["sendmmsg"]: self._sendmmsg,
         }
+        self._warned_send = False
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -680,6 +685,77 @@ class _Supervisor:
             door.connect_tcp(self, n, family, dst, target)
         else:
             door.connect_udp(self, n, family, dst, target)
+
+    # -- datagrams with an address ---------------------------------------------------------
+
+    def _send_decision(self, n: sc.Notification, names: list[bytes]) -> None:
+        """sendto/sendmsg/sendmmsg naming destinations: those outside the tunnel go as asked;
+        one routed into it (or a DNS query with DNS= set) is refused with ENETUNREACH: an
+        unconnected socket's replies could not come back from the right source address
+        without trapping every receive (docs/seccomp.md "Limits"). Fail closed."""
+        service = self.door.service
+        for raw in names:
+            try:
+                _family, ip, port = sc.parse_sockaddr(raw)
+            except DecodeError:
+                continue
+            if ip is None:
+                continue
+            if service.dns_captured(UDP, ip, port) or any(
+                service.route(p, ip, port).way is not Way.DIRECT for p in (UDP, TCP)
+            ):
+                break
+        else:
+            self.go_on(n)
+            return
+        if self._flow_of(n) is not None:
+            self.go_on(n)  # a socket we connected: its address is ours to keep
+            return
+        if not self.valid(n):
+            return
+        self.door.count("send_refused")
+        if not self._warned_send:
+            self._warned_send = True
+            self.log.warning(
+                "refused a datagram sent with an address into the tunnel (unconnected UDP or "
+                "TCP Fast Open): only connected sockets are carried by the seccomp door",
+                pid=n.pid,
+            )
+        self.answer(n, error=errno.ENETUNREACH)
+
+    def _name_at(self, pid: int, addr: int, length: int) -> bytes:
+        return read_mem(pid, addr, min(length, MAX_SOCKADDR)) if addr and length >= 2 else b""
+
+    def _sendto(self, n: sc.Notification) -> None:
+        self._send_decision(n, [self._name_at(n.pid, n.args[4], n.args[5])])
+
+    def _msghdr_name(self, pid: int, raw: bytes) -> bytes:
+        name, namelen = struct.unpack_from("<QI", raw)
+        return self._name_at(pid, name, namelen)
+
+    def _sendmsg(self, n: sc.Notification) -> None:
+        raw = read_mem(n.pid, n.args[1], MSGHDR_SIZE)
+        if len(raw) < MSGHDR_SIZE:
+            self.go_on(n)  # the kernel answers EFAULT
+            return
+        name = self._msghdr_name(n.pid, raw)
+        if not name:
+            self.go_on(n)
+            return
+        self._send_decision(n, [name])
+
+    def _sendmmsg(self, n: sc.Notification) -> None:
+        count = min(n.args[2], 1024)  # UIO_MAXIOV: the kernel sends no more
+        raw = read_mem(n.pid, n.args[1], count * MMSGHDR_SIZE)
+        names = [
+            self._msghdr_name(n.pid, raw[i : i + MSGHDR_SIZE])
+            for i in range(0, len(raw) - MSGHDR_SIZE + 1, MMSGHDR_SIZE)
+        ]
+        names = [x for x in names if x]
+        if not names:
+            self.go_on(n)
+            return
+        self._send_decision(n, names)
 
     def _flow_of(self, n: sc.Notification) -> _Flow | None:
         inode = fd_inode(n.pid, n.args[0])
