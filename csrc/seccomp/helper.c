@@ -26,6 +26,8 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+extern char **environ;
+
 #if defined(__x86_64__)
 #define WG_ARCH AUDIT_ARCH_X86_64
 #define WG_X32_BIT 0x40000000u
@@ -91,6 +93,32 @@ static struct sock_filter filter[] = {
     /* 28 */ RET(ENOSYS_RET),
 };
 
+/* Take our preload shim (the _shim.so next to this helper) out of LD_PRELOAD: under the
+ * filter the door sees every socket call, and the shim would intercept them a second time.
+ * The user's own preloads stay. */
+static void drop_shim(void) {
+    char self[4096], shim[4096 + 16];
+    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+    const char *pre = getenv("LD_PRELOAD");
+    if (n <= 0 || pre == NULL) return;
+    self[n] = '\0';
+    char *slash = strrchr(self, '/');
+    if (slash == NULL) return;
+    *slash = '\0';
+    snprintf(shim, sizeof shim, "%s/_shim.so", self);
+    size_t len = strlen(pre);
+    char kept[len + 1], copy[len + 1];
+    memcpy(copy, pre, len + 1);
+    kept[0] = '\0';
+    for (char *save = NULL, *w = strtok_r(copy, " :", &save); w; w = strtok_r(NULL, " :", &save)) {
+        if (strcmp(w, shim) == 0) continue;
+        if (kept[0]) strcat(kept, " ");
+        strcat(kept, w);
+    }
+    if (kept[0]) setenv("LD_PRELOAD", kept, 1);
+    else unsetenv("LD_PRELOAD");
+}
+
 static int seccomp(unsigned op, unsigned flags, void *args) {
     return (int)syscall(__NR_seccomp, op, flags, args);
 }
@@ -133,7 +161,10 @@ int main(int argc, char **argv) {
     }
     close(listener); /* the launcher has its own copy now */
     close(sock);
-    execv(argv[2], &argv[3]);
+    drop_shim();
+    /* The system call itself: if the shim is loaded into this helper, its exec hook must
+     * not see (and hand over again) the program it is already running. */
+    syscall(__NR_execve, argv[2], &argv[3], environ);
     int err = errno;
     fprintf(stderr, "wrapguard: cannot run %s: %s\n", argv[2], strerror(err));
     _exit(err == ENOENT ? 127 : 126);

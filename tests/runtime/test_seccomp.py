@@ -12,6 +12,7 @@ a static program later.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -197,3 +198,41 @@ print(" ".join(res))
                     extra=("--intercept", "seccomp"))  # fmt: skip
     assert r.returncode == 0, explain(r)
     assert r.stdout.split() == ["ENETUNREACH", "ENETUNREACH", "local"], explain(r)
+
+
+def test_wrapped_bash_starts_a_static_program_later(module_rig: Rig, conf: Path,
+                                                    goprobes: dict[str, Path]) -> None:  # fmt: skip
+    """bash gets the preload shim; the static Go program it execs later is handed to the
+    seccomp door by the shim's exec hook (csrc/exec.c) instead of being refused, and so is
+    busybox run through posix_spawn-style PATH search."""
+    rig = module_rig
+    script = (
+        f"sleep 0.2; {goprobes['static']} tcp {rig.peer_tunnel_v4}:{rig.tcp_echo_port}; "
+        f"echo hi | busybox nc -w 5 {rig.peer_tunnel_v4} {rig.tcp_echo_port}"
+    )
+    r = run_wrapped(rig.client, conf, ["bash", "-c", script])
+    assert r.returncode == 0, explain(r)
+    lines = r.stdout.splitlines()
+    res = json.loads(lines[0])
+    assert res["remote"] == f"{rig.peer_tunnel_v4}:{rig.tcp_echo_port}", res
+    assert str(res["echo"]).split()[0] == rig.our_tunnel_v4, res
+    assert lines[1].split()[0] == rig.our_tunnel_v4, explain(r)
+
+
+def test_supervisor_survives_programs_killed_mid_call(module_rig: Rig, conf: Path,
+                                                      goprobes: dict[str, Path]) -> None:  # fmt: skip
+    """A Go dial (its SO_ERROR held) and a blocking Python connect (the connect itself held)
+    to a silent tunnel address are SIGKILLed while the launcher still owes them an answer;
+    the answers go to dead pids, and the next program in the same run works."""
+    rig = module_rig
+    probe = goprobes["static"]
+    blocking = "import socket; socket.create_connection(('10.150.0.77', 80), timeout=None)"
+    script = (
+        f"{probe} dial 10.150.0.77:80 & a=$!; python3 -c \"{blocking}\" & b=$!; "
+        f"sleep 1.5; kill -9 $a $b; wait; {probe} get {rig.url('1MiB.bin')}"
+    )
+    r = run_wrapped(rig.client, conf, ["sh", "-c", script], extra=("--intercept", "seccomp"))
+    assert r.returncode == 0, explain(r)
+    res = last_json(r.stdout)
+    assert res["sha256"] == rig.files["1MiB.bin"][1], explain(r)
+    assert "Traceback" not in r.stderr and "internal error" not in r.stderr, explain(r)

@@ -48,6 +48,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 HELPER_NAME = "_seccomp_helper"
 SOCKET_NAME = "seccomp.sock"
+ENV_HELPER, ENV_SOCK = "WRAPGUARD_SECCOMP_HELPER", "WRAPGUARD_SECCOMP_SOCK"
 SYS_PIDFD_GETFD = 438  # the same number on x86_64 and aarch64 (the unified table)
 SOL_SOCKET, SO_ERROR, SO_TYPE, SO_DOMAIN = 1, 4, 3, 39
 MAX_SOCKADDR = 128
@@ -231,6 +232,14 @@ class SeccompDoor:
         if helper is None:
             raise OSError(errno.ENOENT, "the seccomp helper is missing (reinstall wrapguard)")
         return [helper, self.path, executable, *argv]
+
+    def env(self) -> dict[str, str]:
+        """For the preload shim's exec hooks (csrc/exec.c): where to hand a static or Go
+        program over."""
+        helper = helper_path()
+        if helper is None:
+            return {}
+        return {ENV_HELPER: helper, ENV_SOCK: self.path}
 
     async def close(self) -> None:
         for sup in list(self._sups):

@@ -768,18 +768,32 @@ class Launcher:
                 loop.remove_signal_handler(sig)
         return 0
 
+    async def _start_seccomp(self, session: TunnelSession) -> SeccompDoor | None:
+        """The seccomp door, when this system can run it (docs/seccomp.md): for the program
+        itself (--intercept seccomp, or a static/Go program), and for the static or Go
+        programs a shimmed program execs later (csrc/exec.c hands them to its helper)."""
+        from wrapguard.intercept import seccomp_unavailable
+
+        why = seccomp_unavailable()
+        if why is not None:
+            self.log.debug("no seccomp door", reason=why)
+            return None
+        from wrapguard.doors import seccomp
+
+        assert session.channel.directory is not None
+        door = await seccomp.start(session.service, session.channel.directory)
+        self.doors.append(door)
+        self.seccomp = door
+        return door
+
     async def _wrap(
         self, session: TunnelSession, shim_path: str, forwarded: list[signal.Signals]
     ) -> int:
         assert self.executable is not None
         argv, executable = self.argv, self.executable
+        door = await self._start_seccomp(session)
         if self.plan.door == "seccomp":
-            from wrapguard.doors import seccomp
-
-            assert session.channel.directory is not None
-            door = await seccomp.start(session.service, session.channel.directory)
-            self.doors.append(door)
-            self.seccomp = door
+            assert door is not None  # launch.choose_door checked that it can run
             argv = door.helper_argv(executable, argv)
             executable = argv[0]
             env = dict(os.environ)
@@ -790,6 +804,8 @@ class Launcher:
                 FrontEnd("preload", address=session.channel.ctl_path or "")
             )
             env = session.child_env()
+            if door is not None:  # a static or Go program exec'ed later goes through it
+                env.update(door.env())
             ready = session.backend.hello_event
             self.log.debug("starting program", program=self.argv[0], shim=shim_path)
         loop = asyncio.get_running_loop()
