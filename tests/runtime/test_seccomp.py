@@ -112,7 +112,13 @@ def test_go_unroutable_is_network_unreachable(module_rig: Rig, tmp_path: Path,
     conf4 = module_rig.write_client_config(
         tmp_path / "v4only.conf", address=f"{module_rig.our_tunnel_v4}/32"
     )
-    res = go(module_rig, conf4, probe, "dial", f"[{module_rig.peer_tunnel_v6}]:{module_rig.tcp_echo_port}")
+    res = go(
+        module_rig,
+        conf4,
+        probe,
+        "dial",
+        f"[{module_rig.peer_tunnel_v6}]:{module_rig.tcp_echo_port}",
+    )
     assert "network is unreachable" in str(res.get("error")), res
 
 
@@ -121,7 +127,9 @@ def test_go_lookup_through_tunnel_dns_no_leak(module_rig: Rig, conf: Path, probe
     UDP: the door sends the query to the tunnel DNS instead."""
     before = len(module_rig.client_dns_log())
     res = go(module_rig, conf, probe, "lookup", "web.wg.test")
-    assert sorted(res["addrs"]) == sorted([module_rig.peer_tunnel_v4, module_rig.peer_tunnel_v6]), res  # type: ignore[arg-type]
+    assert sorted(res["addrs"]) == sorted([module_rig.peer_tunnel_v4, module_rig.peer_tunnel_v6]), (
+        res
+    )  # type: ignore[arg-type]
     assert module_rig.client_dns_log()[before:] == []
 
 
@@ -200,8 +208,9 @@ print(" ".join(res))
     assert r.stdout.split() == ["ENETUNREACH", "ENETUNREACH", "local"], explain(r)
 
 
-def test_wrapped_bash_starts_a_static_program_later(module_rig: Rig, conf: Path,
-                                                    goprobes: dict[str, Path]) -> None:  # fmt: skip
+def test_wrapped_bash_starts_a_static_program_later(
+    module_rig: Rig, conf: Path, goprobes: dict[str, Path]
+) -> None:
     """bash gets the preload shim; the static Go program it execs later is handed to the
     seccomp door by the shim's exec hook (csrc/exec.c) instead of being refused, and so is
     busybox run through posix_spawn-style PATH search."""
@@ -219,8 +228,9 @@ def test_wrapped_bash_starts_a_static_program_later(module_rig: Rig, conf: Path,
     assert lines[1].split()[0] == rig.our_tunnel_v4, explain(r)
 
 
-def test_supervisor_survives_programs_killed_mid_call(module_rig: Rig, conf: Path,
-                                                      goprobes: dict[str, Path]) -> None:  # fmt: skip
+def test_supervisor_survives_programs_killed_mid_call(
+    module_rig: Rig, conf: Path, goprobes: dict[str, Path]
+) -> None:
     """A Go dial (its SO_ERROR held) and a blocking Python connect (the connect itself held)
     to a silent tunnel address are SIGKILLed while the launcher still owes them an answer;
     the answers go to dead pids, and the next program in the same run works."""
@@ -228,7 +238,7 @@ def test_supervisor_survives_programs_killed_mid_call(module_rig: Rig, conf: Pat
     probe = goprobes["static"]
     blocking = "import socket; socket.create_connection(('10.150.0.77', 80), timeout=None)"
     script = (
-        f"{probe} dial 10.150.0.77:80 & a=$!; python3 -c \"{blocking}\" & b=$!; "
+        f'{probe} dial 10.150.0.77:80 & a=$!; python3 -c "{blocking}" & b=$!; '
         f"sleep 1.5; kill -9 $a $b; wait; {probe} get {rig.url('1MiB.bin')}"
     )
     r = run_wrapped(rig.client, conf, ["sh", "-c", script], extra=("--intercept", "seccomp"))

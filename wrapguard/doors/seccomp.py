@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 from wrapguard import log
 from wrapguard.errors import DecodeError
-from wrapguard.runtime.relay import TcpRelay, reset_socket
+from wrapguard.runtime.relay import TcpRelay
 from wrapguard.runtime.service import TCP, UDP, FrontEnd, TunnelService, UdpFlow, Way, plain
 from wrapguard.wire import seccomp as sc
 
@@ -397,7 +397,9 @@ class SeccompDoor:
         flow.status = status
         if status:
             self.count("tcp_failed")
-            self.log.debug("tunnel connect failed", dst=f"{flow.peer[0]}:{flow.peer[1]}", errno=status)
+            self.log.debug(
+                "tunnel connect failed", dst=f"{flow.peer[0]}:{flow.peer[1]}", errno=status
+            )
             stray = self._pending.pop(key, None)
             if stray is not None and flow.relay is not None:
                 flow.relay.abort()
@@ -676,7 +678,10 @@ class _Supervisor:
         target: tuple[IPAddress, int] = (plain(ip), port)
         if service.dns_captured(proto, ip, port):
             redirect = service.dns_redirect(proto, ip, port)
-            if redirect is None or service.route(proto, redirect[0], redirect[1]).way is not Way.TUNNEL:
+            if (
+                redirect is None
+                or service.route(proto, redirect[0], redirect[1]).way is not Way.TUNNEL
+            ):
                 self.answer(n, error=errno.ENETUNREACH)  # never the host's resolver
                 return
             target = redirect
@@ -841,4 +846,3 @@ async def start(service: TunnelService, directory: str) -> SeccompDoor:
 
 
 __all__ = ["SeccompDoor", "helper_path", "pidfd_getfd", "start", "supported"]
-

@@ -62,7 +62,8 @@ def parse_notification(data: bytes) -> Notification:
     if len(data) < NOTIF_SIZE:
         raise DecodeError(f"seccomp notification: {len(data)} bytes, want {NOTIF_SIZE}")
     f = _NOTIF.unpack_from(data)
-    return Notification(f[0], f[1], f[2], f[3], f[4], f[5], tuple(f[6:12]))  # type: ignore[arg-type]
+    args = (f[6], f[7], f[8], f[9], f[10], f[11])
+    return Notification(f[0], f[1], f[2], f[3], f[4], f[5], args)
 
 
 def emit_notification(n: Notification) -> bytes:
@@ -78,10 +79,13 @@ def emit_response(notif_id: int, val: int = 0, error: int = 0, flags: int = 0) -
 def parse_response(data: bytes) -> tuple[int, int, int, int]:
     if len(data) < RESP_SIZE:
         raise DecodeError(f"seccomp response: {len(data)} bytes, want {RESP_SIZE}")
-    return _RESP.unpack_from(data)  # type: ignore[return-value]
+    v = _RESP.unpack_from(data)
+    return v[0], v[1], v[2], v[3]
 
 
-def emit_addfd(notif_id: int, srcfd: int, flags: int = ADDFD_FLAG_SEND, newfd_flags: int = 0) -> bytes:
+def emit_addfd(
+    notif_id: int, srcfd: int, flags: int = ADDFD_FLAG_SEND, newfd_flags: int = 0
+) -> bytes:
     return _ADDFD.pack(notif_id, flags, srcfd, 0, newfd_flags)
 
 
@@ -111,9 +115,7 @@ def emit_sockaddr(family: int, ip: IPAddress, port: int) -> bytes:
         return struct.pack("<H", AF_INET) + struct.pack("!H", port) + ip.packed + bytes(8)
     if isinstance(ip, IPv4Address):
         ip = IPv6Address(b"\0" * 10 + b"\xff\xff" + ip.packed)
-    return (
-        struct.pack("<H", AF_INET6) + struct.pack("!H", port) + bytes(4) + ip.packed + bytes(4)
-    )
+    return struct.pack("<H", AF_INET6) + struct.pack("!H", port) + bytes(4) + ip.packed + bytes(4)
 
 
 __all__ = [
