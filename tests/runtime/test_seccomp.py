@@ -246,3 +246,22 @@ def test_supervisor_survives_programs_killed_mid_call(
     res = last_json(r.stdout)
     assert res["sha256"] == rig.files["1MiB.bin"][1], explain(r)
     assert "Traceback" not in r.stderr and "internal error" not in r.stderr, explain(r)
+
+
+def test_rclone_copyurl_end_to_end(module_rig: Rig, conf: Path, tmp_path: Path) -> None:
+    """A real Go tool from Debian (rclone, cgo-linked): auto picks the seccomp door."""
+    import hashlib
+
+    rclone = shutil.which("rclone")
+    if rclone is None:
+        pytest.fail("rclone not installed: scripts/install-system-deps.sh installs it")
+    rig = module_rig
+    out = tmp_path / "got.bin"
+    r = run_wrapped(
+        rig.client, conf,
+        [rclone, "--config", "/dev/null", "copyurl", rig.url("1MiB.bin"), str(out)],
+        extra=("--log-level", "debug"),
+    )  # fmt: skip
+    assert r.returncode == 0, explain(r)
+    assert '"door": "seccomp"' in r.stderr, explain(r)
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == rig.files["1MiB.bin"][1]
