@@ -265,3 +265,38 @@ def test_rclone_copyurl_end_to_end(module_rig: Rig, conf: Path, tmp_path: Path) 
     assert r.returncode == 0, explain(r)
     assert '"door": "seccomp"' in r.stderr, explain(r)
     assert hashlib.sha256(out.read_bytes()).hexdigest() == rig.files["1MiB.bin"][1]
+
+
+@pytest.mark.parametrize("bind", [":8081", "10.150.0.2:8082"])
+def test_go_server_reached_from_the_peer_sees_its_tunnel_address(
+    module_rig: Rig, tmp_path: Path, probe: str, bind: str
+) -> None:
+    """A Go HTTP server listening on the wildcard (or on our tunnel address, which the host
+    does not have) is reached from the peer; r.RemoteAddr (accept()'s address) is the peer's
+    tunnel address, never loopback; v6 for the wildcard too."""
+    from runtime.wraphelp import popen_wrapped, read_line
+
+    rig = module_rig
+    # PersistentKeepalive: we handshake first, so that the peer knows where we are
+    conf = rig.write_client_config(tmp_path / "c.conf", keepalive=25)
+    proc = popen_wrapped(
+        rig.client, conf, [probe, "serve", bind], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        line = read_line(proc, 20)
+        assert "listening" in line, line
+        port = bind.rsplit(":", 1)[1]
+        targets = [(rig.our_tunnel_v4, rig.peer_tunnel_v4)]
+        if bind.startswith(":"):
+            targets.append((f"[{rig.our_tunnel_v6}]", rig.peer_tunnel_v6))
+        for host, want in targets:
+            r = rig.peer.ns.run(
+                ["curl", "-sS", "--max-time", "20", f"http://{host}:{port}/"],
+                check=False, timeout=40,
+            )  # fmt: skip
+            assert r.returncode == 0, r
+            client = r.stdout.split()[0].rsplit(":", 1)[0].strip("[]")
+            assert client in (want, f"::ffff:{want}"), r.stdout
+    finally:
+        proc.terminate()
+        proc.wait(15)

@@ -194,6 +194,8 @@ class SeccompDoor:
         self._tcp: dict[int, socket.socket] = {}  # family -> loopback listener
         self._sweep: asyncio.TimerHandle | None = None
         self.counters: dict[str, int] = {}
+        self.listening: dict[int, tuple[IPAddress, int]] = {}  # inode -> what it listens on
+        self.bound: dict[int, tuple[IPAddress, int]] = {}  # inode -> tunnel address bound
 
     @property
     def address(self) -> str:
@@ -567,6 +569,10 @@ class _Supervisor:
             _NR["sendto"]: self._sendto,
             _NR["sendmsg"]: self._sendmsg,
             _NR["sendmmsg"]: self._sendmmsg,
+            _NR["bind"]: self._bind,
+            _NR["listen"]: self._listen,
+            _NR["accept"]: self._accept,
+            _NR["accept4"]: self._accept,
         }
         self._warned_send = False
 
@@ -700,6 +706,178 @@ class _Supervisor:
         else:
             door.connect_udp(self, n, family, dst, target)
 
+    # -- inbound: bind, listen, accept ------------------------------------------------------
+
+    def _bind(self, n: sc.Notification) -> None:
+        """bind() to our tunnel address (which the host does not have): the socket is bound
+        to loopback at that port instead, and getsockname()/listen() use the tunnel
+        address."""
+        raw = self._name_at(n.pid, n.args[1], n.args[2])
+        try:
+            family, ip, port = sc.parse_sockaddr(raw) if raw else (0, None, 0)
+        except DecodeError:
+            family, ip = 0, None
+        service = self.door.service
+        if ip is None or plain(ip) not in service.engine.addresses:
+            self.go_on(n)
+            return
+        if not self.valid(n):
+            return
+        dup = pidfd_getfd(n.pid, n.args[0])
+        sock = socket.socket(fileno=dup)
+        try:
+            host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+            if family == socket.AF_INET6 and isinstance(plain(ip), ipaddress.IPv4Address):
+                host = "::ffff:127.0.0.1"
+            err = 0
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                err = exc.errno or errno.EADDRINUSE
+            if err == 0:
+                self.door.bound[os.fstat(dup).st_ino] = (plain(ip), sock.getsockname()[1])
+            self.answer(n, error=err)
+        finally:
+            sock.detach()
+            os.close(dup)
+
+    def _listen(self, n: sc.Notification) -> None:
+        """listen() on the wildcard or a tunnel address: tunnel connections to that port are
+        relayed to it (the preload door's inbound path); the call itself runs as asked."""
+        door = self.door
+        dup = pidfd_getfd(n.pid, n.args[0])
+        sock = socket.socket(fileno=dup)
+        try:
+            if sock.type != socket.SOCK_STREAM or sock.family not in (
+                socket.AF_INET, socket.AF_INET6
+            ):  # fmt: skip
+                self.go_on(n)
+                return
+            inode = os.fstat(dup).st_ino
+            name = sock.getsockname()
+            here = ipaddress.ip_address(name[0])
+            port = name[1]
+            tunnel = door.bound.get(inode)
+            if tunnel is not None:
+                ip: IPAddress = tunnel[0]
+            elif here.is_unspecified:
+                ip = here
+            else:
+                self.go_on(n)  # loopback or a host address: not reachable from the tunnel
+                return
+            v6only = False
+            if sock.family == socket.AF_INET6:
+                v6only = bool(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
+            if not self.valid(n):
+                return
+            self.go_on(n)
+            if port:  # port 0: the kernel picks one at listen(); seen at the next accept
+                door.service.listen_tcp(ip, port, v6only)
+            door.listening[inode] = (ip, port)
+        finally:
+            sock.detach()
+            os.close(dup)
+
+    def _accept(self, n: sc.Notification) -> None:
+        """accept() on a tunnel listener: done here, so that the address it reports is the
+        tunnel client's; the new socket is installed in the program with
+        SECCOMP_IOCTL_NOTIF_ADDFD (ADDFD_FLAG_SEND answers the call with its number)."""
+        door = self.door
+        inode = fd_inode(n.pid, n.args[0])
+        if inode is None or inode not in door.listening:
+            self.go_on(n)
+            return
+        dup = pidfd_getfd(n.pid, n.args[0])
+        lsock = socket.socket(fileno=dup)
+        try:
+            flags = fcntl.fcntl(dup, fcntl.F_GETFL)
+            if door.listening[inode][1] == 0:
+                ip = door.listening[inode][0]
+                port = lsock.getsockname()[1]
+                door.listening[inode] = (ip, port)
+                door.service.listen_tcp(ip, port, False)
+            ready = select.select([dup], [], [], 0)[0]
+            if not ready:
+                if flags & os.O_NONBLOCK:
+                    self.answer(n, error=errno.EAGAIN)
+                else:  # a blocking accept: answered when a connection comes
+                    keep = os.dup(dup)
+                    self.loop.add_reader(keep, self._accept_later, n, keep)
+                return
+            self._accept_now(n, lsock, flags)
+        finally:
+            lsock.detach()
+            os.close(dup)
+
+    def _accept_later(self, n: sc.Notification, fd: int) -> None:
+        self.loop.remove_reader(fd)
+        try:
+            if not self.valid(n):
+                return
+            lsock = socket.socket(fileno=fd)
+            try:
+                self._accept_now(n, lsock, fcntl.fcntl(fd, fcntl.F_GETFL))
+            finally:
+                lsock.detach()
+        except Exception as exc:
+            self.log.warning("seccomp accept failed", error=repr(exc))
+            self.answer(n, error=errno.ECONNABORTED)
+        finally:
+            os.close(fd)
+
+    def _accept_now(self, n: sc.Notification, lsock: socket.socket, flags: int) -> None:
+        fd = lsock.fileno()
+        # Non-blocking for our accept only (the program waits in its own call meanwhile).
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+        try:
+            conn, addr = lsock.accept()
+        except (BlockingIOError, InterruptedError):
+            if flags & os.O_NONBLOCK:
+                self.answer(n, error=errno.EAGAIN)
+            else:  # another thread took it: wait for the next one
+                keep = os.dup(fd)
+                self.loop.add_reader(keep, self._accept_later, n, keep)
+            return
+        finally:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+        try:
+            want = n.args[3] if n.nr == _NR["accept4"] else 0
+            cflags = fcntl.fcntl(conn.fileno(), fcntl.F_GETFL) & ~os.O_NONBLOCK
+            if want & socket.SOCK_NONBLOCK:
+                cflags |= os.O_NONBLOCK
+            fcntl.fcntl(conn.fileno(), fcntl.F_SETFL, cflags)
+            key = (str(ipaddress.ip_address(addr[0])), addr[1])
+            inbound = self.door.service.inbound_peer(key)
+            family = lsock.family
+            if inbound is not None:
+                remote, local = inbound
+                rip = remote[0]
+                if family == socket.AF_INET:
+                    rip = plain(rip)
+                name = sc.emit_sockaddr(family, rip, remote[1])
+                flow = _Flow(TCP, family, remote, local, status=0, so_error_told=True)
+                flow.inode = os.fstat(conn.fileno()).st_ino
+                self.door.flows[flow.inode] = flow
+                self.door.count("tcp_accepted")
+            else:
+                name = sc.emit_sockaddr(family, ipaddress.ip_address(addr[0]), addr[1])
+            if n.args[1] and n.args[2]:
+                have = struct.unpack("<i", read_mem(n.pid, n.args[2], 4))[0]
+                if have > 0:
+                    write_mem(n.pid, n.args[1], name[:have])
+                write_mem(n.pid, n.args[2], struct.pack("<i", len(name)))
+            newfd_flags = os.O_CLOEXEC if want & socket.SOCK_CLOEXEC else 0
+            try:
+                fcntl.ioctl(self.fd, sc.IOCTL_NOTIF_ADDFD, sc.emit_addfd(n.id, conn.fileno(),
+                            newfd_flags=newfd_flags))  # fmt: skip
+            except OSError as exc:
+                if inbound is not None:
+                    self.door.flows.pop(os.fstat(conn.fileno()).st_ino, None)
+                if exc.errno != errno.ENOENT:
+                    self.answer(n, error=exc.errno or errno.EMFILE)
+        finally:
+            conn.close()
+
     # -- datagrams with an address ---------------------------------------------------------
 
     def _send_decision(self, n: sc.Notification, names: list[bytes]) -> None:
@@ -783,8 +961,11 @@ class _Supervisor:
         if flow.status != 0 and which == "peer":
             self.answer(n, error=errno.ENOTCONN)
             return
-        ip, port = flow.peer if which == "peer" else flow.local
-        family = socket.AF_INET6 if flow.family == socket.AF_INET6 else socket.AF_INET
+        self._write_name(n, flow.family, flow.peer if which == "peer" else flow.local)
+
+    def _write_name(self, n: sc.Notification, family: int, where: tuple[IPAddress, int]) -> None:
+        ip, port = where
+        family = socket.AF_INET6 if family == socket.AF_INET6 else socket.AF_INET
         if family == socket.AF_INET and ip.version == 6:
             ip = plain(ip)
         data = sc.emit_sockaddr(family, ip, port)
@@ -804,6 +985,12 @@ class _Supervisor:
         self._name(n, "peer")
 
     def _getsockname(self, n: sc.Notification) -> None:
+        inode = fd_inode(n.pid, n.args[0])
+        bound = self.door.bound.get(inode) if inode is not None else None
+        if bound is not None and inode not in self.door.flows:
+            flow = _Flow(TCP, _family_of(n.pid, n.args[0]), bound, bound, status=0)
+            self._write_name(n, flow.family, bound)
+            return
         self._name(n, "local")
 
     def _getsockopt(self, n: sc.Notification) -> None:
@@ -815,6 +1002,18 @@ class _Supervisor:
             flow.held.append(n)  # answered when the tunnel says open or refused
             return
         self.door.answer_so_error(self, n, flow)
+
+
+def _family_of(pid: int, fd: int) -> int:
+    dup = pidfd_getfd(pid, fd)
+    try:
+        s = socket.socket(fileno=dup)
+        try:
+            return int(s.family)
+        finally:
+            s.detach()
+    finally:
+        os.close(dup)
 
 
 def _sock_proto(pid: int, fd: int) -> int | None:

@@ -186,6 +186,28 @@ class TunnelService:
         of a usable family exists: then it fails, never the host)."""
         return self.session.backend.dns_captured(plain(ip), port, proto)
 
+    def listen_tcp(self, ip: IPAddress, port: int, v6only: bool = False) -> None:
+        """A program listens on `port` (on `ip`: the wildcard or a tunnel address, and its
+        loopback socket is there to be reached): tunnel connections to it are relayed to
+        that loopback port, as the preload door does (TunnelBackend.listen)."""
+        from wrapguard.wire.ipc import Address, Proto
+
+        self.session.backend.listen(Proto.TCP, Address(ip, port), v6only)
+
+    def inbound_peer(
+        self, loopback: tuple[str, int]
+    ) -> tuple[tuple[IPAddress, int], tuple[IPAddress, int]] | None:
+        """For a connection the launcher made to a program's listener from `loopback`: the
+        tunnel client it carries and our tunnel address it reached (accept()'s view)."""
+        from wrapguard.wire.ipc import Address
+
+        backend = self.session.backend
+        addr = Address(ipaddress.ip_address(loopback[0]), loopback[1])
+        remote, local = backend.peer_of(addr), backend.local_of(addr)
+        if remote is None or local is None:
+            return None
+        return (remote.ip, remote.port), (local.ip, local.port)
+
     def open_udp(
         self,
         on_datagram: Callable[[tuple[IPAddress, int], bytes], None],
