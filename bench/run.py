@@ -41,6 +41,8 @@ ROOT_ROWS = [
     ("5", "`wrapguard -- true` vs `true` (median wall ms)"),
     ("6", "Launcher RSS, 1000 concurrent open connections (MB)"),
     ("1s", "Download, curl through the SOCKS5 door vs wrapped (MB/s)"),
+    ("4s", "Connect round trip, seccomp door vs preload door (us)"),
+    ("1g", "Download, Go client via the seccomp door vs curl via the shim (MB/s)"),
 ]
 
 
@@ -107,6 +109,19 @@ def guarded(rows: list[Row], keys: list[tuple[str, str]], fn: Callable[[], list[
     print(f"  ... {', '.join(k for k, _ in keys)} done", file=sys.stderr, flush=True)
 
 
+def build_goprobe(directory: Path) -> Path:
+    """The seccomp tests' Go client, built static (CGO_ENABLED=0), standard library only."""
+    src = CHECKOUT / "tests" / "runtime" / "goprobe" / "main.go"
+    out = directory / "goprobe"
+    env = {
+        **os.environ, "GOCACHE": str(directory / "cache"), "GOPATH": str(directory / "path"),
+        "GO111MODULE": "off", "GOFLAGS": "", "GOPROXY": "off", "CGO_ENABLED": "0",
+    }  # fmt: skip
+    subprocess.run(["go", "build", "-o", str(out), str(src)], env=env, check=True, timeout=300,
+                   cwd=src.parent)  # fmt: skip
+    return out
+
+
 def root_rows(work: Path, args: argparse.Namespace, deadline: float) -> list[Row]:
     from rig_rows import RigBench
     from rig_rows import guarded as guarded_row
@@ -122,6 +137,15 @@ def root_rows(work: Path, args: argparse.Namespace, deadline: float) -> list[Row
         rows.append(guarded_row(Row(*ROOT_ROWS[4]), lambda: b.row_rss(args.conns)))
         socks_rounds = min(args.rounds, 3)
         rows.append(guarded_row(Row(*ROOT_ROWS[5]), lambda: b.row_socks5(socks_rounds)))
+        rows.append(
+            guarded_row(Row(*ROOT_ROWS[6]), lambda: b.row_seccomp_connect(args.connect_rounds))
+        )
+        rows.append(
+            guarded_row(
+                Row(*ROOT_ROWS[7]),
+                lambda: b.row_seccomp_download(socks_rounds, build_goprobe(work / "go")),
+            )
+        )
     except Exception as e:
         done = {r.key for r in rows}
         msg = " ".join(f"{type(e).__name__}: {e}".split())[-300:]
