@@ -19,6 +19,10 @@ command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
 command -v cc >/dev/null 2>&1 || need+=(gcc libc6-dev)
 [ -x /usr/sbin/setcap ] || need+=(libcap2-bin)  # setcap: the file-capability tests
 python3 -c 'import ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
+command -v go >/dev/null 2>&1 || need+=(golang-go)  # the seccomp door's Go test programs
+[ -x /usr/bin/busybox ] && file -L /usr/bin/busybox 2>/dev/null | grep -q 'statically linked' \
+  || need+=(busybox-static)  # a static program for the seccomp door
+command -v rclone >/dev/null 2>&1 || need+=(rclone)  # a real Go tool, wrapped end to end
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0
