@@ -300,3 +300,32 @@ def test_go_server_reached_from_the_peer_sees_its_tunnel_address(
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+DNS_TCP_QUERY = """
+import socket, struct
+q = bytes.fromhex("beef01000001000000000000" + "037765620277670474657374000001" + "0001")
+s = socket.create_connection(("127.0.0.1", 53), timeout=10)
+s.sendall(struct.pack("!H", len(q)) + q)
+n = struct.unpack("!H", s.recv(2))[0]
+r = b""
+while len(r) < n:
+    r += s.recv(n - len(r))
+print(r[:2].hex(), ".".join(str(b) for b in r[-4:]), s.getpeername()[0])
+"""
+
+
+def test_dns_over_tcp_and_names_in_a_static_program(module_rig: Rig, conf: Path) -> None:
+    """A DNS query over TCP to the resolv.conf server (127.0.0.1:53, the leak resolver) is
+    answered through the tunnel, getpeername() still says 127.0.0.1; busybox's static glibc
+    resolver (connect + send) finds a name through the tunnel; zero leak queries."""
+    rig = module_rig
+    before = len(rig.client_dns_log())
+    r = run_wrapped(rig.client, conf, ["python3", "-c", DNS_TCP_QUERY],
+                    extra=("--intercept", "seccomp"))  # fmt: skip
+    assert r.returncode == 0, explain(r)
+    assert r.stdout.split() == ["beef", rig.peer_tunnel_v4, "127.0.0.1"], explain(r)
+    r = run_wrapped(rig.client, conf,
+                    [BUSYBOX, "wget", "-q", "-O", "-", f"http://web.wg.test:{rig.http_port}/"])  # fmt: skip
+    assert r.returncode == 0, explain(r)
+    assert rig.client_dns_log()[before:] == []
