@@ -325,7 +325,7 @@ def test_dns_over_tcp_and_names_in_a_static_program(module_rig: Rig, conf: Path)
                     extra=("--intercept", "seccomp"))  # fmt: skip
     assert r.returncode == 0, explain(r)
     assert r.stdout.split() == ["beef", rig.peer_tunnel_v4, "127.0.0.1"], explain(r)
-    r = run_wrapped(rig.client, conf,
-                    [BUSYBOX, "wget", "-q", "-O", "-", f"http://web.wg.test:{rig.http_port}/"])  # fmt: skip
+    url = f"http://web.wg.test:{rig.http_port}/"
+    r = run_wrapped(rig.client, conf, [BUSYBOX, "wget", "-q", "-O", "-", url])
     assert r.returncode == 0, explain(r)
     assert rig.client_dns_log()[before:] == []
