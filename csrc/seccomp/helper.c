@@ -57,10 +57,12 @@ static void die(const char *what) {
 #define ENOSYS_RET (SECCOMP_RET_ERRNO | ENOSYS)
 
 /* Trapped (docs/seccomp.md "What stops"): connect, bind, listen, accept/accept4,
- * getpeername, getsockname, getsockopt(SOL_SOCKET, SO_ERROR) and sendto/sendmsg/sendmmsg
- * with an address (sendto with a NULL address passes; sendmsg's address is inside its
- * struct, so every sendmsg stops). io_uring is refused (ENOSYS): its socket operations would
- * not pass through here. Another ABI (32-bit int 0x80, x32) gets ENOSYS for everything. */
+ * getpeername, getsockname, getsockopt(SOL_SOCKET, SO_ERROR), sendto/sendmsg/sendmmsg with
+ * an address (sendto with a NULL address passes; sendmsg's address is inside its struct, so
+ * every sendmsg stops) and recvfrom asking for the source address (for unconnected UDP into
+ * the tunnel: the door reports the tunnel source). io_uring is refused (ENOSYS): its socket
+ * operations would not pass through here. Another ABI (32-bit int 0x80, x32) gets ENOSYS
+ * for everything. */
 static struct sock_filter filter[] = {
     /*  0 */ LD(offsetof(struct seccomp_data, arch)),
     /*  1 */ JEQ(WG_ARCH, 1, 0),
@@ -68,29 +70,30 @@ static struct sock_filter filter[] = {
     /*  3 */ LD(offsetof(struct seccomp_data, nr)),
     /*  4 */ BPF_JUMP(BPF_JMP | BPF_JGE | BPF_K, WG_X32_BIT, 0, 1),
     /*  5 */ RET(ENOSYS_RET),
-    /*  6 */ JEQ(__NR_connect, 19, 0), /* -> 26 NOTIFY */
-    /*  7 */ JEQ(__NR_getpeername, 18, 0),
-    /*  8 */ JEQ(__NR_getsockname, 17, 0),
-    /*  9 */ JEQ(__NR_bind, 16, 0),
-    /* 10 */ JEQ(__NR_listen, 15, 0),
-    /* 11 */ JEQ(__NR_accept, 14, 0),
-    /* 12 */ JEQ(__NR_accept4, 13, 0),
-    /* 13 */ JEQ(__NR_sendmsg, 12, 0),
-    /* 14 */ JEQ(__NR_sendmmsg, 11, 0),
-    /* 15 */ JEQ(__NR_getsockopt, 2, 0), /* -> 18 */
-    /* 16 */ JEQ(__NR_sendto, 5, 0),     /* -> 22 */
-    /* 17 */ JEQ(__NR_io_uring_setup, 10, 9), /* -> 28 ENOSYS, else 27 ALLOW */
-    /* 18 */ LD(ARG_LO(1)), /* getsockopt: SOL_SOCKET/SO_ERROR only */
-    /* 19 */ JEQ(WG_SOL_SOCKET, 0, 7),
-    /* 20 */ LD(ARG_LO(2)),
-    /* 21 */ JEQ(WG_SO_ERROR, 4, 5),
-    /* 22 */ LD(ARG_LO(4)), /* sendto: only with an address */
-    /* 23 */ JEQ(0, 0, 2),
-    /* 24 */ LD(ARG_HI(4)),
-    /* 25 */ JEQ(0, 1, 0),
-    /* 26 */ RET(NOTIFY),
-    /* 27 */ RET(ALLOW),
-    /* 28 */ RET(ENOSYS_RET),
+    /*  6 */ JEQ(__NR_connect, 20, 0), /* -> 27 NOTIFY */
+    /*  7 */ JEQ(__NR_getpeername, 19, 0),
+    /*  8 */ JEQ(__NR_getsockname, 18, 0),
+    /*  9 */ JEQ(__NR_bind, 17, 0),
+    /* 10 */ JEQ(__NR_listen, 16, 0),
+    /* 11 */ JEQ(__NR_accept, 15, 0),
+    /* 12 */ JEQ(__NR_accept4, 14, 0),
+    /* 13 */ JEQ(__NR_sendmsg, 13, 0),
+    /* 14 */ JEQ(__NR_sendmmsg, 12, 0),
+    /* 15 */ JEQ(__NR_getsockopt, 3, 0),  /* -> 19 */
+    /* 16 */ JEQ(__NR_sendto, 6, 0),      /* -> 23 */
+    /* 17 */ JEQ(__NR_recvfrom, 5, 0),    /* -> 23 */
+    /* 18 */ JEQ(__NR_io_uring_setup, 10, 9), /* -> 29 ENOSYS, else 28 ALLOW */
+    /* 19 */ LD(ARG_LO(1)), /* getsockopt: SOL_SOCKET/SO_ERROR only */
+    /* 20 */ JEQ(WG_SOL_SOCKET, 0, 7),
+    /* 21 */ LD(ARG_LO(2)),
+    /* 22 */ JEQ(WG_SO_ERROR, 4, 5),
+    /* 23 */ LD(ARG_LO(4)), /* sendto, recvfrom: only with an address (args[4] != NULL) */
+    /* 24 */ JEQ(0, 0, 2),
+    /* 25 */ LD(ARG_HI(4)),
+    /* 26 */ JEQ(0, 1, 0),
+    /* 27 */ RET(NOTIFY),
+    /* 28 */ RET(ALLOW),
+    /* 29 */ RET(ENOSYS_RET),
 };
 
 /* Take our preload shim (the _shim.so next to this helper) out of LD_PRELOAD: under the

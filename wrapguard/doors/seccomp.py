@@ -53,6 +53,7 @@ SYS_PIDFD_GETFD = 438  # the same number on x86_64 and aarch64 (the unified tabl
 SOL_SOCKET, SO_ERROR, SO_TYPE, SO_DOMAIN = 1, 4, 3, 39
 MAX_SOCKADDR = 128
 MSGHDR_SIZE, MMSGHDR_SIZE = 56, 64  # struct msghdr, struct mmsghdr (64-bit)
+MAX_DATAGRAM = 65535
 HANDOVER_TIMEOUT = 5.0  # seconds for a helper to say its listener's number
 UDP_SWEEP_EVERY = 5.0  # seconds between checks that a redirected UDP socket still exists
 FLOW_KEEP = 60.0  # seconds a TCP flow's addresses stay answerable after it ended
@@ -60,13 +61,13 @@ FLOW_KEEP = 60.0  # seconds a TCP flow's addresses stay answerable after it ende
 _NR: dict[str, int] = (
     {
         "connect": 42, "getpeername": 52, "getsockname": 51, "getsockopt": 55,
-        "bind": 49, "listen": 50, "accept": 43, "accept4": 288, "sendto": 44,
+        "bind": 49, "listen": 50, "accept": 43, "accept4": 288, "sendto": 44, "recvfrom": 45,
         "sendmsg": 46, "sendmmsg": 307,
     }
     if os.uname().machine == "x86_64"
     else {
         "connect": 203, "getpeername": 205, "getsockname": 204, "getsockopt": 209,
-        "bind": 200, "listen": 201, "accept": 202, "accept4": 242, "sendto": 206,
+        "bind": 200, "listen": 201, "accept": 202, "accept4": 242, "sendto": 206, "recvfrom": 207,
         "sendmsg": 211, "sendmmsg": 269,
     }
 )  # fmt: skip
@@ -170,6 +171,21 @@ class _Flow:
     inode: int = 0
 
 
+@dataclass(eq=False)
+class _Assoc:
+    """An unconnected UDP socket of the program that sent into the tunnel: one tunnel UDP
+    flow, and per destination a loopback socket of ours whose datagrams to the program's
+    socket stand for that destination's replies."""
+
+    family: int
+    inode: int
+    local: tuple[str, int]  # where the program's socket receives our loopback datagrams
+    udp: UdpFlow | None = None
+    backs: dict[tuple[IPAddress, int], socket.socket] = field(default_factory=dict)  # by target
+    by_addr: dict[tuple[IPAddress, int], tuple[IPAddress, int]] = field(default_factory=dict)
+    # ^ our loopback socket's address -> the destination it stands for (as the program asked)
+
+
 # -- the door ----------------------------------------------------------------------------------
 
 
@@ -196,6 +212,7 @@ class SeccompDoor:
         self.counters: dict[str, int] = {}
         self.listening: dict[int, tuple[IPAddress, int]] = {}  # inode -> what it listens on
         self.bound: dict[int, tuple[IPAddress, int]] = {}  # inode -> tunnel address bound
+        self.assocs: dict[int, _Assoc] = {}  # unconnected UDP sockets sending into the tunnel
 
     @property
     def address(self) -> str:
@@ -258,6 +275,8 @@ class SeccompDoor:
         self._tcp.clear()
         for flow in list(self.flows.values()):
             self._end_udp(flow)
+        for assoc in list(self.assocs.values()):
+            self._end_assoc(assoc)
         for s in self._accepted.values():
             s.close()
         self._accepted.clear()
@@ -492,6 +511,63 @@ class SeccompDoor:
             sock.detach()
             os.close(dup)
 
+    def send_datagram(self, sock: socket.socket, asked: tuple[IPAddress, int],
+                      target: tuple[IPAddress, int], data: bytes) -> None:  # fmt: skip
+        """One datagram from an unconnected program socket (a borrowed copy: `sock`) into
+        the tunnel, to `target` (it asked for `asked`)."""
+        inode = os.fstat(sock.fileno()).st_ino
+        assoc = self.assocs.get(inode)
+        if assoc is None:
+            name = sock.getsockname()
+            if name[1] == 0:  # never bound: as the kernel's autobind on a first send
+                sock.bind(("::" if sock.family == socket.AF_INET6 else "0.0.0.0", 0))
+                name = sock.getsockname()
+            here = ipaddress.ip_address(name[0])
+            if here.is_unspecified:
+                host = "::1" if sock.family == socket.AF_INET6 else "127.0.0.1"
+            else:
+                host = str(here)
+            assoc = _Assoc(sock.family, inode, (host, name[1]))
+            a = assoc
+
+            def back(src: tuple[IPAddress, int], payload: bytes) -> None:
+                ours = a.backs.get((plain(src[0]), src[1]))
+                if ours is not None:
+                    with contextlib.suppress(OSError):
+                        ours.sendto(payload, a.local)
+                else:
+                    self.count("udp_unasked_dropped")  # only those it sent to come back
+
+            assoc.udp = self.service.open_udp(back)
+            self.assocs[inode] = assoc
+            self.count("udp_assocs")
+            self._arm_sweep()
+        if target not in assoc.backs:
+            v6 = assoc.family == socket.AF_INET6 and ":" in assoc.local[0]
+            ours = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                ours.bind((assoc.local[0] if plain(ipaddress.ip_address(assoc.local[0])).is_loopback
+                           else ("::1" if v6 else "127.0.0.1"), 0))  # fmt: skip
+            except OSError:
+                ours.close()
+                raise
+            ours.setblocking(False)
+            assoc.backs[target] = ours
+            name = ours.getsockname()
+            assoc.by_addr[(plain(ipaddress.ip_address(name[0])), name[1])] = asked
+        assert assoc.udp is not None
+        assoc.udp.send(target, data)
+        self.frontend.flows += 1
+
+    def _end_assoc(self, assoc: _Assoc) -> None:
+        self.assocs.pop(assoc.inode, None)
+        for ours in assoc.backs.values():
+            ours.close()
+        assoc.backs.clear()
+        if assoc.udp is not None:
+            assoc.udp.close()
+            assoc.udp = None
+
     def _udp_out(self, flow: _Flow, target: tuple[IPAddress, int]) -> None:
         assert flow.ours is not None and flow.udp is not None
         for _ in range(64):
@@ -524,13 +600,16 @@ class SeccompDoor:
         """End the UDP redirections whose program socket is gone (no close() is seen)."""
         self._sweep = None
         udp = [f for f in self.flows.values() if f.proto == UDP]
-        if not udp:
+        if not udp and not self.assocs:
             return
         alive = _udp_inodes()
         for flow in udp:
             if flow.inode not in alive:
                 self._forget(flow)
-        if any(f.proto == UDP for f in self.flows.values()):
+        for assoc in list(self.assocs.values()):
+            if assoc.inode not in alive:
+                self._end_assoc(assoc)
+        if self.assocs or any(f.proto == UDP for f in self.flows.values()):
             self._arm_sweep()
 
 
@@ -569,12 +648,12 @@ class _Supervisor:
             _NR["sendto"]: self._sendto,
             _NR["sendmsg"]: self._sendmsg,
             _NR["sendmmsg"]: self._sendmmsg,
+            _NR["recvfrom"]: self._recvfrom,
             _NR["bind"]: self._bind,
             _NR["listen"]: self._listen,
             _NR["accept"]: self._accept,
             _NR["accept4"]: self._accept,
         }
-        self._warned_send = False
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -878,76 +957,189 @@ class _Supervisor:
         finally:
             conn.close()
 
-    # -- datagrams with an address ---------------------------------------------------------
+    # -- datagrams with an address: unconnected UDP ----------------------------------------
 
-    def _send_decision(self, n: sc.Notification, names: list[bytes]) -> None:
-        """sendto/sendmsg/sendmmsg naming destinations: those outside the tunnel go as asked;
-        one routed into it (or a DNS query with DNS= set) is refused with ENETUNREACH: an
-        unconnected socket's replies could not come back from the right source address
-        without trapping every receive (docs/seccomp.md "Limits"). Fail closed."""
+    def _where(self, raw: bytes, proto: int) -> tuple[str, tuple[IPAddress, int], int]:
+        """("direct" | "tunnel" | "fail", the target, errno) for a datagram's address."""
         service = self.door.service
-        for raw in names:
-            try:
-                _family, ip, port = sc.parse_sockaddr(raw)
-            except DecodeError:
-                continue
-            if ip is None:
-                continue
-            if service.dns_captured(UDP, ip, port) or any(
-                service.route(p, ip, port).way is not Way.DIRECT for p in (UDP, TCP)
-            ):
-                break
-        else:
+        try:
+            _family, ip, port = sc.parse_sockaddr(raw)
+        except DecodeError:
+            return "direct", (ipaddress.IPv4Address(0), 0), 0
+        if ip is None:
+            return "direct", (ipaddress.IPv4Address(0), 0), 0
+        if service.dns_captured(proto, ip, port):
+            redirect = service.dns_redirect(proto, ip, port)
+            if redirect is None or service.route(proto, *redirect).way is not Way.TUNNEL:
+                return "fail", (ip, port), errno.ENETUNREACH
+            return "tunnel", redirect, 0
+        route = service.route(proto, ip, port)
+        if route.way is Way.DIRECT:
+            return "direct", (ip, port), 0
+        if route.way is Way.FAIL:
+            return "fail", (ip, port), route.errno
+        return "tunnel", (plain(ip), port), 0
+
+    def _datagrams(self, n: sc.Notification, msgs: list[tuple[bytes, list[tuple[int, int]]]],
+                   lens_at: list[int] | None) -> None:  # fmt: skip
+        """sendto/sendmsg/sendmmsg with addresses: (name, iovecs) per message. All outside
+        the tunnel: the call runs as asked. Else the door sends each one itself: into the
+        tunnel through the socket's association (replies come back to the program's socket
+        from a loopback socket of ours per destination; recvfrom reports the tunnel source),
+        or directly from a borrowed copy of the socket. TCP Fast Open into the tunnel is
+        refused (ENETUNREACH): fail closed."""
+        where = [self._where(name, UDP) if name else ("direct", None, 0) for name, _ in msgs]
+        if all(w[0] == "direct" for w in where):
             self.go_on(n)
             return
         if self._flow_of(n) is not None:
             self.go_on(n)  # a socket we connected: its address is ours to keep
             return
+        door = self.door
+        if _sock_proto(n.pid, n.args[0]) != UDP:
+            if not self.valid(n):
+                return
+            door.count("send_refused")
+            self.answer(n, error=errno.ENETUNREACH)
+            return
+        payloads = [b"".join(read_mem(n.pid, a, ln) for a, ln in iov) for _, iov in msgs]
         if not self.valid(n):
             return
-        self.door.count("send_refused")
-        if not self._warned_send:
-            self._warned_send = True
-            self.log.warning(
-                "refused a datagram sent with an address into the tunnel (unconnected UDP or "
-                "TCP Fast Open): only connected sockets are carried by the seccomp door",
-                pid=n.pid,
-            )
-        self.answer(n, error=errno.ENETUNREACH)
+        dup = pidfd_getfd(n.pid, n.args[0])
+        sock = socket.socket(fileno=dup)
+        sent = 0
+        err = 0
+        try:
+            for (name, _), (way, target, werr), data in zip(msgs, where, payloads, strict=True):
+                try:
+                    if way == "fail":
+                        raise OSError(werr, os.strerror(werr))
+                    if way == "direct":
+                        _family, ip, port = sc.parse_sockaddr(name) if name else (0, None, 0)
+                        if ip is None:
+                            sock.send(data, socket.MSG_DONTWAIT)
+                        else:
+                            sock.sendto(data, socket.MSG_DONTWAIT, (str(ip), port))
+                    else:
+                        assert target is not None
+                        asked = sc.parse_sockaddr(name)
+                        door.send_datagram(sock, (asked[1], asked[2]), target, data)  # type: ignore[arg-type]
+                except OSError as exc:
+                    err = exc.errno or errno.EIO
+                    break
+                if lens_at is not None:
+                    write_mem(n.pid, lens_at[sent], struct.pack("<I", len(data)))
+                sent += 1
+        finally:
+            sock.detach()
+            os.close(dup)
+        if lens_at is None:
+            if err:
+                self.answer(n, error=err)
+            else:
+                self.answer(n, val=len(payloads[0]))
+        elif sent == 0 and err:
+            self.answer(n, error=err)
+        else:
+            self.answer(n, val=sent)
 
     def _name_at(self, pid: int, addr: int, length: int) -> bytes:
         return read_mem(pid, addr, min(length, MAX_SOCKADDR)) if addr and length >= 2 else b""
 
     def _sendto(self, n: sc.Notification) -> None:
-        self._send_decision(n, [self._name_at(n.pid, n.args[4], n.args[5])])
+        name = self._name_at(n.pid, n.args[4], n.args[5])
+        self._datagrams(n, [(name, [(n.args[1], min(n.args[2], MAX_DATAGRAM))])], None)
 
-    def _msghdr_name(self, pid: int, raw: bytes) -> bytes:
-        name, namelen = struct.unpack_from("<QI", raw)
-        return self._name_at(pid, name, namelen)
+    def _msg(self, pid: int, raw: bytes) -> tuple[bytes, list[tuple[int, int]]]:
+        name, namelen, iov, iovlen = struct.unpack_from("<QI4xQQ", raw)
+        iovlen = min(iovlen, 1024)
+        vec = read_mem(pid, iov, 16 * iovlen) if iovlen else b""
+        iovs = [struct.unpack_from("<QQ", vec, 16 * i) for i in range(len(vec) // 16)]
+        return self._name_at(pid, name, namelen), [(a, min(ln, MAX_DATAGRAM)) for a, ln in iovs]
 
     def _sendmsg(self, n: sc.Notification) -> None:
         raw = read_mem(n.pid, n.args[1], MSGHDR_SIZE)
-        if len(raw) < MSGHDR_SIZE:
-            self.go_on(n)  # the kernel answers EFAULT
+        if len(raw) < MSGHDR_SIZE or struct.unpack_from("<Q", raw)[0] == 0:
+            self.go_on(n)  # no address (or the kernel answers EFAULT)
             return
-        name = self._msghdr_name(n.pid, raw)
-        if not name:
-            self.go_on(n)
-            return
-        self._send_decision(n, [name])
+        self._datagrams(n, [self._msg(n.pid, raw)], None)
 
     def _sendmmsg(self, n: sc.Notification) -> None:
         count = min(n.args[2], 1024)  # UIO_MAXIOV: the kernel sends no more
         raw = read_mem(n.pid, n.args[1], count * MMSGHDR_SIZE)
-        names = [
-            self._msghdr_name(n.pid, raw[i : i + MSGHDR_SIZE])
-            for i in range(0, len(raw) - MSGHDR_SIZE + 1, MMSGHDR_SIZE)
+        heads = [
+            raw[i : i + MSGHDR_SIZE] for i in range(0, len(raw) - MMSGHDR_SIZE + 1, MMSGHDR_SIZE)
         ]
-        names = [x for x in names if x]
-        if not names:
+        if not any(struct.unpack_from("<Q", h)[0] for h in heads):
             self.go_on(n)
             return
-        self._send_decision(n, names)
+        msgs = [self._msg(n.pid, h) for h in heads]
+        lens = [n.args[1] + i * MMSGHDR_SIZE + MSGHDR_SIZE for i in range(len(heads))]
+        self._datagrams(n, msgs, lens)
+
+    def _recvfrom(self, n: sc.Notification) -> None:
+        """recvfrom() asking for the source, on a socket that sent into the tunnel: done
+        here, so that a datagram from one of our loopback sockets reports the tunnel source
+        it carries."""
+        inode = fd_inode(n.pid, n.args[0])
+        assoc = self.door.assocs.get(inode) if inode is not None else None
+        if assoc is None or n.args[2] == 0:
+            self.go_on(n)
+            return
+        dup = pidfd_getfd(n.pid, n.args[0])
+        try:
+            self._recv_now(n, dup, assoc)
+        finally:
+            os.close(dup)
+
+    def _recv_now(self, n: sc.Notification, fd: int, assoc: _Assoc) -> None:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        want = n.args[3]
+        sock = socket.socket(fileno=fd)
+        buf = bytearray(min(n.args[2], MAX_DATAGRAM))
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+            try:
+                got, src = sock.recvfrom_into(
+                    buf, len(buf), want & (socket.MSG_PEEK | socket.MSG_TRUNC)
+                )
+            except (BlockingIOError, InterruptedError):
+                if flags & os.O_NONBLOCK or want & socket.MSG_DONTWAIT:
+                    self.answer(n, error=errno.EAGAIN)
+                else:  # blocking: answered when a datagram comes
+                    keep = os.dup(fd)
+                    self.loop.add_reader(keep, self._recv_later, n, keep, assoc)
+                return
+            except OSError as exc:
+                self.answer(n, error=exc.errno or errno.EIO)
+                return
+            finally:
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+        finally:
+            sock.detach()
+        ip = ipaddress.ip_address(src[0])
+        source = assoc.by_addr.get((plain(ip), src[1]))
+        where = source if source is not None else (ip, src[1])
+        write_mem(n.pid, n.args[1], bytes(buf[: min(got, len(buf))]))
+        have = struct.unpack("<i", read_mem(n.pid, n.args[5], 4))[0] if n.args[5] else 0
+        name = sc.emit_sockaddr(assoc.family, where[0] if assoc.family == socket.AF_INET6
+                                else plain(where[0]), where[1])  # fmt: skip
+        if have > 0:
+            write_mem(n.pid, n.args[4], name[:have])
+        if n.args[5]:
+            write_mem(n.pid, n.args[5], struct.pack("<i", len(name)))
+        self.answer(n, val=got)
+
+    def _recv_later(self, n: sc.Notification, fd: int, assoc: _Assoc) -> None:
+        self.loop.remove_reader(fd)
+        try:
+            if self.valid(n):
+                self._recv_now(n, fd, assoc)
+        except Exception as exc:
+            self.log.warning("seccomp recvfrom failed", error=repr(exc))
+            self.answer(n, error=errno.EIO)
+        finally:
+            os.close(fd)
 
     def _flow_of(self, n: sc.Notification) -> _Flow | None:
         inode = fd_inode(n.pid, n.args[0])

@@ -6,6 +6,7 @@
 //	goprobe dial HOST:PORT     {"error"} or {"local", "remote"}, and how long it took
 //	goprobe lookup NAME        net.LookupHost with Go's own resolver: {"addrs"} or {"error"}
 //	goprobe udp HOST:PORT      one datagram to an echo server: {"echo", "local", "remote"}
+//	goprobe udpfrom HOST:PORT  the same from an unconnected socket: {"echo", "from"}
 //	goprobe many N URL         N concurrent GETs: {"ok", "failed"}
 //	goprobe serve ADDR         an HTTP server answering with the client's address
 package main
@@ -106,6 +107,28 @@ func main() {
 			k, err := c.Read(buf)
 			if err == nil {
 				out(map[string]interface{}{"echo": string(buf[:k]), "local": c.LocalAddr().String(), "remote": c.RemoteAddr().String()})
+				return
+			}
+			if try > 5 {
+				fail(err)
+			}
+		}
+	case "udpfrom":
+		c, err := net.ListenPacket("udp", ":0")
+		if err != nil {
+			fail(err)
+		}
+		dst, err := net.ResolveUDPAddr("udp", args[1])
+		if err != nil {
+			fail(err)
+		}
+		buf := make([]byte, 2048)
+		for try := 0; ; try++ {
+			c.WriteTo([]byte("ping from go"), dst)
+			c.SetReadDeadline(time.Now().Add(time.Second))
+			k, from, err := c.ReadFrom(buf)
+			if err == nil {
+				out(map[string]interface{}{"echo": string(buf[:k]), "from": from.String()})
 				return
 			}
 			if try > 5 {
