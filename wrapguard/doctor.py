@@ -68,6 +68,27 @@ def check_shim() -> Finding:
     return Finding(FAIL, "shim", detail, "rebuild the shim with `pip install .`")
 
 
+def check_seccomp() -> Finding:
+    """Whether the seccomp door (static and Go programs, docs/seccomp.md) can run here."""
+    from wrapguard.doors.seccomp import probe
+    from wrapguard.intercept import seccomp_unavailable
+
+    why = seccomp_unavailable() or probe()
+    if why is None:
+        return Finding(
+            OK,
+            "seccomp",
+            f"a seccomp user-notification filter runs here (Linux {platform.release()}): "
+            "static and Go programs get the seccomp door",
+        )
+    return Finding(
+        WARN,
+        "seccomp",
+        f"the seccomp door cannot run here ({why}): static and Go programs will be refused",
+        "use Linux 5.9 or later, and reinstall wrapguard so that its helper is built",
+    )
+
+
 def _interpreter_of(path: str) -> str | None:
     """The program a `#!` script runs, following `/usr/bin/env NAME`."""
     try:
@@ -491,7 +512,7 @@ def check_channel_dir() -> Finding:
 
 
 def run_doctor(opts: Options) -> int:
-    findings = [check_platform(), check_shim(), check_channel_dir()]
+    findings = [check_platform(), check_shim(), check_seccomp(), check_channel_dir()]
     if opts.doctor:
         mode = opts.intercept
         seccomp = None if mode == "auto" else mode == "seccomp"

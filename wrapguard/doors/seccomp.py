@@ -100,6 +100,47 @@ def supported() -> str | None:
     return None
 
 
+def probe(timeout: float = 5.0) -> str | None:
+    """Run the helper for real (filter on, listener taken, `true` exec'ed): None if it all
+    worked, else what failed (for --doctor)."""
+    import subprocess
+    import tempfile
+
+    helper = helper_path()
+    if helper is None:
+        return "the seccomp helper is missing"
+    true = "/bin/true" if os.path.exists("/bin/true") else "/usr/bin/true"
+    with tempfile.TemporaryDirectory(prefix="wrapguard-seccomp-") as d:
+        path = os.path.join(d, SOCKET_NAME)
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(path)
+        server.listen(1)
+        server.settimeout(timeout)
+        proc = subprocess.Popen(
+            [helper, path, true, "true"], stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            conn, _ = server.accept()
+            with conn:
+                conn.settimeout(timeout)
+                _word, num = conn.recv(32).split()
+                os.close(pidfd_getfd(proc.pid, int(num)))
+                conn.sendall(b"K")
+            _, err = proc.communicate(timeout=timeout)
+        except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
+            proc.kill()
+            _, err = proc.communicate()
+            tail = err.decode("utf-8", "replace").strip().splitlines()
+            return tail[-1] if tail else f"{type(exc).__name__}: {exc}"
+        finally:
+            server.close()
+        if proc.returncode != 0:
+            tail = err.decode("utf-8", "replace").strip().splitlines()
+            return tail[-1] if tail else f"the helper exited with status {proc.returncode}"
+    return None
+
+
 # -- the program's side: its memory, its fds ---------------------------------------------------
 
 
