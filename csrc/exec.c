@@ -421,7 +421,9 @@ static int wg_exec_refusal(enum wg_exec_kind kind) {
 static int wg_exec_check_at(const char *path, int search, char *found) {
     if (!wg_exec_active) return 0;
     int saved = errno;
+    if (found != NULL) found[0] = '\0';
     int err = wg_exec_refusal(search ? wg_exec_kind_search(path, found) : wg_exec_kind(path, 0));
+    if (err == WG_HANDOFF && found != NULL && found[0] == '\0') err = EPERM; /* no path */
     errno = saved;
     return err;
 }
