@@ -791,7 +791,10 @@ class Launcher:
     ) -> int:
         assert self.executable is not None
         argv, executable = self.argv, self.executable
-        door = await self._start_seccomp(session)
+        # --intercept preload: the shim alone (static and Go programs refused, as before)
+        door = (
+            None if self.plan.options.intercept == "preload" else await self._start_seccomp(session)
+        )
         if self.plan.door == "seccomp":
             assert door is not None  # launch.choose_door checked that it can run
             argv = door.helper_argv(executable, argv)
