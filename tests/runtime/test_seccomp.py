@@ -201,6 +201,12 @@ out += [d.decode(), f"{{a[0]}}:{{a[1]}}"]
 s.sendto(q, ("127.0.0.1", 53))
 d, a = s.recvfrom(512)
 out += [d[:2].hex(), f"{{a[0]}}:{{a[1]}}"]
+c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # connected, read with recvfrom
+c.settimeout(5)
+c.connect(("{rig.peer_tunnel_v4}", {rig.udp_echo_port}))
+c.send(b"conn")
+d, a = c.recvfrom(100)
+out += [d.decode(), f"{{a[0]}}:{{a[1]}}"]
 print(" ".join(out))
 """
     before = len(rig.client_dns_log())
@@ -209,7 +215,7 @@ print(" ".join(out))
     v4, v6, port = rig.peer_tunnel_v4, rig.peer_tunnel_v6, rig.udp_echo_port
     assert r.stdout.split() == [
         "one", f"{v4}:{port}", "two", f"{v4}:{port}", "six", f"{v6}:{port}",
-        "beef", "127.0.0.1:53",
+        "beef", "127.0.0.1:53", "conn", f"{v4}:{port}",
     ], explain(r)  # fmt: skip
     assert rig.client_dns_log()[before:] == []
     res = go(rig, conf, probe, "udpfrom", f"{v4}:{port}")

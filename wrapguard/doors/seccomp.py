@@ -45,6 +45,8 @@ from wrapguard.runtime.service import TCP, UDP, FrontEnd, TunnelService, UdpFlow
 from wrapguard.wire import seccomp as sc
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# A loopback source seen by recvfrom -> the tunnel address it stands for (None: itself)
+_Source = Callable[[tuple[IPAddress, int]], tuple[IPAddress, int] | None]
 
 HELPER_NAME = "_seccomp_helper"
 SOCKET_NAME = "seccomp.sock"
@@ -512,6 +514,9 @@ class SeccompDoor:
             old = self.flows.get(inode)
             if old is not None:
                 self._forget(old)
+            assoc = self.assocs.get(inode)
+            if assoc is not None:
+                self._end_assoc(assoc)
             v6 = family == socket.AF_INET6
             ours = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
             ours.bind(("::1" if v6 else "127.0.0.1", 0))
@@ -1119,21 +1124,39 @@ class _Supervisor:
         self._datagrams(n, msgs, lens)
 
     def _recvfrom(self, n: sc.Notification) -> None:
-        """recvfrom() asking for the source, on a socket that sent into the tunnel: done
-        here, so that a datagram from one of our loopback sockets reports the tunnel source
-        it carries."""
+        """recvfrom() asking for the source, on a UDP socket the door carries (an
+        unconnected one that sent into the tunnel, or one it connected): done here, so that
+        a datagram from one of our loopback sockets reports the tunnel source it stands
+        for."""
         inode = fd_inode(n.pid, n.args[0])
-        assoc = self.door.assocs.get(inode) if inode is not None else None
-        if assoc is None or n.args[2] == 0:
+        door = self.door
+        source: _Source
+        assoc = door.assocs.get(inode) if inode is not None else None
+        flow = door.flows.get(inode) if inode is not None else None
+        if assoc is not None:
+            family, source = assoc.family, assoc.by_addr.get
+        elif flow is not None and flow.proto == UDP and flow.ours is not None:
+            name = flow.ours.getsockname()
+            ours = (plain(ipaddress.ip_address(name[0])), name[1])
+            peer = flow.peer
+
+            def source(a: tuple[IPAddress, int]) -> tuple[IPAddress, int] | None:
+                return peer if a == ours else None
+
+            family = flow.family
+        else:
+            self.go_on(n)
+            return
+        if n.args[2] == 0:
             self.go_on(n)
             return
         dup = pidfd_getfd(n.pid, n.args[0])
         try:
-            self._recv_now(n, dup, assoc)
+            self._recv_now(n, dup, family, source)
         finally:
             os.close(dup)
 
-    def _recv_now(self, n: sc.Notification, fd: int, assoc: _Assoc) -> None:
+    def _recv_now(self, n: sc.Notification, fd: int, family: int, source: _Source) -> None:
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         want = n.args[3]
         sock = socket.socket(fileno=fd)
@@ -1149,7 +1172,7 @@ class _Supervisor:
                     self.answer(n, error=errno.EAGAIN)
                 else:  # blocking: answered when a datagram comes
                     keep = os.dup(fd)
-                    self.loop.add_reader(keep, self._recv_later, n, keep, assoc)
+                    self.loop.add_reader(keep, self._recv_later, n, keep, family, source)
                 return
             except OSError as exc:
                 self.answer(n, error=exc.errno or errno.EIO)
@@ -1159,23 +1182,22 @@ class _Supervisor:
         finally:
             sock.detach()
         ip = ipaddress.ip_address(src[0])
-        source = assoc.by_addr.get((plain(ip), src[1]))
-        where = source if source is not None else (ip, src[1])
+        where = source((plain(ip), src[1])) or (ip, src[1])
         write_mem(n.pid, n.args[1], bytes(buf[: min(got, len(buf))]))
         have = struct.unpack("<i", read_mem(n.pid, n.args[5], 4))[0] if n.args[5] else 0
-        name = sc.emit_sockaddr(assoc.family, where[0] if assoc.family == socket.AF_INET6
-                                else plain(where[0]), where[1])  # fmt: skip
+        wip = where[0] if family == socket.AF_INET6 else plain(where[0])
+        name = sc.emit_sockaddr(family, wip, where[1])
         if have > 0:
             write_mem(n.pid, n.args[4], name[:have])
         if n.args[5]:
             write_mem(n.pid, n.args[5], struct.pack("<i", len(name)))
         self.answer(n, val=got)
 
-    def _recv_later(self, n: sc.Notification, fd: int, assoc: _Assoc) -> None:
+    def _recv_later(self, n: sc.Notification, fd: int, family: int, source: _Source) -> None:
         self.loop.remove_reader(fd)
         try:
             if self.valid(n):
-                self._recv_now(n, fd, assoc)
+                self._recv_now(n, fd, family, source)
         except Exception as exc:
             self.log.warning("seccomp recvfrom failed", error=repr(exc))
             self.answer(n, error=errno.EIO)
