@@ -268,7 +268,11 @@ class SeccompDoor:
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-        server.bind(self.path)
+        try:
+            server.bind(self.path)
+        except OSError:
+            server.close()
+            raise
         os.chmod(self.path, 0o600)
         server.listen(64)
         server.setblocking(False)

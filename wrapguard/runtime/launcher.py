@@ -781,7 +781,17 @@ class Launcher:
         from wrapguard.doors import seccomp
 
         assert session.channel.directory is not None
-        door = await seccomp.start(session.service, session.channel.directory)
+        try:
+            door = await seccomp.start(session.service, session.channel.directory)
+        except OSError as exc:
+            if self.plan.door == "seccomp":
+                raise WrapguardError(f"cannot start the seccomp door: {exc}") from None
+            self.log.warning(
+                "no seccomp door: static and Go programs a wrapped program starts will be "
+                "refused",
+                error=str(exc),
+            )
+            return None
         self.doors.append(door)
         self.seccomp = door
         return door
