@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -366,3 +367,45 @@ def test_dns_over_tcp_and_names_in_a_static_program(module_rig: Rig, conf: Path)
     r = run_wrapped(rig.client, conf, [BUSYBOX, "wget", "-q", "-O", "-", url])
     assert r.returncode == 0, explain(r)
     assert rig.client_dns_log()[before:] == []
+
+
+UDP_CLIENT = """
+import socket, sys
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(2)
+for _ in range(10):
+    s.sendto(b"hi", (sys.argv[1], int(sys.argv[2])))
+    try:
+        d, a = s.recvfrom(200)
+        print(d.decode(), a[0], a[1])
+        break
+    except TimeoutError:
+        pass
+"""
+
+
+def test_go_udp_server_reached_from_the_peer(module_rig: Rig, tmp_path: Path, probe: str) -> None:
+    """A Go UDP server on the wildcard is reached from the peer over IPv4 and IPv6: ReadFrom
+    reports the peer's tunnel address and port, and the reply comes from the server's port."""
+    from runtime.wraphelp import popen_wrapped, read_line
+
+    rig = module_rig
+    conf = rig.write_client_config(tmp_path / "c.conf", keepalive=25)
+    proc = popen_wrapped(rig.client, conf, [probe, "udpserve", ":9005"],
+                         stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert "listening" in read_line(proc, 20)
+        for ours, peer in ((rig.our_tunnel_v4, rig.peer_tunnel_v4),
+                           (rig.our_tunnel_v6, rig.peer_tunnel_v6)):  # fmt: skip
+            r = rig.peer.ns.run([sys.executable, "-c", UDP_CLIENT, ours, "9005"],
+                                check=False, timeout=40)  # fmt: skip
+            assert r.returncode == 0, r
+            words = r.stdout.split()
+            assert len(words) == 4, r
+            client, payload, src, sport = words
+            host = client.rsplit(":", 1)[0]
+            assert host.strip("[]") in (peer, f"::ffff:{peer}") and payload == "hi", r.stdout
+            assert src == ours and sport == "9005", r.stdout
+    finally:
+        proc.terminate()
+        proc.wait(15)

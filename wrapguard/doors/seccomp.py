@@ -56,6 +56,7 @@ SOL_SOCKET, SO_ERROR, SO_TYPE, SO_DOMAIN = 1, 4, 3, 39
 MAX_SOCKADDR = 128
 MSGHDR_SIZE, MMSGHDR_SIZE = 56, 64  # struct msghdr, struct mmsghdr (64-bit)
 MAX_DATAGRAM = 65535
+MAX_UDP_SOURCES = 1024  # tunnel sources one UDP server socket hears from (each: a socket of ours)
 HANDOVER_TIMEOUT = 5.0  # seconds for a helper to say its listener's number
 UDP_SWEEP_EVERY = 5.0  # seconds between checks that a redirected UDP socket still exists
 FLOW_KEEP = 60.0  # seconds a TCP flow's addresses stay answerable after it ended
@@ -223,6 +224,7 @@ class _Assoc:
     family: int
     inode: int
     local: tuple[str, int]  # where the program's socket receives our loopback datagrams
+    server: bool = False  # bound to a port the tunnel reaches: any tunnel source comes in
     udp: UdpFlow | None = None
     backs: dict[tuple[IPAddress, int], socket.socket] = field(default_factory=dict)  # by target
     by_addr: dict[tuple[IPAddress, int], tuple[IPAddress, int]] = field(default_factory=dict)
@@ -565,33 +567,7 @@ class SeccompDoor:
                       target: tuple[IPAddress, int], data: bytes) -> None:  # fmt: skip
         """One datagram from an unconnected program socket (a borrowed copy: `sock`) into
         the tunnel, to `target` (it asked for `asked`)."""
-        inode = os.fstat(sock.fileno()).st_ino
-        assoc = self.assocs.get(inode)
-        if assoc is None:
-            name = sock.getsockname()
-            if name[1] == 0:  # never bound: as the kernel's autobind on a first send
-                sock.bind(("::" if sock.family == socket.AF_INET6 else "0.0.0.0", 0))
-                name = sock.getsockname()
-            here = ipaddress.ip_address(name[0])
-            if here.is_unspecified:
-                host = "::1" if sock.family == socket.AF_INET6 else "127.0.0.1"
-            else:
-                host = str(here)
-            assoc = _Assoc(sock.family, inode, (host, name[1]))
-            a = assoc
-
-            def back(src: tuple[IPAddress, int], payload: bytes) -> None:
-                ours = a.backs.get((plain(src[0]), src[1]))
-                if ours is not None:
-                    with contextlib.suppress(OSError):
-                        ours.sendto(payload, a.local)
-                else:
-                    self.count("udp_unasked_dropped")  # only those it sent to come back
-
-            assoc.udp = self.service.open_udp(back)
-            self.assocs[inode] = assoc
-            self.count("udp_assocs")
-            self._arm_sweep()
+        assoc = self.assoc_for(sock)
         if target not in assoc.backs:
             v6 = assoc.family == socket.AF_INET6 and ":" in assoc.local[0]
             ours = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
@@ -608,6 +584,64 @@ class SeccompDoor:
         assert assoc.udp is not None
         assoc.udp.send(target, data)
         self.frontend.flows += 1
+
+    def assoc_for(self, sock: socket.socket, port: int = 0) -> _Assoc:
+        """The association of a program UDP socket (a borrowed copy: `sock`): made on its
+        first datagram into the tunnel, or when it binds a port the tunnel can reach
+        (`port`: the tunnel flow takes that port, and datagrams from any tunnel source come
+        in)."""
+        inode = os.fstat(sock.fileno()).st_ino
+        assoc = self.assocs.get(inode)
+        if assoc is not None:
+            return assoc
+        name = sock.getsockname()
+        if name[1] == 0:  # never bound: as the kernel's autobind on a first send
+            sock.bind(("::" if sock.family == socket.AF_INET6 else "0.0.0.0", 0))
+            name = sock.getsockname()
+        here = ipaddress.ip_address(name[0])
+        if here.is_unspecified:
+            host = "::1" if sock.family == socket.AF_INET6 else "127.0.0.1"
+        else:
+            host = str(here)
+        assoc = _Assoc(sock.family, inode, (host, name[1]), server=port != 0)
+        a = assoc
+
+        def back(src: tuple[IPAddress, int], payload: bytes) -> None:
+            key = (plain(src[0]), src[1])
+            ours = a.backs.get(key)
+            if ours is None and a.server and len(a.backs) < MAX_UDP_SOURCES:
+                with contextlib.suppress(OSError):
+                    ours = self._back(a, key, key)
+            if ours is None:
+                self.count("udp_unasked_dropped")  # only those it sent to come back
+                return
+            with contextlib.suppress(OSError):
+                ours.sendto(payload, a.local)
+
+        assoc.udp = self.service.open_udp(back, port=port)
+        self.assocs[inode] = assoc
+        self.count("udp_assocs")
+        self._arm_sweep()
+        return assoc
+
+    def _back(self, assoc: _Assoc, target: tuple[IPAddress, int],
+              asked: tuple[IPAddress, int]) -> socket.socket:  # fmt: skip
+        """The loopback socket of ours that stands for `target` towards the program."""
+        v6 = assoc.family == socket.AF_INET6 and ":" in assoc.local[0]
+        ours = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+        local = ipaddress.ip_address(assoc.local[0])
+        try:
+            ours.bind(
+                (assoc.local[0] if plain(local).is_loopback else ("::1" if v6 else "127.0.0.1"), 0)
+            )
+        except OSError:
+            ours.close()
+            raise
+        ours.setblocking(False)
+        assoc.backs[target] = ours
+        name = ours.getsockname()
+        assoc.by_addr[(plain(ipaddress.ip_address(name[0])), name[1])] = asked
+        return ours
 
     def _end_assoc(self, assoc: _Assoc) -> None:
         self.assocs.pop(assoc.inode, None)
@@ -840,31 +874,47 @@ class _Supervisor:
     def _bind(self, n: sc.Notification) -> None:
         """bind() to our tunnel address (which the host does not have): the socket is bound
         to loopback at that port instead, and getsockname()/listen() use the tunnel
-        address."""
+        address. A UDP socket bound to the wildcard or a tunnel address at a fixed port is a
+        server the tunnel can reach: its association takes that port in the tunnel."""
         raw = self._name_at(n.pid, n.args[1], n.args[2])
         try:
             family, ip, port = sc.parse_sockaddr(raw) if raw else (0, None, 0)
         except DecodeError:
             family, ip = 0, None
         service = self.door.service
-        if ip is None or plain(ip) not in service.engine.addresses:
+        tunnel = ip is not None and plain(ip) in service.engine.addresses
+        if ip is None or not (tunnel or (ip.is_unspecified and port)):
             self.go_on(n)
+            return
+        if not tunnel and _sock_proto(n.pid, n.args[0]) != UDP:
+            self.go_on(n)  # a TCP wildcard bind: listen() decides
             return
         if not self.valid(n):
             return
         dup = pidfd_getfd(n.pid, n.args[0])
         sock = socket.socket(fileno=dup)
         try:
-            host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
-            if family == socket.AF_INET6 and isinstance(plain(ip), ipaddress.IPv4Address):
-                host = "::ffff:127.0.0.1"
+            if tunnel:
+                host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+                if family == socket.AF_INET6 and isinstance(plain(ip), ipaddress.IPv4Address):
+                    host = "::ffff:127.0.0.1"
+            else:
+                host = str(ip)
             err = 0
             try:
                 sock.bind((host, port))
             except OSError as exc:
                 err = exc.errno or errno.EADDRINUSE
-            if err == 0:
+            if err == 0 and tunnel:
                 self.door.bound[os.fstat(dup).st_ino] = (plain(ip), sock.getsockname()[1])
+            if err == 0 and sock.type == socket.SOCK_DGRAM and sock.getsockname()[1]:
+                try:
+                    self.door.assoc_for(sock, port=sock.getsockname()[1])
+                    self.log.info("receiving UDP from the tunnel", port=sock.getsockname()[1])
+                except OSError as exc:
+                    self.log.warning(
+                        "UDP port not reachable from the tunnel", port=port, error=str(exc)
+                    )
             self.answer(n, error=err)
         finally:
             sock.detach()

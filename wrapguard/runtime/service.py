@@ -77,12 +77,13 @@ class UdpFlow:
         service: TunnelService,
         on_datagram: Callable[[tuple[IPAddress, int], bytes], None],
         on_error: Callable[[tuple[IPAddress, int], int], None] | None = None,
+        port: int = 0,
     ) -> None:
         self._service = service
         self._engine: Engine = service.engine
         self._on_datagram = on_datagram
         self._on_error = on_error
-        self.sock: SockId = self._engine.stack.udp_bind(0)
+        self.sock: SockId = self._engine.stack.udp_bind(port)
         self._engine.handlers[self.sock] = self
         self.closed = False
 
@@ -212,8 +213,11 @@ class TunnelService:
         self,
         on_datagram: Callable[[tuple[IPAddress, int], bytes], None],
         on_error: Callable[[tuple[IPAddress, int], int], None] | None = None,
+        port: int = 0,
     ) -> UdpFlow:
-        return UdpFlow(self, on_datagram, on_error)
+        """A UDP socket in the tunnel: on `port` of our tunnel addresses (a program's server
+        reachable from the peer), or an ephemeral one. Raises OSError (EADDRINUSE)."""
+        return UdpFlow(self, on_datagram, on_error, port)
 
     async def resolve(self, name: str, family: int = 0) -> list[IPAddress]:
         """Through the tunnel DNS (DNS=), /etc/hosts first; without DNS=, the host resolver

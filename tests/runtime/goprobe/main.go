@@ -9,6 +9,7 @@
 //	goprobe udpfrom HOST:PORT  the same from an unconnected socket: {"echo", "from"}
 //	goprobe many N URL         N concurrent GETs: {"ok", "failed"}
 //	goprobe serve ADDR         an HTTP server answering with the client's address
+//	goprobe udpserve ADDR      a UDP server answering "CLIENT PAYLOAD"
 package main
 
 import (
@@ -170,6 +171,20 @@ func main() {
 		close(start)
 		wg.Wait()
 		out(map[string]interface{}{"ok": ok, "failed": failed, "first_error": first})
+	case "udpserve":
+		c, err := net.ListenPacket("udp", args[1])
+		if err != nil {
+			fail(err)
+		}
+		out(map[string]interface{}{"listening": c.LocalAddr().String()})
+		buf := make([]byte, 2048)
+		for {
+			k, from, err := c.ReadFrom(buf)
+			if err != nil {
+				fail(err)
+			}
+			c.WriteTo([]byte(from.String()+" "+string(buf[:k])), from)
+		}
 	case "serve":
 		ln, err := net.Listen("tcp", args[1])
 		if err != nil {
