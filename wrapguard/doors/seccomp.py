@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 from wrapguard import log
 from wrapguard.errors import DecodeError
-from wrapguard.runtime.relay import TcpRelay
+from wrapguard.runtime.relay import TcpRelay, reset_socket
 from wrapguard.runtime.service import TCP, UDP, FrontEnd, TunnelService, UdpFlow, Way, plain
 from wrapguard.wire import seccomp as sc
 
@@ -213,6 +213,7 @@ class _Flow:
     udp: UdpFlow | None = None
     ours: socket.socket | None = None  # UDP: our loopback socket the program's one talks to
     inode: int = 0
+    join: socket.socket | None = None  # TCP: the one-time loopback listener, until joined
 
 
 @dataclass(eq=False)
@@ -247,12 +248,11 @@ class SeccompDoor:
         self.listeners = 0  # listener fds received so far
         self.ready = asyncio.Event()  # set by the first one
         self.flows: dict[int, _Flow] = {}  # by the program socket's inode
-        self._pending: dict[tuple[str, int], _Flow] = {}  # loopback source -> flow
-        self._accepted: dict[tuple[str, int], socket.socket] = {}  # accepted before mapped
+        self._joins: dict[int, socket.socket] = {}  # fd -> a flow's one-time loopback listener
+        self.has_v6_loopback = True  # until ::1 cannot be bound
         self._sups: set[_Supervisor] = set()
         self._tasks: set[asyncio.Future[None]] = set()
         self._server: socket.socket | None = None
-        self._tcp: dict[int, socket.socket] = {}  # family -> loopback listener
         self._sweep: asyncio.TimerHandle | None = None
         self.counters: dict[str, int] = {}
         self.listening: dict[int, tuple[IPAddress, int]] = {}  # inode -> what it listens on
@@ -280,19 +280,6 @@ class SeccompDoor:
         server.setblocking(False)
         self._server = server
         self.loop.add_reader(server.fileno(), self._on_helper)
-        for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
-            s = socket.socket(family, socket.SOCK_STREAM)
-            try:
-                if family == socket.AF_INET6:
-                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                s.bind((host, 0))
-                s.listen(4096)
-            except OSError:
-                s.close()
-                continue
-            s.setblocking(False)
-            self._tcp[family] = s
-            self.loop.add_reader(s.fileno(), self._on_loopback, s)
         self.frontend.extra["counters"] = self.counters
 
     def helper_argv(self, executable: str, argv: list[str]) -> list[str]:
@@ -318,17 +305,14 @@ class SeccompDoor:
             self._server = None
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
-        for s in self._tcp.values():
-            self.loop.remove_reader(s.fileno())
+        for fd, s in list(self._joins.items()):
+            self.loop.remove_reader(fd)
             s.close()
-        self._tcp.clear()
+        self._joins.clear()
         for flow in list(self.flows.values()):
             self._end_udp(flow)
         for assoc in list(self.assocs.values()):
             self._end_assoc(assoc)
-        for s in self._accepted.values():
-            s.close()
-        self._accepted.clear()
         if self._sweep is not None:
             self._sweep.cancel()
 
@@ -378,29 +362,46 @@ class SeccompDoor:
 
     # -- loopback joins ----------------------------------------------------------------------
 
-    def _on_loopback(self, listener: socket.socket) -> None:
-        for _ in range(64):
+    def _listener(self, family: int) -> socket.socket:
+        """A one-time loopback listener for one redirected socket: nobody else knows its
+        port, and what it accepts is checked against the program socket's address."""
+        if family == socket.AF_INET6 and self.has_v6_loopback:
+            s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            try:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                s.bind(("::1", 0))
+                s.listen(4)
+                s.setblocking(False)
+                return s
+            except OSError:
+                s.close()
+                self.has_v6_loopback = False
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.bind(("127.0.0.1", 0))
+        s.listen(4)
+        s.setblocking(False)
+        return s
+
+    def _on_join(self, listener: socket.socket, flow: _Flow, want: tuple[str, int]) -> None:
+        for _ in range(8):
             try:
                 sock, addr = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:
-                self.log.warning("loopback accept failed", error=str(exc))
+            except OSError:
+                break
+            if (str(ipaddress.ip_address(addr[0])), addr[1]) == want:
+                self._end_join(listener)
+                self._join(flow, sock)
                 return
-            key = (str(ipaddress.ip_address(addr[0])), addr[1])
-            flow = self._pending.pop(key, None)
-            if flow is None:
-                # Our own connect() has not been recorded yet (it is, right after it
-                # returns), or a stranger: keep it a moment, then drop it.
-                self._accepted[key] = sock
-                self.loop.call_later(1.0, self._drop_stranger, key)
-                continue
-            self._join(flow, sock)
+            reset_socket(sock)  # a stranger raced for the port: never a tunnel flow
+            self.count("loopback_strangers")
+        self._end_join(listener)
 
-    def _drop_stranger(self, key: tuple[str, int]) -> None:
-        sock = self._accepted.pop(key, None)
-        if sock is not None:
-            sock.close()
+    def _end_join(self, listener: socket.socket) -> None:
+        if self._joins.pop(listener.fileno(), None) is not None:
+            self.loop.remove_reader(listener.fileno())
+        listener.close()
 
     def _join(self, flow: _Flow, sock: socket.socket) -> None:
         assert flow.relay is not None
@@ -420,11 +421,9 @@ class SeccompDoor:
         try:
             if not sup.valid(n):
                 return
-            nonblocking = bool(fcntl.fcntl(dup, fcntl.F_GETFL) & os.O_NONBLOCK)
-            listener = self._tcp.get(family) or self._tcp.get(socket.AF_INET)
-            if listener is None:
-                sup.answer(n, error=errno.ENETUNREACH)
-                return
+            flags = fcntl.fcntl(dup, fcntl.F_GETFL)
+            nonblocking = bool(flags & os.O_NONBLOCK)
+            listener = self._listener(family)
             lhost, lport = listener.getsockname()[:2]
             if family == socket.AF_INET6 and listener.family == socket.AF_INET:
                 lhost = "::ffff:" + lhost
@@ -437,8 +436,15 @@ class SeccompDoor:
             flow.local = self.service.tcp_local(relay)
             self.frontend.flows += 1
             self.count("tcp_redirected")
-            err = sock.connect_ex((lhost, lport))
+            # Never wait on the loop: non-blocking for this one call (the program waits in
+            # its own connect meanwhile), the loopback handshake completes by itself.
+            fcntl.fcntl(dup, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+            try:
+                err = sock.connect_ex((lhost, lport))
+            finally:
+                fcntl.fcntl(dup, fcntl.F_SETFL, flags)
             if err not in (0, errno.EINPROGRESS):
+                listener.close()
                 relay.abort()
                 sup.answer(n, error=err)
                 return
@@ -448,11 +454,9 @@ class SeccompDoor:
             if old is not None:
                 self._forget(old)
             self.flows[inode] = flow
-            early = self._accepted.pop(key, None)
-            if early is not None:
-                self._join(flow, early)
-            else:
-                self._pending[key] = flow
+            self._joins[listener.fileno()] = listener
+            self.loop.add_reader(listener.fileno(), self._on_join, listener, flow, key)
+            flow.join = listener
             if nonblocking:
                 sup.answer(n, error=errno.EINPROGRESS)
             else:
@@ -470,9 +474,10 @@ class SeccompDoor:
             self.log.debug(
                 "tunnel connect failed", dst=f"{flow.peer[0]}:{flow.peer[1]}", errno=status
             )
-            stray = self._pending.pop(key, None)
-            if stray is not None and flow.relay is not None:
-                flow.relay.abort()
+            if flow.join is not None and flow.join.fileno() in self._joins:
+                self._end_join(flow.join)  # not joined yet: the program's side sees a reset
+                if flow.relay is not None:
+                    flow.relay.abort()
         if not flow.nonblocking:
             sup.answer(n, error=status)  # the blocking connect() returns now
         for held in flow.held:
@@ -616,7 +621,7 @@ class SeccompDoor:
                 self.count("udp_unasked_dropped")  # only those it sent to come back
                 return
             with contextlib.suppress(OSError):
-                ours.sendto(payload, a.local)
+                ours.sendto(payload, a.local)  # connected to it: the same as send()
 
         assoc.udp = self.service.open_udp(back, port=port)
         self.assocs[inode] = assoc
@@ -637,6 +642,8 @@ class SeccompDoor:
         except OSError:
             ours.close()
             raise
+        with contextlib.suppress(OSError):
+            ours.connect(assoc.local)  # datagrams from anyone else are dropped by the kernel
         ours.setblocking(False)
         assoc.backs[target] = ours
         name = ours.getsockname()
