@@ -409,3 +409,21 @@ def test_go_udp_server_reached_from_the_peer(module_rig: Rig, tmp_path: Path, pr
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+@pytest.mark.parametrize("resolver", ["go", "cgo"])
+def test_go_get_by_name_with_either_resolver(
+    module_rig: Rig, conf: Path, goprobes: dict[str, Path], resolver: str
+) -> None:
+    """A URL with a name: Go's own resolver (static build) or glibc's getaddrinfo inside the
+    cgo build (GODEBUG=netdns=cgo; glibc sends A and AAAA with sendmmsg on a connected
+    socket); both through the tunnel DNS, no leak query."""
+    rig = module_rig
+    probe = goprobes["static" if resolver == "go" else "cgo"]
+    before = len(rig.client_dns_log())
+    url = f"http://web.wg.test:{rig.http_port}/1MiB.bin"
+    cmd = ["env", f"GODEBUG=netdns={resolver}", str(probe), "get", url]
+    r = run_wrapped(rig.client, conf, cmd, extra=("--intercept", "seccomp"))
+    assert r.stdout.strip(), explain(r)
+    assert last_json(r.stdout)["sha256"] == rig.files["1MiB.bin"][1], explain(r)
+    assert rig.client_dns_log()[before:] == []
