@@ -52,7 +52,7 @@ HELPER_NAME = "_seccomp_helper"
 SOCKET_NAME = "seccomp.sock"
 ENV_HELPER, ENV_SOCK = "WRAPGUARD_SECCOMP_HELPER", "WRAPGUARD_SECCOMP_SOCK"
 SYS_PIDFD_GETFD = 438  # the same number on x86_64 and aarch64 (the unified table)
-SOL_SOCKET, SO_ERROR, SO_TYPE, SO_DOMAIN = 1, 4, 3, 39
+SOL_SOCKET, SO_ERROR, SO_TYPE, SO_PROTOCOL = 1, 4, 3, 38
 MAX_SOCKADDR = 128
 MSGHDR_SIZE, MMSGHDR_SIZE = 56, 64  # struct msghdr, struct mmsghdr (64-bit)
 MAX_DATAGRAM = 65535
@@ -411,60 +411,55 @@ class SeccompDoor:
 
     # -- decisions -----------------------------------------------------------------------------
 
-    def connect_tcp(self, sup: _Supervisor, n: sc.Notification, family: int,
-                    dst: tuple[IPAddress, int], target: tuple[IPAddress, int]) -> None:  # fmt: skip
-        """Borrow the program's socket and join it to a tunnel flow to `target` (it asked
-        for `dst`)."""
-        fd = n.args[0]
-        dup = pidfd_getfd(n.pid, fd)
-        sock = socket.socket(fileno=dup)
+    def connect_tcp(self, sup: _Supervisor, n: sc.Notification, sock: socket.socket,
+                    family: int, dst: tuple[IPAddress, int],
+                    target: tuple[IPAddress, int]) -> None:  # fmt: skip
+        """Join the program's socket (a borrowed copy: `sock`) to a tunnel flow to `target`
+        (it asked for `dst`)."""
+        dup = sock.fileno()
+        if not sup.valid(n):
+            return
+        flags = fcntl.fcntl(dup, fcntl.F_GETFL)
+        nonblocking = bool(flags & os.O_NONBLOCK)
+        listener = self._listener(family)
+        lhost, lport = listener.getsockname()[:2]
+        if family == socket.AF_INET6 and listener.family == socket.AF_INET:
+            lhost = "::ffff:" + lhost
+        inode = os.fstat(dup).st_ino
+        flow = _Flow(TCP, family, dst, dst, nonblocking, inode=inode)
+        relay, outcome = self.service.open_tcp(
+            target[0], target[1], on_done=lambda _r: self._ended(flow)
+        )
+        flow.relay = relay
+        flow.local = self.service.tcp_local(relay)
+        self.frontend.flows += 1
+        self.count("tcp_redirected")
+        # Never wait on the loop: non-blocking for this one call (the program waits in
+        # its own connect meanwhile), the loopback handshake completes by itself.
+        fcntl.fcntl(dup, fcntl.F_SETFL, flags | os.O_NONBLOCK)
         try:
-            if not sup.valid(n):
-                return
-            flags = fcntl.fcntl(dup, fcntl.F_GETFL)
-            nonblocking = bool(flags & os.O_NONBLOCK)
-            listener = self._listener(family)
-            lhost, lport = listener.getsockname()[:2]
-            if family == socket.AF_INET6 and listener.family == socket.AF_INET:
-                lhost = "::ffff:" + lhost
-            inode = os.fstat(dup).st_ino
-            flow = _Flow(TCP, family, dst, dst, nonblocking, inode=inode)
-            relay, outcome = self.service.open_tcp(
-                target[0], target[1], on_done=lambda _r: self._ended(flow)
-            )
-            flow.relay = relay
-            flow.local = self.service.tcp_local(relay)
-            self.frontend.flows += 1
-            self.count("tcp_redirected")
-            # Never wait on the loop: non-blocking for this one call (the program waits in
-            # its own connect meanwhile), the loopback handshake completes by itself.
-            fcntl.fcntl(dup, fcntl.F_SETFL, flags | os.O_NONBLOCK)
-            try:
-                err = sock.connect_ex((lhost, lport))
-            finally:
-                fcntl.fcntl(dup, fcntl.F_SETFL, flags)
-            if err not in (0, errno.EINPROGRESS):
-                listener.close()
-                relay.abort()
-                sup.answer(n, error=err)
-                return
-            name = sock.getsockname()
-            key = (str(ipaddress.ip_address(name[0])), name[1])
-            old = self.flows.get(inode)
-            if old is not None:
-                self._forget(old)
-            self.flows[inode] = flow
-            self._joins[listener.fileno()] = listener
-            self.loop.add_reader(listener.fileno(), self._on_join, listener, flow, key)
-            flow.join = listener
-            if nonblocking:
-                sup.answer(n, error=errno.EINPROGRESS)
-            else:
-                flow.so_error_told = True
-            outcome.add_done_callback(lambda f: self._outcome(sup, flow, n, f.result(), key))
+            err = sock.connect_ex((lhost, lport))
         finally:
-            sock.detach()
-            os.close(dup)
+            fcntl.fcntl(dup, fcntl.F_SETFL, flags)
+        if err not in (0, errno.EINPROGRESS):
+            listener.close()
+            relay.abort()
+            sup.answer(n, error=err)
+            return
+        name = sock.getsockname()
+        key = (str(ipaddress.ip_address(name[0])), name[1])
+        old = self.flows.get(inode)
+        if old is not None:
+            self._forget(old)
+        self.flows[inode] = flow
+        self._joins[listener.fileno()] = listener
+        self.loop.add_reader(listener.fileno(), self._on_join, listener, flow, key)
+        flow.join = listener
+        if nonblocking:
+            sup.answer(n, error=errno.EINPROGRESS)
+        else:
+            flow.so_error_told = True
+        outcome.add_done_callback(lambda f: self._outcome(sup, flow, n, f.result(), key))
 
     def _outcome(self, sup: _Supervisor, flow: _Flow, n: sc.Notification, status: int,
                  key: tuple[str, int]) -> None:  # fmt: skip
@@ -511,12 +506,13 @@ class SeccompDoor:
             return
         sup.answer(n)
 
-    def connect_udp(self, sup: _Supervisor, n: sc.Notification, family: int,
-                    dst: tuple[IPAddress, int], target: tuple[IPAddress, int]) -> None:  # fmt: skip
-        """A connected UDP socket to a routed destination: connect it to a loopback UDP
-        socket of ours that forwards into a tunnel UDP flow (and back)."""
-        dup = pidfd_getfd(n.pid, n.args[0])
-        sock = socket.socket(fileno=dup)
+    def connect_udp(self, sup: _Supervisor, n: sc.Notification, sock: socket.socket,
+                    family: int, dst: tuple[IPAddress, int],
+                    target: tuple[IPAddress, int]) -> None:  # fmt: skip
+        """A connected UDP socket to a routed destination (a borrowed copy: `sock`): connect
+        it to a loopback UDP socket of ours that forwards into a tunnel UDP flow (and
+        back)."""
+        dup = sock.fileno()
         ours: socket.socket | None = None
         try:
             if not sup.valid(n):
@@ -565,8 +561,6 @@ class SeccompDoor:
         finally:
             if ours is not None:
                 ours.close()
-            sock.detach()
-            os.close(dup)
 
     def send_datagram(self, sock: socket.socket, asked: tuple[IPAddress, int],
                       target: tuple[IPAddress, int], data: bytes) -> None:  # fmt: skip
@@ -846,7 +840,18 @@ class _Supervisor:
         ):
             self.go_on(n)  # loopback, bypassed, unrouted: the host network, as asked
             return
-        proto = _sock_proto(n.pid, fd)
+        dup = pidfd_getfd(n.pid, fd)  # one borrowed copy for the whole decision
+        sock = socket.socket(fileno=dup)
+        try:
+            self._connect_with(n, sock, family, ip, port, flow)
+        finally:
+            sock.detach()
+            os.close(dup)
+
+    def _connect_with(self, n: sc.Notification, sock: socket.socket, family: int,
+                      ip: IPAddress, port: int, flow: _Flow | None) -> None:  # fmt: skip
+        door, service = self.door, self.door.service
+        proto = _proto_of(sock)
         if proto is None:
             self.go_on(n)  # not TCP/UDP (raw, SCTP ...): as asked
             return
@@ -872,9 +877,9 @@ class _Supervisor:
                 self.answer(n, error=route.errno)
                 return
         if proto == TCP:
-            door.connect_tcp(self, n, family, dst, target)
+            door.connect_tcp(self, n, sock, family, dst, target)
         else:
-            door.connect_udp(self, n, family, dst, target)
+            door.connect_udp(self, n, sock, family, dst, target)
 
     # -- inbound: bind, listen, accept ------------------------------------------------------
 
@@ -1332,6 +1337,20 @@ def _family_of(pid: int, fd: int) -> int:
         os.close(dup)
 
 
+def _proto_of(s: socket.socket) -> int | None:
+    """TCP or UDP (None: another kind of socket)."""
+    try:
+        kind = s.getsockopt(SOL_SOCKET, SO_TYPE)
+        proto = s.getsockopt(SOL_SOCKET, SO_PROTOCOL)
+    except OSError:
+        return None
+    if kind == socket.SOCK_STREAM and proto in (0, 6):
+        return TCP
+    if kind == socket.SOCK_DGRAM and proto in (0, 17):
+        return UDP
+    return None
+
+
 def _sock_proto(pid: int, fd: int) -> int | None:
     """TCP or UDP (None: another kind of socket, or not a socket): asked of a borrowed copy."""
     try:
@@ -1341,17 +1360,11 @@ def _sock_proto(pid: int, fd: int) -> int | None:
     try:
         s = socket.socket(fileno=dup)
         try:
-            kind = s.getsockopt(SOL_SOCKET, SO_TYPE)
-            proto = s.getsockopt(SOL_SOCKET, 38)  # SO_PROTOCOL
+            return _proto_of(s)
         finally:
             s.detach()
     finally:
         os.close(dup)
-    if kind == socket.SOCK_STREAM and proto in (0, 6):
-        return TCP
-    if kind == socket.SOCK_DGRAM and proto in (0, 17):
-        return UDP
-    return None
 
 
 async def start(service: TunnelService, directory: str) -> SeccompDoor:
