@@ -127,9 +127,7 @@ def test_a_flood_of_the_data_listener_costs_the_attacker_not_our_connects(
     flood_check(module_rig, program)
 
 
-def test_a_flood_spares_the_connects_of_the_seccomp_door(
-    module_rig: Rig, tmp_path: Path
-) -> None:
+def test_a_flood_spares_the_connects_of_the_seccomp_door(module_rig: Rig, tmp_path: Path) -> None:
     """The same program under the seccomp door (docs/seccomp.md): its redirected sockets are
     joined through one-time loopback listeners, so flooding whatever the launcher listens
     on costs our connects nothing."""

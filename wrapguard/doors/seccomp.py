@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import fcntl
 import ipaddress
@@ -39,6 +38,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from wrapguard import log
+from wrapguard.doors.seccomp_sys import (
+    NR,
+    SOCKET_NAME,
+    family_of,
+    fd_inode,
+    helper_path,
+    pidfd_getfd,
+    probe,
+    proto_of,
+    read_mem,
+    sock_proto,
+    supported,
+    udp_inodes,
+    write_mem,
+)
 from wrapguard.errors import DecodeError
 from wrapguard.runtime.relay import TcpRelay, reset_socket
 from wrapguard.runtime.service import TCP, UDP, FrontEnd, TunnelService, UdpFlow, Way, plain
@@ -48,11 +62,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # A loopback source seen by recvfrom -> the tunnel address it stands for (None: itself)
 _Source = Callable[[tuple[IPAddress, int]], tuple[IPAddress, int] | None]
 
-HELPER_NAME = "_seccomp_helper"
-SOCKET_NAME = "seccomp.sock"
 ENV_HELPER, ENV_SOCK = "WRAPGUARD_SECCOMP_HELPER", "WRAPGUARD_SECCOMP_SOCK"
-SYS_PIDFD_GETFD = 438  # the same number on x86_64 and aarch64 (the unified table)
-SOL_SOCKET, SO_ERROR, SO_TYPE, SO_PROTOCOL = 1, 4, 3, 38
 MAX_SOCKADDR = 128
 MSGHDR_SIZE, MMSGHDR_SIZE = 56, 64  # struct msghdr, struct mmsghdr (64-bit)
 MAX_DATAGRAM = 65535
@@ -60,141 +70,6 @@ MAX_UDP_SOURCES = 1024  # tunnel sources one UDP server socket hears from (each:
 HANDOVER_TIMEOUT = 5.0  # seconds for a helper to say its listener's number
 UDP_SWEEP_EVERY = 5.0  # seconds between checks that a redirected UDP socket still exists
 FLOW_KEEP = 60.0  # seconds a TCP flow's addresses stay answerable after it ended
-
-_NR: dict[str, int] = (
-    {
-        "connect": 42, "getpeername": 52, "getsockname": 51, "getsockopt": 55,
-        "bind": 49, "listen": 50, "accept": 43, "accept4": 288, "sendto": 44, "recvfrom": 45,
-        "sendmsg": 46, "sendmmsg": 307,
-    }
-    if os.uname().machine == "x86_64"
-    else {
-        "connect": 203, "getpeername": 205, "getsockname": 204, "getsockopt": 209,
-        "bind": 200, "listen": 201, "accept": 202, "accept4": 242, "sendto": 206, "recvfrom": 207,
-        "sendmsg": 211, "sendmmsg": 269,
-    }
-)  # fmt: skip
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-
-
-def helper_path() -> str | None:
-    """The helper built at install next to the package (setup.py), if it is there."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), HELPER_NAME)
-    return path if os.access(path, os.X_OK) else None
-
-
-def supported() -> str | None:
-    """None if this kernel offers seccomp user notification to us, else why not."""
-    try:
-        with open("/proc/self/status") as f:
-            if not any(line.startswith("Seccomp:") for line in f):
-                return "this kernel has no seccomp (CONFIG_SECCOMP)"
-    except OSError as exc:
-        return f"cannot read /proc/self/status: {exc.strerror}"
-    release = os.uname().release.split(".")
-    try:
-        major, minor = int(release[0]), int(release[1].split("-")[0])
-    except (ValueError, IndexError):
-        return None
-    if (major, minor) < (5, 9):
-        return f"Linux {major}.{minor} has no seccomp user notification with pidfd_getfd (5.9+)"
-    return None
-
-
-def probe(timeout: float = 5.0) -> str | None:
-    """Run the helper for real (filter on, listener taken, `true` exec'ed): None if it all
-    worked, else what failed (for --doctor)."""
-    import subprocess
-    import tempfile
-
-    helper = helper_path()
-    if helper is None:
-        return "the seccomp helper is missing"
-    true = "/bin/true" if os.path.exists("/bin/true") else "/usr/bin/true"
-    with tempfile.TemporaryDirectory(prefix="wrapguard-seccomp-") as d:
-        path = os.path.join(d, SOCKET_NAME)
-        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        server.bind(path)
-        server.listen(1)
-        server.settimeout(timeout)
-        proc = subprocess.Popen(
-            [helper, path, true, "true"], stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )  # fmt: skip
-        try:
-            conn, _ = server.accept()
-            with conn:
-                conn.settimeout(timeout)
-                _word, num = conn.recv(32).split()
-                os.close(pidfd_getfd(proc.pid, int(num)))
-                conn.sendall(b"K")
-            _, err = proc.communicate(timeout=timeout)
-        except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
-            proc.kill()
-            _, err = proc.communicate()
-            tail = err.decode("utf-8", "replace").strip().splitlines()
-            return tail[-1] if tail else f"{type(exc).__name__}: {exc}"
-        finally:
-            server.close()
-        if proc.returncode != 0:
-            tail = err.decode("utf-8", "replace").strip().splitlines()
-            return tail[-1] if tail else f"the helper exited with status {proc.returncode}"
-    return None
-
-
-# -- the program's side: its memory, its fds ---------------------------------------------------
-
-
-def pidfd_getfd(pid: int, fd: int) -> int:
-    """A duplicate of the process's fd `fd` (the same open file)."""
-    pidfd = os.pidfd_open(_tgid(pid))
-    try:
-        got = _libc.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
-        if got < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-        os.set_inheritable(got, False)
-        return int(got)
-    finally:
-        os.close(pidfd)
-
-
-def _tgid(tid: int) -> int:
-    """pidfd_open() wants the thread-group leader; a notification names the thread."""
-    with open(f"/proc/{tid}/status", "rb") as f:
-        for line in f:
-            if line.startswith(b"Tgid:"):
-                return int(line.split()[1])
-    raise ProcessLookupError(tid)
-
-
-def read_mem(pid: int, addr: int, size: int) -> bytes:
-    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return os.pread(fd, size, addr)
-    finally:
-        os.close(fd)
-
-
-def write_mem(pid: int, addr: int, data: bytes) -> None:
-    fd = os.open(f"/proc/{pid}/mem", os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        if os.pwrite(fd, data, addr) != len(data):
-            raise OSError(errno.EFAULT, "short write into the program's memory")
-    finally:
-        os.close(fd)
-
-
-def fd_inode(pid: int, fd: int) -> int | None:
-    """The inode of the program's fd if it is a socket (the key of a redirected socket)."""
-    try:
-        st = os.stat(f"/proc/{pid}/fd/{fd}")
-    except OSError:
-        return None
-    return st.st_ino if (st.st_mode & 0o170000) == 0o140000 else None
-
 
 # -- one redirected socket ---------------------------------------------------------------------
 
@@ -687,7 +562,7 @@ class SeccompDoor:
         udp = [f for f in self.flows.values() if f.proto == UDP]
         if not udp and not self.assocs:
             return
-        alive = _udp_inodes()
+        alive = udp_inodes()
         for flow in udp:
             if flow.inode not in alive:
                 self._forget(flow)
@@ -696,21 +571,6 @@ class SeccompDoor:
                 self._end_assoc(assoc)
         if self.assocs or any(f.proto == UDP for f in self.flows.values()):
             self._arm_sweep()
-
-
-def _udp_inodes() -> set[int]:
-    out: set[int] = set()
-    for name in ("udp", "udp6"):
-        try:
-            with open(f"/proc/net/{name}") as f:
-                next(f, None)
-                for line in f:
-                    parts = line.split()
-                    if len(parts) > 9:
-                        out.add(int(parts[9]))
-        except (OSError, ValueError):
-            continue
-    return out
 
 
 class _Supervisor:
@@ -726,18 +586,18 @@ class _Supervisor:
         self._poll.register(fd, select.POLLIN)
         self.loop.add_reader(fd, self._on_ready)
         self.handlers: dict[int, Callable[[sc.Notification], None]] = {
-            _NR["connect"]: self._connect,
-            _NR["getpeername"]: self._getpeername,
-            _NR["getsockname"]: self._getsockname,
-            _NR["getsockopt"]: self._getsockopt,
-            _NR["sendto"]: self._sendto,
-            _NR["sendmsg"]: self._sendmsg,
-            _NR["sendmmsg"]: self._sendmmsg,
-            _NR["recvfrom"]: self._recvfrom,
-            _NR["bind"]: self._bind,
-            _NR["listen"]: self._listen,
-            _NR["accept"]: self._accept,
-            _NR["accept4"]: self._accept,
+            NR["connect"]: self._connect,
+            NR["getpeername"]: self._getpeername,
+            NR["getsockname"]: self._getsockname,
+            NR["getsockopt"]: self._getsockopt,
+            NR["sendto"]: self._sendto,
+            NR["sendmsg"]: self._sendmsg,
+            NR["sendmmsg"]: self._sendmmsg,
+            NR["recvfrom"]: self._recvfrom,
+            NR["bind"]: self._bind,
+            NR["listen"]: self._listen,
+            NR["accept"]: self._accept,
+            NR["accept4"]: self._accept,
         }
 
     def close(self) -> None:
@@ -781,7 +641,7 @@ class _Supervisor:
                 self.log.warning(
                     "seccomp call refused after an internal error", nr=n.nr, error=repr(exc)
                 )
-                self.answer(n, error=errno.ENETUNREACH if n.nr == _NR["connect"] else errno.EIO)
+                self.answer(n, error=errno.ENETUNREACH if n.nr == NR["connect"] else errno.EIO)
 
     def valid(self, n: sc.Notification) -> bool:
         """The notification is still pending (its thread did not die): what we read of its
@@ -851,7 +711,7 @@ class _Supervisor:
     def _connect_with(self, n: sc.Notification, sock: socket.socket, family: int,
                       ip: IPAddress, port: int, flow: _Flow | None) -> None:  # fmt: skip
         door, service = self.door, self.door.service
-        proto = _proto_of(sock)
+        proto = proto_of(sock)
         if proto is None:
             self.go_on(n)  # not TCP/UDP (raw, SCTP ...): as asked
             return
@@ -898,7 +758,7 @@ class _Supervisor:
         if ip is None or not (tunnel or (ip.is_unspecified and port)):
             self.go_on(n)
             return
-        if not tunnel and _sock_proto(n.pid, n.args[0]) != UDP:
+        if not tunnel and sock_proto(n.pid, n.args[0]) != UDP:
             self.go_on(n)  # a TCP wildcard bind: listen() decides
             return
         if not self.valid(n):
@@ -1032,7 +892,7 @@ class _Supervisor:
         finally:
             fcntl.fcntl(fd, fcntl.F_SETFL, flags)
         try:
-            want = n.args[3] if n.nr == _NR["accept4"] else 0
+            want = n.args[3] if n.nr == NR["accept4"] else 0
             cflags = fcntl.fcntl(conn.fileno(), fcntl.F_GETFL) & ~os.O_NONBLOCK
             if want & socket.SOCK_NONBLOCK:
                 cflags |= os.O_NONBLOCK
@@ -1108,7 +968,7 @@ class _Supervisor:
             self.go_on(n)  # a socket we connected: its address is ours to keep
             return
         door = self.door
-        if _sock_proto(n.pid, n.args[0]) != UDP:
+        if sock_proto(n.pid, n.args[0]) != UDP:
             if not self.valid(n):
                 return
             door.count("send_refused")
@@ -1309,7 +1169,7 @@ class _Supervisor:
         inode = fd_inode(n.pid, n.args[0])
         bound = self.door.bound.get(inode) if inode is not None else None
         if bound is not None and inode not in self.door.flows:
-            flow = _Flow(TCP, _family_of(n.pid, n.args[0]), bound, bound, status=0)
+            flow = _Flow(TCP, family_of(n.pid, n.args[0]), bound, bound, status=0)
             self._write_name(n, flow.family, bound)
             return
         self._name(n, "local")
@@ -1325,52 +1185,10 @@ class _Supervisor:
         self.door.answer_so_error(self, n, flow)
 
 
-def _family_of(pid: int, fd: int) -> int:
-    dup = pidfd_getfd(pid, fd)
-    try:
-        s = socket.socket(fileno=dup)
-        try:
-            return int(s.family)
-        finally:
-            s.detach()
-    finally:
-        os.close(dup)
-
-
-def _proto_of(s: socket.socket) -> int | None:
-    """TCP or UDP (None: another kind of socket)."""
-    try:
-        kind = s.getsockopt(SOL_SOCKET, SO_TYPE)
-        proto = s.getsockopt(SOL_SOCKET, SO_PROTOCOL)
-    except OSError:
-        return None
-    if kind == socket.SOCK_STREAM and proto in (0, 6):
-        return TCP
-    if kind == socket.SOCK_DGRAM and proto in (0, 17):
-        return UDP
-    return None
-
-
-def _sock_proto(pid: int, fd: int) -> int | None:
-    """TCP or UDP (None: another kind of socket, or not a socket): asked of a borrowed copy."""
-    try:
-        dup = pidfd_getfd(pid, fd)
-    except OSError:
-        return None
-    try:
-        s = socket.socket(fileno=dup)
-        try:
-            return _proto_of(s)
-        finally:
-            s.detach()
-    finally:
-        os.close(dup)
-
-
 async def start(service: TunnelService, directory: str) -> SeccompDoor:
     door = SeccompDoor(service, directory)
     await door.start()
     return door
 
 
-__all__ = ["SeccompDoor", "helper_path", "pidfd_getfd", "start", "supported"]
+__all__ = ["SeccompDoor", "helper_path", "pidfd_getfd", "probe", "start", "supported"]

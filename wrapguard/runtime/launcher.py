@@ -787,8 +787,7 @@ class Launcher:
             if self.plan.door == "seccomp":
                 raise WrapguardError(f"cannot start the seccomp door: {exc}") from None
             self.log.warning(
-                "no seccomp door: static and Go programs a wrapped program starts will be "
-                "refused",
+                "no seccomp door: static and Go programs a wrapped program starts will be refused",
                 error=str(exc),
             )
             return None
