@@ -427,3 +427,39 @@ def test_go_get_by_name_with_either_resolver(
     assert r.stdout.strip(), explain(r)
     assert last_json(r.stdout)["sha256"] == rig.files["1MiB.bin"][1], explain(r)
     assert rig.client_dns_log()[before:] == []
+
+
+WHOAMI_UDP = """
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 9006))
+print("READY", flush=True)
+while True:
+    data, addr = s.recvfrom(2048)
+    s.sendto(f"{addr[0]} {addr[1]}".encode(), addr)
+"""
+
+
+def test_unconnected_udp_keeps_its_port_in_the_tunnel(module_rig: Rig, conf: Path) -> None:
+    """The peer sees the program socket's own port as the source (when the tunnel has it
+    free), as it would without wrapguard; getsockname() agrees."""
+    from runtime.wraphelp import read_line
+
+    rig = module_rig
+    server = rig.peer.ns.python_popen(["-c", WHOAMI_UDP], stdout=subprocess.PIPE, text=True)
+    try:
+        assert read_line(server, 15) == "READY"
+        code = f"""
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+s.sendto(b"?", ("{rig.peer_tunnel_v4}", 9006))
+print(s.recvfrom(100)[0].decode(), s.getsockname()[1])
+"""
+        r = run_wrapped(rig.client, conf, ["python3", "-c", code], extra=("--intercept", "seccomp"))
+        assert r.returncode == 0, explain(r)
+        ip, seen_port, own_port = r.stdout.split()
+        assert ip == rig.our_tunnel_v4 and seen_port == own_port, r.stdout
+    finally:
+        server.kill()
+        server.wait()

@@ -492,7 +492,13 @@ class SeccompDoor:
             with contextlib.suppress(OSError):
                 ours.sendto(payload, a.local)  # connected to it: the same as send()
 
-        assoc.udp = self.service.open_udp(back, port=port)
+        if port:
+            assoc.udp = self.service.open_udp(back, port=port)
+        else:  # a client: the peer sees the program's own port when the tunnel has it free
+            try:
+                assoc.udp = self.service.open_udp(back, port=name[1])
+            except OSError:
+                assoc.udp = self.service.open_udp(back)
         self.assocs[inode] = assoc
         self.count("udp_assocs")
         self._arm_sweep()
