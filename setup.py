@@ -15,11 +15,15 @@ SHIM_SOURCES = sorted(
     os.path.join("csrc", name) for name in os.listdir("csrc") if name.endswith(".c")
 )
 
+HELPER_SOURCE = os.path.join("csrc", "seccomp", "helper.c")
+HELPER_NAME = "_seccomp_helper"
+
 
 class BuildWithShim(build_ext):
     def run(self) -> None:
         super().run()
         self.build_shim()
+        self.build_seccomp_helper()
 
     def build_shim(self) -> None:
         from setuptools._distutils.ccompiler import new_compiler
@@ -46,8 +50,32 @@ class BuildWithShim(build_ext):
         if self.inplace:
             self.copy_file(target, os.path.join("wrapguard", "_shim.so"))
 
+    def build_seccomp_helper(self) -> None:
+        """The seccomp door's helper (csrc/seccomp/helper.c, docs/seccomp.md): a small
+        executable that installs the filter and execs the program."""
+        from setuptools._distutils.ccompiler import new_compiler
+        from setuptools._distutils.sysconfig import customize_compiler
+
+        cc = new_compiler()
+        customize_compiler(cc)
+        objects = cc.compile(
+            [HELPER_SOURCE],
+            output_dir=self.build_temp,
+            extra_preargs=["-O2", "-Wall", "-Wextra", "-D_GNU_SOURCE"],
+        )
+        out_dir = os.path.join(self.build_lib, "wrapguard")
+        os.makedirs(out_dir, exist_ok=True)
+        target = os.path.join(out_dir, HELPER_NAME)
+        cc.link_executable(objects, target)
+        if self.inplace:
+            self.copy_file(target, os.path.join("wrapguard", HELPER_NAME))
+
     def get_outputs(self) -> list[str]:
-        return [*super().get_outputs(), os.path.join(self.build_lib, "wrapguard", "_shim.so")]
+        return [
+            *super().get_outputs(),
+            os.path.join(self.build_lib, "wrapguard", "_shim.so"),
+            os.path.join(self.build_lib, "wrapguard", HELPER_NAME),
+        ]
 
 
 setup(

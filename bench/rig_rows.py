@@ -63,10 +63,10 @@ class RigBench:
     def ns(self) -> str:
         return self.rig.client.name
 
-    def wrapped(self, cmd: Sequence[str]) -> list[str]:
+    def wrapped(self, cmd: Sequence[str], extra: Sequence[str] = ()) -> list[str]:
         return [
             "ip", "netns", "exec", self.ns, sys.executable, "-m", "wrapguard",
-            "--config", str(self.conf), "--log-level", "warn", "--", *cmd,
+            "--config", str(self.conf), "--log-level", "warn", *extra, "--", *cmd,
         ]  # fmt: skip
 
     def direct(self, cmd: Sequence[str]) -> list[str]:
@@ -181,6 +181,56 @@ class RigBench:
                 )
             rows.append(row)
         return rows
+
+    # -- rows 4s and 1g: the seccomp door -----------------------------------------------------
+    def _door(self, door: str, cmd: Sequence[str], timeout: float) -> str:
+        argv = self.wrapped(cmd, ("--intercept", door))
+        t = run_tracked(argv, timeout=timeout, env=self.env, preexec_fn=_raise_nofile)
+        if t.returncode != 0:
+            raise RuntimeError(f"{door}: exit {t.returncode}: {tail(t.stderr or t.stdout)}")
+        return t.stdout
+
+    def row_seccomp_connect(self, rounds: int, n: int = 200) -> Row:
+        """The same Python client (connect_rtt.py) through both doors."""
+        row = Row("4s", f"Connect round trip, seccomp door vs preload door, {n} connects (us)")
+        host, port = self.rig.peer_tunnel_v4, str(self.rig.tcp_echo_port)
+        cmd = [sys.executable, str(self.scripts["connect_rtt.py"]), host, port, str(n)]
+        got: dict[str, list[float]] = {"seccomp": [], "preload": []}
+        for r in range(rounds):
+            for door in ("seccomp", "preload") if r % 2 == 0 else ("preload", "seccomp"):
+                out = self._door(door, cmd, 60)
+                got[door].extend(json.loads(out.strip().splitlines()[-1])["connect"])
+        o, k = Stat.of(got["seccomp"]), Stat.of(got["preload"])
+        row.ours, row.ref, row.ratio = o.fmt(0), k.fmt(0), ratio(o.median, k.median)
+        row.notes = f"seccomp {o.spread(0)}, preload {k.spread(0)}"
+        return row
+
+    def row_seccomp_download(self, rounds: int, goprobe: Path) -> Row:
+        """A Go client (tests/runtime/goprobe, static) through the seccomp door against curl
+        through the shim, same file."""
+        row = Row("1g", "Download, Go client via the seccomp door vs curl via the shim (MB/s)")
+        url = self.rig.url(self.down_name)
+        size, sha = self.rig.files[self.down_name]
+        speeds: dict[str, list[float]] = {"go": [], "curl": []}
+        for r in range(rounds):
+            for who in ("go", "curl") if r % 2 == 0 else ("curl", "go"):
+                t0 = time.monotonic()
+                if who == "go":
+                    res = json.loads(self._door("seccomp", [str(goprobe), "get", url], 120)
+                                     .strip().splitlines()[-1])  # fmt: skip
+                    if res.get("sha256") != sha:
+                        raise RuntimeError(f"go download: {res}")
+                    speeds[who].append(size / (time.monotonic() - t0) / MB)
+                else:
+                    mbps, _cpu, _size = self._curl_down(True, check=False)
+                    speeds[who].append(mbps)
+        o, k = Stat.of(speeds["go"]), Stat.of(speeds["curl"])
+        row.ours, row.ref, row.ratio = o.fmt(), k.fmt(), ratio(o.median, k.median)
+        row.notes = (
+            f"go {o.spread()}, curl {k.spread()}; the Go figure is the whole run's wall time "
+            "(start-up and handshake included), curl's its own transfer time"
+        )
+        return row
 
     # -- row 1s -------------------------------------------------------------------------------
     def row_socks5(self, rounds: int, port: int = 1080) -> Row:

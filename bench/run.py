@@ -44,6 +44,8 @@ ROOT_ROWS = [
     ("1t", "TUN mode: download, `wrapguard up` vs wireguard-go's TUN (MB/s)"),
     ("2t", "TUN mode: upload, `wrapguard up` vs wireguard-go's TUN (MB/s)"),
     ("1h", "Download, wrapped curl over the HTTPS stream road vs UDP (MB/s)"),
+    ("4s", "Connect round trip, seccomp door vs preload door (us)"),
+    ("1g", "Download, Go client via the seccomp door vs curl via the shim (MB/s)"),
 ]
 
 
@@ -110,6 +112,19 @@ def guarded(rows: list[Row], keys: list[tuple[str, str]], fn: Callable[[], list[
     print(f"  ... {', '.join(k for k, _ in keys)} done", file=sys.stderr, flush=True)
 
 
+def build_goprobe(directory: Path) -> Path:
+    """The seccomp tests' Go client, built static (CGO_ENABLED=0), standard library only."""
+    src = CHECKOUT / "tests" / "runtime" / "goprobe" / "main.go"
+    out = directory / "goprobe"
+    env = {
+        **os.environ, "GOCACHE": str(directory / "cache"), "GOPATH": str(directory / "path"),
+        "GO111MODULE": "off", "GOFLAGS": "", "GOPROXY": "off", "CGO_ENABLED": "0",
+    }  # fmt: skip
+    subprocess.run(["go", "build", "-o", str(out), str(src)], env=env, check=True, timeout=300,
+                   cwd=src.parent)  # fmt: skip
+    return out
+
+
 def root_rows(work: Path, args: argparse.Namespace, deadline: float) -> list[Row]:
     from rig_rows import RigBench
     from rig_rows import guarded as guarded_row
@@ -129,6 +144,15 @@ def root_rows(work: Path, args: argparse.Namespace, deadline: float) -> list[Row
         from stream_row import row_stream
 
         rows.append(guarded_row(Row(*ROOT_ROWS[8]), lambda: row_stream(b, socks_rounds)))
+        rows.append(
+            guarded_row(Row(*ROOT_ROWS[9]), lambda: b.row_seccomp_connect(args.connect_rounds))
+        )
+        rows.append(
+            guarded_row(
+                Row(*ROOT_ROWS[10]),
+                lambda: b.row_seccomp_download(socks_rounds, build_goprobe(work / "go")),
+            )
+        )
     except Exception as e:
         done = {r.key for r in rows}
         msg = " ".join(f"{type(e).__name__}: {e}".split())[-300:]

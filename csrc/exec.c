@@ -43,7 +43,10 @@ static const char *const wg_env_names[] = {
     "WRAPGUARD_CTL",    "WRAPGUARD_SECRET", "WRAPGUARD_UDP",
     "WRAPGUARD_DNS",    "WRAPGUARD_ADDRS",  "WRAPGUARD_CONNECT_TIMEOUT",
     "WRAPGUARD_CTL_PID", "WRAPGUARD_CTL_UID", /* who serves ctl.sock (ctl.c) */
+    "WRAPGUARD_SECCOMP_HELPER", "WRAPGUARD_SECCOMP_SOCK", /* the seccomp door (issue 13) */
 };
+#define WG_ENV_HELPER 8 /* indexes of the two above */
+#define WG_ENV_SECCOMP_SOCK 9
 #define WG_NVARS (sizeof wg_env_names / sizeof wg_env_names[0])
 
 static char wg_env_saved[WG_NVARS][WG_ENV_LEN]; /* "NAME=value", or "" when unset */
@@ -360,9 +363,12 @@ static enum wg_exec_kind wg_exec_kind(const char *path, int depth) {
 /* What execvp() would run for `file`: as glibc's execvpe, the first entry of this process's
  * PATH ("/bin:/usr/bin" without one; an empty entry is the current directory) where it is a
  * regular file the caller may execute. */
-static enum wg_exec_kind wg_exec_kind_search(const char *file) {
+static enum wg_exec_kind wg_exec_kind_search(const char *file, char *found) {
     if (file == NULL || *file == '\0') return WG_EXEC_OK;
-    if (strchr(file, '/') != NULL) return wg_exec_kind(file, 0);
+    if (strchr(file, '/') != NULL) {
+        if (found != NULL && strlen(file) < PATH_MAX) strcpy(found, file);
+        return wg_exec_kind(file, 0);
+    }
     const char *path = getenv("PATH");
     if (path == NULL) path = "/bin:/usr/bin";
     size_t fl = strlen(file);
@@ -376,28 +382,76 @@ static enum wg_exec_kind wg_exec_kind_search(const char *file) {
             memcpy(buf + dl, file, fl + 1);
             struct stat st;
             if (stat(buf, &st) == 0 && S_ISREG(st.st_mode) &&
-                faccessat(AT_FDCWD, buf, X_OK, AT_EACCESS) == 0)
+                faccessat(AT_FDCWD, buf, X_OK, AT_EACCESS) == 0) {
+                if (found != NULL) strcpy(found, buf);
                 return wg_exec_kind(buf, 0);
+            }
         }
         if (*end == '\0') return WG_EXEC_OK;
         p = end;
     }
 }
 
-/* 0: go ahead; else the errno of the refusal. Issue 13 (seccomp door) will hand
- * WG_EXEC_STATIC and WG_EXEC_GO over to a filter that sends their socket calls to the
- * launcher instead of refusing them; secure-execution and foreign programs stay refused. */
-static int wg_exec_refusal(enum wg_exec_kind kind) {
-    return kind == WG_EXEC_OK ? 0 : EPERM;
+/* The seccomp door's helper and its socket (WRAPGUARD_SECCOMP_*), or NULL without them. */
+static const char *wg_saved_value(size_t i) {
+    const char *v = wg_env_saved[i];
+    if (!wg_env_ready || v[0] == '\0') return NULL;
+    v += strlen(wg_env_names[i]) + 1;
+    return *v != '\0' ? v : NULL;
 }
 
-/* Check what an exec of `path` (searched in PATH when `search`) would run; errno kept. */
-static int wg_exec_check(const char *path, int search) {
+static int wg_seccomp_ready(void) {
+    return wg_saved_value(WG_ENV_HELPER) != NULL && wg_saved_value(WG_ENV_SECCOMP_SOCK) != NULL;
+}
+
+#define WG_HANDOFF (-1) /* run it through the seccomp door's helper */
+
+/* 0: go ahead; WG_HANDOFF: a static or Go program, run through the seccomp helper
+ * (docs/seccomp.md), which installs the filter that sends its socket calls to the
+ * launcher; else the errno of the refusal (secure-execution and foreign programs, and
+ * static/Go ones when the launcher has no seccomp door). */
+static int wg_exec_refusal(enum wg_exec_kind kind) {
+    if (kind == WG_EXEC_OK) return 0;
+    if ((kind == WG_EXEC_STATIC || kind == WG_EXEC_GO) && wg_seccomp_ready()) return WG_HANDOFF;
+    return EPERM;
+}
+
+/* Check what an exec of `path` (searched in PATH when `search`, the file found copied to
+ * `found`, PATH_MAX bytes, if not NULL) would run; errno kept. */
+static int wg_exec_check_at(const char *path, int search, char *found) {
     if (!wg_exec_active) return 0;
     int saved = errno;
-    int err = wg_exec_refusal(search ? wg_exec_kind_search(path) : wg_exec_kind(path, 0));
+    if (found != NULL) found[0] = '\0';
+    int err = wg_exec_refusal(search ? wg_exec_kind_search(path, found) : wg_exec_kind(path, 0));
+    if (err == WG_HANDOFF && found != NULL && found[0] == '\0') err = EPERM; /* no path */
     errno = saved;
     return err;
+}
+
+static int wg_exec_check(const char *path, int search) {
+    int err = wg_exec_check_at(path, search, NULL);
+    return err == WG_HANDOFF ? EPERM : err; /* by descriptor: no path to hand over */
+}
+
+/* argv for the helper: HELPER SOCKET PATH ARGV0 ARGS... (in `out`, n + 4 slots). */
+static char **wg_helper_argv(const char *path, char *const argv[], char **out) {
+    size_t n = 0;
+    out[0] = (char *)wg_saved_value(WG_ENV_HELPER);
+    out[1] = (char *)wg_saved_value(WG_ENV_SECCOMP_SOCK);
+    out[2] = (char *)path;
+    while (argv != NULL && argv[n] != NULL) {
+        out[3 + n] = argv[n];
+        n++;
+    }
+    if (n == 0) out[3 + n++] = (char *)path; /* an empty argv still needs an argv[0] */
+    out[3 + n] = NULL;
+    return out;
+}
+
+static size_t wg_argc(char *const argv[]) {
+    size_t n = 0;
+    while (argv != NULL && argv[n] != NULL) n++;
+    return n;
 }
 
 /* -- the hooks ------------------------------------------------------------------------------ */
@@ -432,14 +486,25 @@ static int refused(int err) {
 
 WG_EXPORT int execve(const char *path, char *const argv[], char *const envp[]) {
     if (real_execve == NULL) return no_symbol();
-    int err = wg_exec_check(path, 0);
+    int err = wg_exec_check_at(path, 0, NULL);
+    if (err == WG_HANDOFF) {
+        char *hargv[wg_argc(argv) + 5];
+        char **ha = wg_helper_argv(path, argv, hargv);
+        WITH_ENV(envp, env, real_execve(ha[0], ha, env));
+    }
     if (err != 0) return refused(err);
     WITH_ENV(envp, env, real_execve(path, argv, env));
 }
 
 WG_EXPORT int execvpe(const char *file, char *const argv[], char *const envp[]) {
     if (real_execvpe == NULL) return no_symbol();
-    int err = wg_exec_check(file, 1);
+    char found[PATH_MAX];
+    int err = wg_exec_check_at(file, 1, found);
+    if (err == WG_HANDOFF) {
+        char *hargv[wg_argc(argv) + 5];
+        char **ha = wg_helper_argv(found, argv, hargv);
+        WITH_ENV(envp, env, real_execve(ha[0], ha, env));
+    }
     if (err != 0) return refused(err);
     WITH_ENV(envp, env, real_execvpe(file, argv, env));
 }
@@ -520,7 +585,12 @@ WG_EXPORT int posix_spawn(pid_t *pid, const char *path, const posix_spawn_file_a
                           const posix_spawnattr_t *attr, char *const argv[],
                           char *const envp[]) {
     if (real_spawn == NULL) return ENOSYS;
-    int err = wg_exec_check(path, 0);
+    int err = wg_exec_check_at(path, 0, NULL);
+    if (err == WG_HANDOFF) {
+        char *hargv[wg_argc(argv) + 5];
+        char **ha = wg_helper_argv(path, argv, hargv);
+        WITH_ENV(envp, env, real_spawn(pid, ha[0], fa, attr, ha, env));
+    }
     if (err != 0) return err;
     WITH_ENV(envp, env, real_spawn(pid, path, fa, attr, argv, env));
 }
@@ -529,7 +599,13 @@ WG_EXPORT int posix_spawnp(pid_t *pid, const char *file, const posix_spawn_file_
                            const posix_spawnattr_t *attr, char *const argv[],
                            char *const envp[]) {
     if (real_spawnp == NULL) return ENOSYS;
-    int err = wg_exec_check(file, 1);
+    char found[PATH_MAX];
+    int err = wg_exec_check_at(file, 1, found);
+    if (err == WG_HANDOFF) {
+        char *hargv[wg_argc(argv) + 5];
+        char **ha = wg_helper_argv(found, argv, hargv);
+        WITH_ENV(envp, env, real_spawn(pid, ha[0], fa, attr, ha, env));
+    }
     if (err != 0) return err;
     WITH_ENV(envp, env, real_spawnp(pid, file, fa, attr, argv, env));
 }

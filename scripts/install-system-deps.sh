@@ -27,6 +27,10 @@ command -v go >/dev/null 2>&1 || need+=(golang-go)  # Go test programs for the s
 [ -x /bin/busybox ] || need+=(busybox-static)
 command -v rclone >/dev/null 2>&1 || need+=(rclone)  # a real Go tool wrapped end to end
 python3 -c 'import ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
+command -v go >/dev/null 2>&1 || need+=(golang-go)  # the seccomp door's Go test programs
+[ -x /usr/bin/busybox ] && file -L /usr/bin/busybox 2>/dev/null | grep -q 'statically linked' \
+  || need+=(busybox-static)  # a static program for the seccomp door
+command -v rclone >/dev/null 2>&1 || need+=(rclone)  # a real Go tool, wrapped end to end
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0

@@ -33,15 +33,21 @@ def test_doctor_passes_curl() -> None:
 
 
 def test_doctor_flags_static_ldconfig() -> None:
-    r = doctor("/sbin/ldconfig")
+    r = doctor("/sbin/ldconfig", "--intercept", "preload")
     assert r.returncode == 1
     assert "statically linked" in r.stdout and "[FAIL] target" in r.stdout
+
+
+def test_doctor_says_static_programs_get_the_seccomp_door() -> None:
+    r = doctor("/sbin/ldconfig")
+    assert r.returncode == 0, r.stdout
+    assert "statically linked" in r.stdout and "seccomp door" in r.stdout, r.stdout
 
 
 def test_doctor_flags_go_binaries() -> None:
     go = shutil.which("wireguard-go")
     assert go is not None, "wireguard-go is needed (make test installs it)"
-    r = doctor(go)
+    r = doctor(go, "--intercept", "preload")
     assert r.returncode == 1
     assert "Go program" in r.stdout
 

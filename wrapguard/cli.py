@@ -131,6 +131,14 @@ Modes:
     help="The control socket (GET /state, /bypass, /metrics); default in $XDG_RUNTIME_DIR.",
 )
 @click.option(
+    "--intercept",
+    type=click.Choice(["auto", "preload", "seccomp"], case_sensitive=False),
+    default="auto",
+    show_default=True,
+    help="How CMD's sockets are seen: the preload shim, the seccomp door (static and Go "
+    "programs), or auto (chosen from the program's ELF headers).",
+)
+@click.option(
     "--doctor",
     metavar="[TARGET]",
     is_flag=False,
@@ -164,6 +172,7 @@ def _command(**kwargs: object) -> Options:
         command=tuple(kwargs["command"]),  # type: ignore[arg-type]
         proxies=tuple(p for p in (kwargs["socks5"], kwargs["http_proxy"]) if p is not None),  # type: ignore[misc]
         control=kwargs["control"],  # type: ignore[arg-type]
+        intercept=str(kwargs["intercept"]).lower(),
     )
 
 

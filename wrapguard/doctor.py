@@ -69,6 +69,27 @@ def check_shim() -> Finding:
     return Finding(FAIL, "shim", detail, "rebuild the shim with `pip install .`")
 
 
+def check_seccomp() -> Finding:
+    """Whether the seccomp door (static and Go programs, docs/seccomp.md) can run here."""
+    from wrapguard.doors.seccomp import probe
+    from wrapguard.intercept import seccomp_unavailable
+
+    why = seccomp_unavailable() or probe()
+    if why is None:
+        return Finding(
+            OK,
+            "seccomp",
+            f"a seccomp user-notification filter runs here (Linux {platform.release()}): "
+            "static and Go programs get the seccomp door",
+        )
+    return Finding(
+        WARN,
+        "seccomp",
+        f"the seccomp door cannot run here ({why}): static and Go programs will be refused",
+        "use Linux 5.9 or later, and reinstall wrapguard so that its helper is built",
+    )
+
+
 def _interpreter_of(path: str) -> str | None:
     """The program a `#!` script runs, following `/usr/bin/env NAME`."""
     try:
@@ -87,8 +108,16 @@ def _interpreter_of(path: str) -> str | None:
     return words[0]
 
 
-def check_target(target: str, dns: bool | None = None) -> list[Finding]:
-    """The target and what it runs; `dns`: whether the config has DNS= (None: no config)."""
+def check_target(
+    target: str, dns: bool | None = None, seccomp: bool | None = None
+) -> list[Finding]:
+    """The target and what it runs; `dns`: whether the config has DNS= (None: no config);
+    `seccomp`: whether a static or Go program gets the seccomp door (None: if it can run
+    here, as --intercept auto does)."""
+    if seccomp is None:
+        from wrapguard.intercept import seccomp_unavailable
+
+        seccomp = seccomp_unavailable() is None
     path = target if "/" in target else shutil.which(target)
     if path is None or not os.path.exists(path):
         return [
@@ -99,7 +128,7 @@ def check_target(target: str, dns: bool | None = None) -> list[Finding]:
     current = os.path.realpath(path)
     while current not in seen:
         seen.add(current)
-        findings.extend(_check_binary(target, current, dns))
+        findings.extend(_check_binary(target, current, dns, seccomp))
         nxt = _interpreter_of(current)
         if nxt is None:
             break
@@ -108,7 +137,9 @@ def check_target(target: str, dns: bool | None = None) -> list[Finding]:
     return findings
 
 
-def _check_binary(target: str, path: str, dns: bool | None = None) -> list[Finding]:
+def _check_binary(
+    target: str, path: str, dns: bool | None = None, seccomp: bool = False
+) -> list[Finding]:
     out = []
     try:
         st = os.stat(path)
@@ -145,6 +176,16 @@ def _check_binary(target: str, path: str, dns: bool | None = None) -> list[Findi
                 f"{describe_identity(ours)}: the loader cannot load the shim into it, so its "
                 "traffic would bypass the tunnel",
                 f"use a {describe_identity(ours)} build of the program",
+            )
+        )
+    elif (info.is_go or info.is_static) and seccomp:
+        kind = "a Go program" if info.is_go else "statically linked"
+        out.append(
+            Finding(
+                OK,
+                "target",
+                f"{path} is {kind}: the shim cannot see its sockets, so it gets the seccomp "
+                "door (its socket calls are answered by wrapguard, docs/seccomp.md)",
             )
         )
     elif info.is_go:
@@ -492,9 +533,11 @@ def check_channel_dir() -> Finding:
 
 
 def run_doctor(opts: Options) -> int:
-    findings = [check_platform(), check_shim(), check_channel_dir()]
+    findings = [check_platform(), check_shim(), check_seccomp(), check_channel_dir()]
     if opts.doctor:
-        findings.extend(check_target(opts.doctor, _config_has_dns(opts.config_path)))
+        mode = opts.intercept
+        seccomp = None if mode == "auto" else mode == "seccomp"
+        findings.extend(check_target(opts.doctor, _config_has_dns(opts.config_path), seccomp))
     if opts.config_path is not None:
         findings.extend(check_config(opts.config_path))
     for f in findings:

@@ -27,6 +27,7 @@ class Plan:
     executable: str | None
     proxies: tuple[ProxySpec, ...] = ()  # the config's [Socks5]/[http], then the flags
     control: str | None = None  # the control socket's path
+    door: str = "preload"  # which door carries CMD's sockets (intercept.py)
 
 
 def _proxies(opts: Options, config: Config) -> tuple[ProxySpec, ...]:
@@ -90,13 +91,33 @@ def _default_control(config_path: str) -> str:
         return os.path.join(private, f"{stem}.sock")
 
 
-def check_wrappable(target: str) -> None:
-    """Refuse, before anything starts, a program the shim cannot see (fail closed): one the
-    kernel runs in secure-execution mode (setuid/setgid, file capabilities), a static, Go or
-    foreign-architecture one (doctor.check_target; csrc/exec.c refuses the same at exec)."""
+def choose_door(plan: Plan) -> Plan:
+    """The door for CMD (--intercept; auto: static and Go programs get the seccomp door)."""
+    from dataclasses import replace
+
+    from wrapguard import intercept
+
+    assert plan.executable is not None
+    choice = intercept.choose(plan.executable, plan.options.intercept)
+    if choice.door == intercept.SECCOMP:
+        why = intercept.seccomp_unavailable()
+        if why is not None:
+            raise WrapguardError(
+                f"refusing to run {plan.executable}: {choice.reason}, and the seccomp door "
+                f"cannot run here: {why}"
+            )
+    log.get().debug("door chosen", door=choice.door, reason=choice.reason)
+    return replace(plan, door=choice.door)
+
+
+def check_wrappable(target: str, door: str = "preload") -> None:
+    """Refuse, before anything starts, a program no door can see (fail closed): one the
+    kernel runs in secure-execution mode (setuid/setgid, file capabilities), a foreign-
+    architecture one, and (for the preload door) a static or Go one (doctor.check_target;
+    csrc/exec.c refuses the same at exec)."""
     from wrapguard.doctor import FAIL, check_target
 
-    for finding in check_target(target):
+    for finding in check_target(target, seccomp=door == "seccomp"):
         if finding.status == FAIL:
             raise WrapguardError(f"refusing to run {target}: {finding.detail}; {finding.advice}")
 
@@ -110,7 +131,8 @@ def run_child(plan: Plan) -> int:
 
     executable = plan.executable
     assert executable is not None
-    check_wrappable(executable)
+    plan = choose_door(plan)
+    check_wrappable(executable, plan.door)
     return split(lambda link: run(plan, executable, link))
 
 

@@ -36,6 +36,7 @@ class Options:
     command: tuple[str, ...]
     proxies: tuple[ProxySpec, ...] = ()  # --socks5, --http-proxy
     control: str | None = None  # --control PATH
+    intercept: str = "auto"  # --intercept auto|preload|seccomp (docs/seccomp.md)
 
 
 class CommandNotRunnable(WrapguardError):

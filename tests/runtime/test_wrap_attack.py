@@ -124,6 +124,29 @@ def phase(proc: Any) -> dict[str, Any]:
 def test_a_flood_of_the_data_listener_costs_the_attacker_not_our_connects(
     module_rig: Rig, program: Any
 ) -> None:
+    flood_check(module_rig, program)
+
+
+def test_a_flood_spares_the_connects_of_the_seccomp_door(module_rig: Rig, tmp_path: Path) -> None:
+    """The same program under the seccomp door (docs/seccomp.md): its redirected sockets are
+    joined through one-time loopback listeners, so flooding whatever the launcher listens
+    on costs our connects nothing."""
+    conf: Path = module_rig.write_client_config(tmp_path / "c.conf")
+    hosts = [module_rig.peer_tunnel_v4, module_rig.peer_tunnel_v6]
+    argv = [*py(PROGRAM), *hosts, str(module_rig.tcp_echo_port)]
+    proc = popen_wrapped(
+        module_rig.client, conf, argv, extra=("--intercept", "seccomp"),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert read_line(proc, 30) == "READY"
+        flood_check(module_rig, proc)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def flood_check(module_rig: Rig, program: Any) -> None:
     warm = phase(program)  # the first handshake and the first connects
     assert warm["failed"] == [], warm
     ports = loopback_listeners(module_rig)

@@ -188,6 +188,21 @@ def test_as_root_a_capability_program_keeps_the_shim(
     assert seen(whoami, "/root") == [rig.our_tunnel_v4]
 
 
+def test_static_program_execed_later_goes_through_the_tunnel(
+    module_rig: Rig, programs: dict[str, str], whoami: Path, tmp_path: Path
+) -> None:
+    """By default (--intercept auto) the wrapped bash's exec of the static client is handed to
+    the seccomp door (docs/seccomp.md): it runs, and the peer sees our tunnel address."""
+    rig = module_rig
+    conf = rig.write_client_config(tmp_path / "c.conf")
+    path = "/shell-static-seccomp"
+    script = f"{programs['static']} {rig.peer_tunnel_v4} {WHOAMI_PORT} {path}; echo rc=$?"
+    r = run_wrapped(rig.client, conf, ["bash", "-c", script], extra=["--log-level", "warn"])
+    assert r.returncode == 0, explain(r)
+    assert r.stdout.endswith(f"{rig.our_tunnel_v4}rc=0\n"), explain(r)  # the body, then rc
+    assert seen(whoami, path, settle=0.5) == [rig.our_tunnel_v4]
+
+
 @pytest.mark.parametrize("kind", ["cap", "suid", "static"])
 def test_a_wrapped_shell_cannot_exec_a_program_that_bypasses_the_shim(
     module_rig: Rig, programs: dict[str, str], whoami: Path, tmp_path: Path, kind: str
@@ -205,7 +220,10 @@ def test_a_wrapped_shell_cannot_exec_a_program_that_bypasses_the_shim(
         attempt = f"{programs[kind]} -sS --max-time 10 {url(rig, path)}"
     script = f"{attempt}; echo rc=$?"
     cmd = [*(NOBODY if kind == "cap" else []), "bash", "-c", script]
-    r = run_wrapped(rig.client, conf, cmd, extra=["--log-level", "warn"])
+    # A static program is refused with the preload door alone; by default it is handed
+    # to the seccomp door instead (test_static_program_execed_later_goes_through_the_tunnel).
+    extra = ["--log-level", "warn", *(["--intercept", "preload"] if kind == "static" else [])]
+    r = run_wrapped(rig.client, conf, cmd, extra=extra)
     assert r.returncode == 0, explain(r)
     assert r.stdout.strip().splitlines()[-1] == "rc=126", explain(r)
     assert "Operation not permitted" in r.stderr, explain(r)

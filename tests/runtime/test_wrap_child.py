@@ -84,9 +84,12 @@ def test_program_ignoring_sigterm_is_killed_after_grace(ns_conf: tuple[Netns, Pa
 
 
 def test_static_binary_is_refused_before_it_runs(ns_conf: tuple[Netns, Path]) -> None:
+    """With the preload door forced (auto gives it the seccomp door, test_seccomp.py)."""
     ns, conf = ns_conf
     # `ldconfig -p` prints the cache: any stdout would mean it ran.
-    r = run_wrapped(ns, conf, ["/sbin/ldconfig", "-p"], timeout=30)
+    r = run_wrapped(
+        ns, conf, ["/sbin/ldconfig", "-p"], timeout=30, extra=("--intercept", "preload")
+    )
     assert r.returncode == 1, explain(r)
     assert r.stdout == "", explain(r)
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]

@@ -34,6 +34,7 @@ from wrapguard.tunnel.timers import TimerConfig
 
 if TYPE_CHECKING:
     from wrapguard.doors import Door
+    from wrapguard.doors.seccomp import SeccompDoor
     from wrapguard.launch import Plan
 
 HELLO_TIMEOUT = 3.0  # compat.md: READY from the shim within 3 s
@@ -220,6 +221,7 @@ class Launcher:
         self.link = link or StatusLink(None, None)
         self.log = log.get("wrapguard.launcher")
         self.doors: list[Door] = []
+        self.seccomp: SeccompDoor | None = None
 
     async def _start_doors(self, service: TunnelService) -> None:
         """The control socket, then each proxy the flags or the config ask for."""
@@ -301,14 +303,58 @@ class Launcher:
                 loop.remove_signal_handler(sig)
         return 0
 
+    async def _start_seccomp(self, session: TunnelSession) -> SeccompDoor | None:
+        """The seccomp door, when this system can run it (docs/seccomp.md): for the program
+        itself (--intercept seccomp, or a static/Go program), and for the static or Go
+        programs a shimmed program execs later (csrc/exec.c hands them to its helper)."""
+        from wrapguard.intercept import seccomp_unavailable
+
+        why = seccomp_unavailable()
+        if why is not None:
+            self.log.debug("no seccomp door", reason=why)
+            return None
+        from wrapguard.doors import seccomp
+
+        assert session.channel.directory is not None
+        try:
+            door = await seccomp.start(session.service, session.channel.directory)
+        except OSError as exc:
+            if self.plan.door == "seccomp":
+                raise WrapguardError(f"cannot start the seccomp door: {exc}") from None
+            self.log.warning(
+                "no seccomp door: static and Go programs a wrapped program starts will be refused",
+                error=str(exc),
+            )
+            return None
+        self.doors.append(door)
+        self.seccomp = door
+        return door
+
     async def _wrap(
         self, session: TunnelSession, shim_path: str, forwarded: list[signal.Signals]
     ) -> int:
         assert self.executable is not None
-        front = session.preload.frontend
-        front.address = session.channel.ctl_path or ""
-        session.service.add_frontend(front)
-        self.log.debug("starting program", program=self.argv[0], shim=shim_path)
+        argv, executable = self.argv, self.executable
+        # --intercept preload: the shim alone (static and Go programs refused, as before)
+        door = (
+            None if self.plan.options.intercept == "preload" else await self._start_seccomp(session)
+        )
+        if self.plan.door == "seccomp":
+            assert door is not None  # launch.choose_door checked that it can run
+            argv = door.helper_argv(executable, argv)
+            executable = argv[0]
+            env = dict(os.environ)
+            ready = door.ready
+            self.log.debug("starting program", program=self.argv[0], door="seccomp")
+        else:
+            front = session.preload.frontend
+            front.address = session.channel.ctl_path or ""
+            session.service.add_frontend(front)
+            env = session.child_env()
+            if door is not None:  # a static or Go program exec'ed later goes through it
+                env.update(door.env())
+            ready = session.preload.hello_event
+            self.log.debug("starting program", program=self.argv[0], shim=shim_path)
         loop = asyncio.get_running_loop()
         program: list[int] = []
 
@@ -323,10 +369,10 @@ class Launcher:
         loop.add_signal_handler(signal.SIGCHLD, reap)
         try:
             status = await run_child(
-                self.argv,
-                self.executable,
-                session.child_env(),
-                ready=session.preload.hello_event,
+                argv,
+                executable,
+                env,
+                ready=ready,
                 ready_timeout=HELLO_TIMEOUT,
                 on_started=started,
                 forwarded=forwarded,

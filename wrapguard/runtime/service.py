@@ -253,6 +253,26 @@ class TunnelService:
         relay.attach_conn(cid)
         return relay, outcome
 
+    def tcp_local(self, relay: TcpRelay) -> tuple[IPAddress, int]:
+        """Our tunnel address and port of an open_tcp() flow (what getsockname reports)."""
+        local = relay.local()
+        assert local is not None, "a flow that open_tcp() just made"
+        return ipaddress.ip_address(local[0]), local[1]
+
+    def tunnel_address(self, version: int) -> IPAddress | None:
+        """Our first tunnel address of that IP version, if the config has one."""
+        return next((a for a in self.engine.addresses if a.version == version), None)
+
+    def dns_redirect(self, proto: int, ip: IPAddress, port: int) -> tuple[IPAddress, int] | None:
+        """Where a DNS query the program sends itself really goes (`dns_target`); None: as
+        asked. Check it before route(): such a query must never reach the host resolver."""
+        return self.dns_target(plain(ip), port, proto)
+
+    def dns_captured(self, proto: int, ip: IPAddress, port: int) -> bool:
+        """A port-53 query outside the tunnel with DNS= set (even when no tunnel DNS server
+        of a usable family exists: then it fails, never the host)."""
+        return self._dns_captured(plain(ip), port, proto)
+
     def listen(
         self,
         port: int,
@@ -277,14 +297,39 @@ class TunnelService:
 
         return stop
 
+    # The program's own listeners, reachable from the tunnel: the seccomp door shares the
+    # preload door's inbound part (doors/preload/inbound.py: tunnel connections relayed to
+    # the program's loopback listening socket, checked to still be the program's).
+
+    def listen_tcp(self, ip: IPAddress, port: int, v6only: bool = False) -> None:
+        """A program listens on `port` (on `ip`: the wildcard or a tunnel address; its
+        socket is reachable on loopback at that port)."""
+        from wrapguard.wire.ipc import Address
+
+        self.session.preload.inbound.listen(Address(ip, port), v6only)
+
+    def inbound_peer(
+        self, loopback: tuple[str, int]
+    ) -> tuple[tuple[IPAddress, int], tuple[IPAddress, int]] | None:
+        """For a connection the launcher made to a program's listener from `loopback`: the
+        tunnel client it carries and our tunnel address it reached (accept()'s view)."""
+        from wrapguard.wire.ipc import Address
+
+        inbound = self.session.preload.inbound
+        addr = Address(ipaddress.ip_address(loopback[0]), loopback[1])
+        remote, local = inbound.peer_of(addr), inbound.local_of(addr)
+        if remote is None or local is None:
+            return None
+        return (remote.ip, remote.port), (local.ip, local.port)
+
     def open_udp(
         self,
         on_datagram: Callable[[tuple[IPAddress, int], bytes], None],
         on_error: Callable[[tuple[IPAddress, int], int], None] | None = None,
         port: int = 0,
     ) -> UdpFlow:
-        """A UDP socket of ours in the tunnel (on `port` of our addresses, or an ephemeral
-        one). Raises OSError (EADDRINUSE)."""
+        """A UDP socket of ours in the tunnel: on `port` of our tunnel addresses (a program's
+        server reachable from the peer), or an ephemeral one. Raises OSError (EADDRINUSE)."""
         return UdpFlow(self, on_datagram, on_error, port)
 
     async def resolve(self, name: str, family: int = 0) -> list[IPAddress]:
