@@ -463,3 +463,57 @@ print(s.recvfrom(100)[0].decode(), s.getsockname()[1])
     finally:
         server.kill()
         server.wait()
+
+
+def test_a_connected_udp_socket_naming_another_address_is_not_sent_directly(
+    module_rig: Rig, conf: Path
+) -> None:
+    """A UDP socket the door connected into the tunnel still sends to an address it names
+    (the kernel does): a DNS query named for the host's resolver (127.0.0.1 here, the leak
+    resolver) goes to the tunnel DNS like any other, never out directly (a review finding)."""
+    rig = module_rig
+    before = len(rig.client_dns_log())
+    query = "1234010000010000000000000377656202776704746573740000010001"  # web.wg.test A
+    code = f"""
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+s.connect(("{rig.peer_tunnel_v4}", {rig.udp_echo_port}))
+s.send(b"ping")
+print(s.recv(100) == b"ping" or "echo")
+s.sendto(bytes.fromhex("{query}"), ("127.0.0.1", 53))
+print("sent")
+"""
+    r = run_wrapped(rig.client, conf, ["python3", "-c", code], extra=("--intercept", "seccomp"))
+    assert r.returncode == 0, explain(r)
+    assert r.stdout.split() == ["True", "sent"], explain(r)
+    assert rig.client_dns_log()[before:] == []
+
+
+def test_other_socket_kinds_to_a_routed_destination_fail_closed(
+    module_rig: Rig, tmp_path: Path
+) -> None:
+    """A socket the door cannot carry (UDP-Lite) connecting to a routed destination is
+    refused with ENETUNREACH; MPTCP is TCP to the door and goes through the tunnel. The
+    peer's underlay address is routed into the tunnel, so a leak would reach it directly."""
+    rig = module_rig
+    underlay = rig.peer_endpoint[0]
+    conf = rig.write_client_config(
+        tmp_path / "c.conf", allowed_ips=f"10.150.0.0/24, fd15::/64, {underlay}/32"
+    )
+    code = f"""
+import errno, socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, 136)  # IPPROTO_UDPLITE
+try:
+    s.connect(("{underlay}", {rig.udp_echo_port}))
+    print("connected")
+except OSError as e:
+    print(errno.errorcode[e.errno])
+m = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_MPTCP)
+m.settimeout(10)
+m.connect(("{rig.peer_tunnel_v4}", {rig.tcp_echo_port}))
+print(m.makefile("rb").readline().decode().split()[0])
+"""
+    r = run_wrapped(rig.client, conf, ["python3", "-c", code], extra=("--intercept", "seccomp"))
+    assert r.returncode == 0, explain(r)
+    assert r.stdout.split() == ["ENETUNREACH", rig.our_tunnel_v4], explain(r)

@@ -65,7 +65,8 @@ _Source = Callable[[tuple[IPAddress, int]], tuple[IPAddress, int] | None]
 ENV_HELPER, ENV_SOCK = "WRAPGUARD_SECCOMP_HELPER", "WRAPGUARD_SECCOMP_SOCK"
 MAX_SOCKADDR = 128
 MSGHDR_SIZE, MMSGHDR_SIZE = 56, 64  # struct msghdr, struct mmsghdr (64-bit)
-MAX_DATAGRAM = 65535
+MAX_DATAGRAM = 65535  # the most the door reads of one datagram (larger: EMSGSIZE)
+UIO_MAXIOV = 1024  # iovecs per message the kernel takes (more: EMSGSIZE)
 MAX_UDP_SOURCES = 1024  # tunnel sources one UDP server socket hears from (each: a socket of ours)
 HANDOVER_TIMEOUT = 5.0  # seconds for a helper to say its listener's number
 UDP_SWEEP_EVERY = 5.0  # seconds between checks that a redirected UDP socket still exists
@@ -133,6 +134,7 @@ class SeccompDoor:
         self.listening: dict[int, tuple[IPAddress, int]] = {}  # inode -> what it listens on
         self.bound: dict[int, tuple[IPAddress, int]] = {}  # inode -> tunnel address bound
         self.assocs: dict[int, _Assoc] = {}  # unconnected UDP sockets sending into the tunnel
+        self.refusals_logged: set[tuple[object, ...]] = set()  # kinds of internal refusal logged
 
     @property
     def address(self) -> str:
@@ -293,6 +295,11 @@ class SeccompDoor:
         (it asked for `dst`)."""
         dup = sock.fileno()
         if not sup.valid(n):
+            return
+        if sock.family != family:  # as tcp_v4/v6_connect answer a sockaddr of the other family
+            self.count("connect_refused")
+            other = errno.EAFNOSUPPORT if sock.family == socket.AF_INET else errno.EINVAL
+            sup.answer(n, error=other)
             return
         flags = fcntl.fcntl(dup, fcntl.F_GETFL)
         nonblocking = bool(flags & os.O_NONBLOCK)
@@ -643,11 +650,28 @@ class _Supervisor:
                     handler(n)
             except (ProcessLookupError, FileNotFoundError):
                 self.answer(n, error=errno.ESRCH)  # gone: nobody reads it
+            except OSError as exc:
+                if exc.errno == errno.EIO:  # its memory: a bad pointer, as the kernel says
+                    self.door.count("bad_pointer")
+                    self.answer(n, error=errno.EFAULT)
+                else:
+                    self._refuse(n, exc)
             except Exception as exc:  # fail closed: never CONTINUE on a surprise
-                self.log.warning(
-                    "seccomp call refused after an internal error", nr=n.nr, error=repr(exc)
-                )
-                self.answer(n, error=errno.ENETUNREACH if n.nr == NR["connect"] else errno.EIO)
+                self._refuse(n, exc)
+
+    def _refuse(self, n: sc.Notification, exc: BaseException) -> None:
+        """A call the door could not decide: refused (never let through), counted, and
+        logged once per kind of failure (a looping program must not flood the log)."""
+        self.door.count("refused_internal")
+        key = (n.nr, type(exc).__name__, getattr(exc, "errno", None))
+        if key not in self.door.refusals_logged:
+            self.door.refusals_logged.add(key)
+            self.log.warning(
+                "seccomp call refused after an internal error (logged once per kind)",
+                nr=n.nr,
+                error=repr(exc),
+            )
+        self.answer(n, error=errno.ENETUNREACH if n.nr == NR["connect"] else errno.EIO)
 
     def valid(self, n: sc.Notification) -> bool:
         """The notification is still pending (its thread did not die): what we read of its
@@ -719,7 +743,11 @@ class _Supervisor:
         door, service = self.door, self.door.service
         proto = proto_of(sock)
         if proto is None:
-            self.go_on(n)  # not TCP/UDP (raw, SCTP ...): as asked
+            # Not TCP/UDP (SCTP, UDP-Lite, ping sockets...) to a destination routed into the
+            # tunnel (the caller let the unrouted ones go): no door can carry it, so it must
+            # not go out directly either.
+            door.count("connect_refused")
+            self.answer(n, error=errno.ENETUNREACH)
             return
         dst = (ip, port)
         target: tuple[IPAddress, int] = (plain(ip), port)
@@ -853,7 +881,7 @@ class _Supervisor:
                 port = lsock.getsockname()[1]
                 door.listening[inode] = (ip, port)
                 door.service.listen_tcp(ip, port, False)
-            ready = select.select([dup], [], [], 0)[0]
+            ready = _readable_now(dup)
             if not ready:
                 if flags & os.O_NONBLOCK:
                     self.answer(n, error=errno.EAGAIN)
@@ -958,7 +986,7 @@ class _Supervisor:
             return "fail", (ip, port), route.errno
         return "tunnel", (plain(ip), port), 0
 
-    def _datagrams(self, n: sc.Notification, msgs: list[tuple[bytes, list[tuple[int, int]]]],
+    def _datagrams(self, n: sc.Notification, msgs: list[tuple[bytes, list[tuple[int, int]] | None]],
                    lens_at: list[int] | None) -> None:  # fmt: skip
         """sendto/sendmsg/sendmmsg with addresses: (name, iovecs) per message. All outside
         the tunnel: the call runs as asked. Else the door sends each one itself: into the
@@ -970,17 +998,20 @@ class _Supervisor:
         if all(w[0] == "direct" for w in where):
             self.go_on(n)
             return
-        if self._flow_of(n) is not None:
-            self.go_on(n)  # a socket we connected: its address is ours to keep
-            return
         door = self.door
-        if sock_proto(n.pid, n.args[0]) != UDP:
+        proto = sock_proto(n.pid, n.args[0])
+        if proto == TCP and self._flow_of(n) is not None:
+            self.go_on(n)  # a TCP socket we connected: the kernel ignores the address
+            return
+        # A UDP socket we connected still sends to an address it names (the kernel does):
+        # such datagrams go as any unconnected socket's would, never directly when routed.
+        if proto != UDP:
             if not self.valid(n):
                 return
             door.count("send_refused")
             self.answer(n, error=errno.ENETUNREACH)
             return
-        payloads = [b"".join(read_mem(n.pid, a, ln) for a, ln in iov) for _, iov in msgs]
+        payloads = [_gather(n.pid, iov) for _, iov in msgs]
         if not self.valid(n):
             return
         dup = pidfd_getfd(n.pid, n.args[0])
@@ -990,6 +1021,8 @@ class _Supervisor:
         try:
             for (name, _), (way, target, werr), data in zip(msgs, where, payloads, strict=True):
                 try:
+                    if data is None:  # over a datagram's size, or more iovecs than UIO_MAXIOV
+                        raise OSError(errno.EMSGSIZE, os.strerror(errno.EMSGSIZE))
                     if way == "fail":
                         raise OSError(werr, os.strerror(werr))
                     if way == "direct":
@@ -1015,7 +1048,7 @@ class _Supervisor:
             if err:
                 self.answer(n, error=err)
             else:
-                self.answer(n, val=len(payloads[0]))
+                self.answer(n, val=len(payloads[0] or b""))
         elif sent == 0 and err:
             self.answer(n, error=err)
         else:
@@ -1026,14 +1059,16 @@ class _Supervisor:
 
     def _sendto(self, n: sc.Notification) -> None:
         name = self._name_at(n.pid, n.args[4], n.args[5])
-        self._datagrams(n, [(name, [(n.args[1], min(n.args[2], MAX_DATAGRAM))])], None)
+        self._datagrams(n, [(name, [(n.args[1], n.args[2])])], None)
 
-    def _msg(self, pid: int, raw: bytes) -> tuple[bytes, list[tuple[int, int]]]:
+    def _msg(self, pid: int, raw: bytes) -> tuple[bytes, list[tuple[int, int]] | None]:
+        """A msghdr's address and iovecs (None: more than UIO_MAXIOV, EMSGSIZE)."""
         name, namelen, iov, iovlen = struct.unpack_from("<QI4xQQ", raw)
-        iovlen = min(iovlen, 1024)
+        if iovlen > UIO_MAXIOV:
+            return self._name_at(pid, name, namelen), None
         vec = read_mem(pid, iov, 16 * iovlen) if iovlen else b""
         iovs = [struct.unpack_from("<QQ", vec, 16 * i) for i in range(len(vec) // 16)]
-        return self._name_at(pid, name, namelen), [(a, min(ln, MAX_DATAGRAM)) for a, ln in iovs]
+        return self._name_at(pid, name, namelen), iovs
 
     def _sendmsg(self, n: sc.Notification) -> None:
         raw = read_mem(n.pid, n.args[1], MSGHDR_SIZE)
@@ -1195,6 +1230,28 @@ async def start(service: TunnelService, directory: str) -> SeccompDoor:
     door = SeccompDoor(service, directory)
     await door.start()
     return door
+
+
+def _gather(pid: int, iov: list[tuple[int, int]] | None) -> bytes | None:
+    """A datagram's bytes from the program's iovecs; None when it is larger than any UDP
+    datagram (the kernel answers EMSGSIZE): never more than that is read."""
+    if iov is None:
+        return None
+    parts, left = [], MAX_DATAGRAM
+    for addr, length in iov:
+        if length > left:
+            return None
+        parts.append(read_mem(pid, addr, length))
+        left -= length
+    return b"".join(parts)
+
+
+def _readable_now(fd: int) -> bool:
+    """Whether `fd` has something to read now (poll: select() cannot take fds >= 1024, and
+    the launcher raises its fd limit)."""
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(0))
 
 
 __all__ = ["SeccompDoor", "helper_path", "pidfd_getfd", "probe", "start", "supported"]

@@ -179,14 +179,17 @@ def family_of(pid: int, fd: int) -> int:
         os.close(dup)
 
 
+IPPROTO_MPTCP = 262  # linux/in.h: falls back to plain TCP against our loopback join
+
+
 def proto_of(s: socket.socket) -> int | None:
-    """TCP or UDP (None: another kind of socket)."""
+    """TCP (MPTCP too) or UDP (None: another kind of socket: SCTP, UDP-Lite, ping...)."""
     try:
         kind = s.getsockopt(SOL_SOCKET, SO_TYPE)
         proto = s.getsockopt(SOL_SOCKET, SO_PROTOCOL)
     except OSError:
         return None
-    if kind == socket.SOCK_STREAM and proto in (0, 6):
+    if kind == socket.SOCK_STREAM and proto in (0, 6, IPPROTO_MPTCP):
         return TCP
     if kind == socket.SOCK_DGRAM and proto in (0, 17):
         return UDP

@@ -40,7 +40,8 @@ if TYPE_CHECKING:
 
 BACKOFF_FIRST = 0.25
 BACKOFF_MAX = 10.0
-REFUSED_RETRY = 30.0  # seconds between tries once the relay refused our key
+REFUSED_RETRY = 30.0  # seconds between tries once the relay refused our key (+ jitter)
+STABLE_AFTER = 10.0  # seconds up (or a datagram received) before a break counts as a blip
 CONNECT_TIMEOUT = 15.0  # TCP + TLS + proxy + response head
 DEAD_AFTER = 3 * proto.KEEPALIVE_EVERY
 UP_HIGH_WATER = 1 << 20  # bytes queued on the upload before datagrams are dropped
@@ -165,7 +166,8 @@ class StreamRoad:
             return
         try:
             writer.write(conn.send(h11.Data(data=framing.encode(batch))) or b"")
-        except (h11.LocalProtocolError, OSError, RuntimeError):
+        except (h11.LocalProtocolError, OSError, RuntimeError, ValueError):
+            # ValueError: a datagram the framing cannot carry (empty, over 65535 bytes)
             self.stats["dropped"] += len(batch)
             return
         self.stats["tx_datagrams"] += len(batch)
@@ -179,6 +181,9 @@ class StreamRoad:
         while True:
             wait = backoff * (1 + random.random() / 2)
             self.state = "connecting"
+            rx_before = self.stats["rx_datagrams"]
+            assert self._loop is not None
+            started = self._loop.time()
             try:
                 await self._session()
             except asyncio.CancelledError:
@@ -186,7 +191,7 @@ class StreamRoad:
             except RoadRefused as exc:
                 self.state = "refused"
                 self._problem("error", str(exc))
-                wait = REFUSED_RETRY
+                wait = REFUSED_RETRY * (1 + random.random() / 2)  # not all clients at once
             except ssl.SSLCertVerificationError as exc:
                 self.state = "backoff"
                 self._problem(
@@ -197,9 +202,11 @@ class StreamRoad:
                 )
                 wait = BACKOFF_MAX
             except (OSError, RoadFailed, framing.StreamError, h11.ProtocolError) as exc:
-                if self.state == "up":
+                lasted = self._loop.time() - started >= STABLE_AFTER
+                if self.state == "up" and (lasted or self.stats["rx_datagrams"] > rx_before):
                     # It worked until now (a proxy restarted, the relay ended an idle session):
                     # try again soon, and say so quietly; a reconnect that fails is a warning.
+                    # (A stream that is accepted and dropped at once backs off as a failure.)
                     wait = backoff = BACKOFF_FIRST
                     self._problem("info", _reason(exc) + "; reconnecting")
                 else:

@@ -550,6 +550,9 @@ def run_relay(
         max_sessions=max_sessions,
         idle_timeout=idle_timeout,
     )
+    from wrapguard.runtime.child import raise_fd_limit
+
+    raise_fd_limit()  # each session holds a UDP socket and two streams: 1024 fds is ~330
     return asyncio.run(serve(relay))
 
 
