@@ -213,7 +213,7 @@ WG_EXPORT int connect(int fd, const struct sockaddr *sa, socklen_t len) {
 
     uint8_t body[24];
     uint32_t body_len = 20;
-    body[0] = 6; /* TCP */
+    body[0] = WG_PROTO_TCP;
     wg_addr_encode(&dst, body + 1);
     /* A port the program bound before connect() is kept through the tunnel. And the port our
      * loopback data connection will come from is announced: the launcher's data listener lets
@@ -237,19 +237,17 @@ WG_EXPORT int connect(int fd, const struct sockaddr *sa, socklen_t len) {
     if (wg_ctl_request(WG_CONNECT, gate ? WG_FLAG_GATE : 0, body, body_len, &rep,
                        WG_CTL_TIMEOUT_MS) != 0)
         return fail(ENETUNREACH); /* fail closed: never fall back to a direct connect */
-    if (rep.action == 0) {
+    if (rep.action == WG_ACT_DIRECT) {
         errno = saved;
         return wg_real.connect(fd, sa, len);
     }
-    if (rep.action != 1 || rep.body_len < 35) return fail(rep.err > 0 ? rep.err : ENETUNREACH);
-
-    struct wg_addr lo, src;
-    int have_src = rep.body_len >= 54 && wg_addr_decode(rep.body + 35, &src) == 0;
-    if (wg_addr_decode(rep.body, &lo) != 0) return fail(ENETUNREACH);
+    struct wg_tunnel_reply tr;
+    if (rep.action != WG_ACT_TUNNEL) return fail(rep.err > 0 ? rep.err : ENETUNREACH);
+    if (wg_connect_reply_decode(&rep, &tr) != 0) return fail(ENETUNREACH);
     int fl = wg_real.fcntl(fd, F_GETFL);
-    if (fl < 0 || local_attach(fd, domain, lo.port, rep.body + 19) != 0) return fail(ENETUNREACH);
+    if (fl < 0 || local_attach(fd, domain, tr.addr.port, tr.token) != 0) return fail(ENETUNREACH);
 
-    int lowat = 0, gated = gate ? gate_fd(fd, rep.body + 19, &lowat) : 0;
+    int lowat = 0, gated = gate ? gate_fd(fd, tr.token, &lowat) : 0;
     if (gated < 0) { /* fail closed: the launcher will drop this flow after its deadline */
         shutdown(fd, SHUT_RDWR);
         return fail(ENETUNREACH);
@@ -257,19 +255,19 @@ WG_EXPORT int connect(int fd, const struct sockaddr *sa, socklen_t len) {
     s = wg_slot_set(fd);
     if (s == NULL) { /* beyond the table: tunnelled, but without getpeername/SO_ERROR state */
         if (fl & O_NONBLOCK) return fail(EINPROGRESS);
-        int st = wg_status(rep.body + 19, 1);
+        int st = wg_status(tr.token, 1);
         if (st == 0) {
             errno = saved;
             return 0;
         }
         return fail(st > 0 ? st : ENETUNREACH);
     }
-    memcpy(s->token, rep.body + 19, 16);
+    memcpy(s->token, tr.token, WG_TOKEN_LEN);
     memset(&s->peer, 0, sizeof s->peer);
     s->peer_len = len < sizeof s->peer ? len : (socklen_t)sizeof s->peer;
     memcpy(&s->peer, sa, s->peer_len);
-    s->has_local = (uint8_t)have_src;
-    if (have_src) s->local = src;
+    s->has_local = (uint8_t)tr.have_source;
+    if (tr.have_source) s->local = tr.source;
     s->state = WG_PENDING;
     s->gated = (uint8_t)gated;
     s->gate_lowat = lowat;
@@ -421,7 +419,7 @@ WG_EXPORT int listen(int fd, int backlog) {
             a.port = port;
         }
         uint8_t body[20];
-        body[0] = 6;
+        body[0] = WG_PROTO_TCP;
         wg_addr_encode(&a, body + 1);
         int v6only = 0;
         socklen_t vl = sizeof v6only;
@@ -452,16 +450,18 @@ static void map_peer(int lfd, int cfd, struct sockaddr *addr, socklen_t *addrlen
         uint8_t body[19];
         wg_addr_encode(&peer, body);
         struct wg_reply rep;
+        struct wg_addr here;
+        int have_here = 0;
         if (wg_ctl_request(WG_PEER, 0, body, sizeof body, &rep, WG_CTL_TIMEOUT_MS) == 0 &&
-            rep.action == 0 && rep.body_len >= 19 && wg_addr_decode(rep.body, &peer) == 0) {
+            wg_peer_reply_decode(&rep, &peer, &here, &have_here) == 0) {
             union wg_sa out;
             socklen_t ol = wg_addr_to_sockaddr(&peer, real->sa.sa_family, &out);
             if (cs != NULL) {
                 cs->peer = out;
                 cs->peer_len = ol;
                 /* our tunnel address the client connected to, for getsockname() */
-                cs->has_local = (uint8_t)(rep.body_len >= 38 &&
-                                          wg_addr_decode(rep.body + 19, &cs->local) == 0);
+                cs->has_local = (uint8_t)have_here;
+                if (have_here) cs->local = here;
                 __atomic_store_n(&cs->kind, WG_ACCEPTED, __ATOMIC_RELEASE);
             }
             wg_copy_out(addr, addrlen, &out, ol);
@@ -533,7 +533,7 @@ WG_EXPORT int close(int fd) {
     if (unlisten) {
         int saved = errno;
         uint8_t body[20];
-        body[0] = 6;
+        body[0] = WG_PROTO_TCP;
         wg_addr_encode(&a, body + 1);
         struct wg_reply rep;
         (void)wg_ctl_request(WG_UNLISTEN, 0, body, sizeof body, &rep, WG_CTL_TIMEOUT_MS);

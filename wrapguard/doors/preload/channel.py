@@ -180,6 +180,7 @@ class ChannelStats:
     """Counters of requests served and of everything rejected (never answered)."""
 
     requests: int = 0
+    connections: int = 0  # control connections accepted (the shim keeps one per process)
     bad_secret: int = 0
     bad_uid: int = 0
     malformed: int = 0
@@ -413,6 +414,7 @@ class ChannelServer:
             writer.close()
 
     async def _serve_ctl(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.stats.connections += 1
         sock = writer.get_extra_info("socket")
         _, uid, _ = _PEERCRED.unpack(
             sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
@@ -421,23 +423,39 @@ class ChannelServer:
             self.stats.bad_uid += 1
             log.warning("channel: request from another uid dropped", uid=uid)
             return
-        try:
-            async with asyncio.timeout(LOCAL_STEP_TIMEOUT):
-                prefix = await reader.readexactly(PREFIX_LEN)
-                body = await reader.readexactly(frame_body_len(prefix))
-            secret, req = parse_request(prefix + body)
-        except (DecodeError, TimeoutError, asyncio.IncompleteReadError, ConnectionError):
-            self.stats.malformed += 1
-            return
-        if not secret_matches(self._secret, secret):
-            self.stats.bad_secret += 1
-            log.warning("channel: request with a wrong secret dropped")
-            return
-        self.stats.requests += 1
-        reply = await self._answer(req)
-        with contextlib.suppress(ConnectionError):
-            writer.write(emit_reply(reply))
-            await writer.drain()
+        # One request at a time, as many as the process sends (docs/channel.md, "Framing"):
+        # the first within LOCAL_STEP_TIMEOUT, later ones whenever it needs one; each frame,
+        # once begun, within LOCAL_STEP_TIMEOUT. EOF between requests is the process's exit.
+        first = True
+        while True:
+            try:
+                if first:
+                    async with asyncio.timeout(LOCAL_STEP_TIMEOUT):
+                        prefix = await reader.readexactly(PREFIX_LEN)
+                else:
+                    prefix = await reader.readexactly(PREFIX_LEN)
+                async with asyncio.timeout(LOCAL_STEP_TIMEOUT):
+                    body = await reader.readexactly(frame_body_len(prefix))
+                secret, req = parse_request(prefix + body)
+            except asyncio.IncompleteReadError as exc:
+                if first or exc.partial:
+                    self.stats.malformed += 1
+                return
+            except (DecodeError, TimeoutError, ConnectionError):
+                self.stats.malformed += 1
+                return
+            if not secret_matches(self._secret, secret):
+                self.stats.bad_secret += 1
+                log.warning("channel: request with a wrong secret dropped")
+                return
+            first = False
+            self.stats.requests += 1
+            reply = await self._answer(req)
+            try:
+                writer.write(emit_reply(reply))
+                await writer.drain()
+            except ConnectionError:
+                return
 
     async def _answer(self, req: Request) -> Reply:
         b = self._backend
