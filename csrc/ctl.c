@@ -156,8 +156,9 @@ static int ch_get(long long deadline, int *fresh) {
  * does not exist here, so its hold on `busy` must not outlive it. */
 void wg_ctl_atfork_child(void) { __atomic_store_n(&ch.busy, 0, __ATOMIC_RELEASE); }
 
-/* One request and its reply on fd: 0 with *rep filled; -1 the connection is unusable
- * (`*sent_nothing`: EOF before a single reply byte, the request was never answered). */
+/* One request and its reply on fd (rep NULL: a request never answered, GATE): 0 with *rep
+ * filled; -1 the connection is unusable (`*unanswered`: closed before a single reply byte,
+ * the request was not served). */
 static int exchange(int fd, const uint8_t *req, uint32_t n, uint8_t op, struct wg_reply *rep,
                     long long deadline, int *unanswered) {
     uint8_t hdr[WG_PREFIX_LEN + WG_REP_HDR_LEN];
@@ -166,6 +167,7 @@ static int exchange(int fd, const uint8_t *req, uint32_t n, uint8_t op, struct w
         *unanswered = errno == EPIPE || errno == ECONNRESET;
         return -1;
     }
+    if (rep == NULL) return 0;
     size_t got = 0;
     if (read_some(fd, hdr, sizeof hdr, deadline, &got) != 0) {
         *unanswered = got == 0 && (errno == 0 || errno == ECONNRESET);
@@ -176,8 +178,10 @@ static int exchange(int fd, const uint8_t *req, uint32_t n, uint8_t op, struct w
     return 0;
 }
 
-int wg_ctl_request(uint8_t op, uint16_t flags, const void *body, uint32_t body_len,
-                   struct wg_reply *rep, int timeout_ms) {
+int wg_ctl_begin(struct wg_ctl *c, uint8_t op, uint16_t flags, const void *body,
+                 uint32_t body_len, struct wg_reply *rep, int timeout_ms) {
+    c->fd = -1;
+    c->held = 0;
     if (wg_resolve() != 0 || !wg_cfg.active || !wg_cfg.have_secret || !wg_cfg.ctl_trusted)
         return -1;
     if (body_len > WG_MAX_BODY - WG_REQ_HDR_LEN) return -1;
@@ -188,6 +192,7 @@ int wg_ctl_request(uint8_t op, uint16_t flags, const void *body, uint32_t body_l
 
     int ok = -1, unanswered = 0;
     if (!__atomic_exchange_n(&ch.busy, 1, __ATOMIC_ACQUIRE)) {
+        c->held = 1;
         int fresh = 0, fd = ch_get(deadline, &fresh);
         if (fd >= 0) {
             ok = exchange(fd, req, n, op, rep, deadline, &unanswered);
@@ -199,15 +204,48 @@ int wg_ctl_request(uint8_t op, uint16_t flags, const void *body, uint32_t body_l
                 if (ok != 0) ch_drop();
             }
         }
-        __atomic_store_n(&ch.busy, 0, __ATOMIC_RELEASE);
+        c->fd = ok == 0 ? fd : -1;
     } else {
         int fd = ctl_connect(deadline); /* another request is under way: a one-shot */
         if (fd >= 0) {
             ok = exchange(fd, req, n, op, rep, deadline, &unanswered);
-            wg_real.close(fd);
+            c->fd = fd;
         }
     }
-    return ok == 0 && rep->err >= 0 ? 0 : -1;
+    return ok == 0 && (rep == NULL || rep->err >= 0) ? 0 : -1;
+}
+
+int wg_ctl_next(struct wg_ctl *c, uint8_t op, struct wg_reply *rep, int timeout_ms) {
+    if (c->fd < 0) return -1;
+    long long deadline = wg_now_ms() + timeout_ms;
+    uint8_t hdr[WG_PREFIX_LEN + WG_REP_HDR_LEN];
+    size_t got = 0;
+    if (read_some(c->fd, hdr, sizeof hdr, deadline, &got) != 0 ||
+        wg_rep_header_decode(hdr, op, rep) != 0 ||
+        read_some(c->fd, rep->body, rep->body_len, deadline, &got) != 0) {
+        wg_ctl_end(c, 0);
+        return -1;
+    }
+    return rep->err >= 0 ? 0 : -1;
+}
+
+void wg_ctl_end(struct wg_ctl *c, int in_step) {
+    if (c->held) {
+        if (!in_step && c->fd >= 0) ch_drop();
+        c->held = 0;
+        __atomic_store_n(&ch.busy, 0, __ATOMIC_RELEASE);
+    } else if (c->fd >= 0) {
+        wg_real.close(c->fd);
+    }
+    c->fd = -1;
+}
+
+int wg_ctl_request(uint8_t op, uint16_t flags, const void *body, uint32_t body_len,
+                   struct wg_reply *rep, int timeout_ms) {
+    struct wg_ctl c;
+    int rc = wg_ctl_begin(&c, op, flags, body, body_len, rep, timeout_ms);
+    wg_ctl_end(&c, 1);
+    return rc;
 }
 
 /* -- frames (docs/channel.md "Framing"; the codec of wrapguard/wire/ipc.py) ------------------ */

@@ -155,6 +155,7 @@ enum wg_peer_action { WG_PEER_FOUND = 0, WG_PEER_UNKNOWN = 2 };
 #define WG_PROTO_UDP 17
 #define WG_FLAG_WAIT 1 /* STATUS */
 #define WG_FLAG_GATE 1 /* CONNECT: non-blocking, a GATE request follows */
+#define WG_FLAG_CONNECT_WAIT 2 /* CONNECT: blocking, a TUNNEL reply is followed by STATUS's */
 #define WG_FLAG_V6ONLY 1 /* LISTEN: an AF_INET6 socket with IPV6_V6ONLY */
 #define WG_GATE_MAX (4u << 20) /* filler cap: past it the gate is given up (see tcp.c) */
 #define WG_GATE_SLACK (32 << 10) /* filler left unsent by a shut gate (see tcp.c) */
@@ -197,6 +198,19 @@ int wg_move_high(int fd);
  * timeout, malformed reply, rejected). errno is not preserved: callers save and restore it. */
 int wg_ctl_request(uint8_t op, uint16_t flags, const void *body, uint32_t body_len,
                    struct wg_reply *rep, int timeout_ms);
+/* A request whose connection stays held for more replies (CONNECT with WAIT: its STATUS reply
+ * follows). wg_ctl_begin as wg_ctl_request (rep NULL: a request that is never answered, GATE,
+ * only written); then wg_ctl_next for each further reply (-1 also
+ * drops the connection: it is out of step); always wg_ctl_end, in_step 0 when replies the
+ * launcher will still send are not read (the connection is then closed, never reused). */
+struct wg_ctl {
+    int fd;
+    int held; /* the process's persistent connection (its busy flag is ours) */
+};
+int wg_ctl_begin(struct wg_ctl *c, uint8_t op, uint16_t flags, const void *body,
+                 uint32_t body_len, struct wg_reply *rep, int timeout_ms);
+int wg_ctl_next(struct wg_ctl *c, uint8_t op, struct wg_reply *rep, int timeout_ms);
+void wg_ctl_end(struct wg_ctl *c, int in_step);
 /* The peer of a connected unix socket is the launcher (SO_PEERCRED pid and uid, and its
  * directory checked at start-up): 1, or 0 and nothing may be sent (docs/channel.md). */
 int wg_peer_is_launcher(int fd);

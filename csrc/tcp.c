@@ -169,11 +169,14 @@ static int gate_fd(int fd, const uint8_t token[16], int *old_lowat) {
     body[17] = (uint8_t)(total >> 16);
     body[18] = (uint8_t)(total >> 8);
     body[19] = (uint8_t)total;
-    struct wg_reply rep;
     *old_lowat = old;
-    if (wg_ctl_request(WG_GATE, 0, body, sizeof body, &rep, WG_CTL_TIMEOUT_MS) != 0)
-        return -1; /* the launcher never learnt the count: this connection cannot be used */
-    return shut;
+    /* GATE is never answered (docs/channel.md): written, the next request on the connection
+     * is served after it. Not written: the launcher never learns the count, the connection
+     * cannot be used. */
+    struct wg_ctl ctl;
+    int rc = wg_ctl_begin(&ctl, WG_GATE, 0, body, sizeof body, NULL, WG_CTL_TIMEOUT_MS);
+    wg_ctl_end(&ctl, 1);
+    return rc != 0 ? -1 : shut;
 }
 
 /* A pending tunnelled fd learnt its outcome (st: 0 open, >0 errno): record it and give the
@@ -232,20 +235,32 @@ WG_EXPORT int connect(int fd, const struct sockaddr *sa, socklen_t len) {
         body_len = 24;
     }
     struct wg_reply rep;
-    int fl0 = wg_real.fcntl(fd, F_GETFL);
-    int gate = fl0 >= 0 && (fl0 & O_NONBLOCK);
-    if (wg_ctl_request(WG_CONNECT, gate ? WG_FLAG_GATE : 0, body, body_len, &rep,
-                       WG_CTL_TIMEOUT_MS) != 0)
+    struct wg_ctl ctl;
+    int fl = wg_real.fcntl(fd, F_GETFL);
+    if (fl < 0) return fail(ENETUNREACH);
+    /* Non-blocking: gated (GATE follows). Blocking: the outcome follows the TUNNEL reply on
+     * the same control connection (CONNECT with WAIT: no STATUS request). */
+    int gate = (fl & O_NONBLOCK) != 0;
+    if (wg_ctl_begin(&ctl, WG_CONNECT, gate ? WG_FLAG_GATE : WG_FLAG_CONNECT_WAIT, body,
+                     body_len, &rep, WG_CTL_TIMEOUT_MS) != 0) {
+        wg_ctl_end(&ctl, 1);
         return fail(ENETUNREACH); /* fail closed: never fall back to a direct connect */
-    if (rep.action == WG_ACT_DIRECT) {
-        errno = saved;
-        return wg_real.connect(fd, sa, len);
     }
     struct wg_tunnel_reply tr;
-    if (rep.action != WG_ACT_TUNNEL) return fail(rep.err > 0 ? rep.err : ENETUNREACH);
-    if (wg_connect_reply_decode(&rep, &tr) != 0) return fail(ENETUNREACH);
-    int fl = wg_real.fcntl(fd, F_GETFL);
-    if (fl < 0 || local_attach(fd, domain, tr.addr.port, tr.token) != 0) return fail(ENETUNREACH);
+    if (rep.action != WG_ACT_TUNNEL || wg_connect_reply_decode(&rep, &tr) != 0) {
+        /* DIRECT and FAIL have no second frame; a TUNNEL we cannot read leaves one unread */
+        wg_ctl_end(&ctl, rep.action != WG_ACT_TUNNEL);
+        if (rep.action == WG_ACT_DIRECT) {
+            errno = saved;
+            return wg_real.connect(fd, sa, len);
+        }
+        return fail(rep.action == WG_ACT_FAIL && rep.err > 0 ? rep.err : ENETUNREACH);
+    }
+    if (gate) wg_ctl_end(&ctl, 1); /* GATE is a request of its own */
+    if (local_attach(fd, domain, tr.addr.port, tr.token) != 0) {
+        wg_ctl_end(&ctl, 0); /* the outcome would still come: the connection is out of step */
+        return fail(ENETUNREACH);
+    }
 
     int lowat = 0, gated = gate ? gate_fd(fd, tr.token, &lowat) : 0;
     if (gated < 0) { /* fail closed: the launcher will drop this flow after its deadline */
@@ -253,34 +268,31 @@ WG_EXPORT int connect(int fd, const struct sockaddr *sa, socklen_t len) {
         return fail(ENETUNREACH);
     }
     s = wg_slot_set(fd);
-    if (s == NULL) { /* beyond the table: tunnelled, but without getpeername/SO_ERROR state */
-        if (fl & O_NONBLOCK) return fail(EINPROGRESS);
-        int st = wg_status(tr.token, 1);
-        if (st == 0) {
-            errno = saved;
-            return 0;
-        }
-        return fail(st > 0 ? st : ENETUNREACH);
-    }
-    memcpy(s->token, tr.token, WG_TOKEN_LEN);
-    memset(&s->peer, 0, sizeof s->peer);
-    s->peer_len = len < sizeof s->peer ? len : (socklen_t)sizeof s->peer;
-    memcpy(&s->peer, sa, s->peer_len);
-    s->has_local = (uint8_t)tr.have_source;
-    if (tr.have_source) s->local = tr.source;
-    s->state = WG_PENDING;
-    s->gated = (uint8_t)gated;
-    s->gate_lowat = lowat;
-    __atomic_store_n(&s->kind, WG_TUNNEL, __ATOMIC_RELEASE);
-    if (fl & O_NONBLOCK) return fail(EINPROGRESS);
+    if (s != NULL) {
+        memcpy(s->token, tr.token, WG_TOKEN_LEN);
+        memset(&s->peer, 0, sizeof s->peer);
+        s->peer_len = len < sizeof s->peer ? len : (socklen_t)sizeof s->peer;
+        memcpy(&s->peer, sa, s->peer_len);
+        s->has_local = (uint8_t)tr.have_source;
+        if (tr.have_source) s->local = tr.source;
+        s->state = WG_PENDING;
+        s->gated = (uint8_t)gated;
+        s->gate_lowat = lowat;
+        __atomic_store_n(&s->kind, WG_TUNNEL, __ATOMIC_RELEASE);
+    } /* else beyond the table: tunnelled, but without getpeername/SO_ERROR state */
+    if (gate) return fail(EINPROGRESS);
 
-    int st = wg_status(s->token, 1);
+    /* STATUS's reply to the CONNECT: 0 open, or the errno of the failure */
+    int st = -2;
+    if (wg_ctl_next(&ctl, WG_STATUS, &rep, wg_cfg.status_timeout_ms) == 0 &&
+        rep.action == WG_ST_DONE)
+        st = rep.err;
+    wg_ctl_end(&ctl, 1);
+    if (s != NULL) s->state = st == 0 ? WG_OPEN : WG_FAILED;
     if (st == 0) {
-        s->state = WG_OPEN;
         errno = saved;
         return 0;
     }
-    s->state = WG_FAILED;
     return fail(st > 0 ? st : ENETUNREACH);
 }
 

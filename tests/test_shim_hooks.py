@@ -625,8 +625,9 @@ def test_one_control_connection_per_process_and_a_forked_child_opens_its_own(
     world: World,
 ) -> None:
     """Every request of a process goes over one control connection (docs/channel.md,
-    "Framing"); a forked child never writes to the parent's (they run at the same time)."""
-    before = world.server.stats.connections
+    "Framing"); a forked child never writes to the parent's (they run at the same time). A
+    blocking connect is one request."""
+    before, requests = world.server.stats.connections, world.server.stats.requests
     out = world.python(
         """
         import json, os, socket, sys
@@ -652,6 +653,9 @@ def test_one_control_connection_per_process_and_a_forked_child_opens_its_own(
     )
     assert out == [[True] * 25, [True] * 20]
     assert world.server.stats.connections - before == 2
+    # HELLO, then one CONNECT per blocking connect: its outcome follows on the connection
+    # (CONNECT with WAIT), no STATUS request
+    assert world.server.stats.requests - requests == 1 + 45
 
 
 def test_a_program_that_takes_over_the_control_fd_number_gets_nothing(world: World) -> None:

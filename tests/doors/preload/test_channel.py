@@ -29,6 +29,7 @@ from wrapguard.wire.ipc import (
     Address,
     ConnectReply,
     ConnectRequest,
+    GateRequest,
     HelloReply,
     HelloRequest,
     ListenReply,
@@ -449,6 +450,40 @@ def test_one_connection_carries_many_requests_one_at_a_time(
         assert server.stats.malformed == 0
 
     monkeypatch.setattr(channel_mod, "LOCAL_STEP_TIMEOUT", 0.3)
+    run_with_server(body, tmp_path)
+
+
+def test_a_waiting_connect_is_followed_by_its_outcome_on_the_same_connection(
+    tmp_path: Path,
+) -> None:
+    """CONNECT with WAIT (a blocking socket): the TUNNEL reply comes at once, the STATUS reply
+    follows on the same connection when the outcome is known; DIRECT gets no second frame."""
+
+    async def body(server: ChannelServer, backend: Backend) -> None:
+        assert server.ctl_path is not None
+        reader, writer = await asyncio.open_unix_connection(server.ctl_path)
+        try:
+            writer.write(emit_request(ConnectRequest(Proto.TCP, DST, wait=True), SECRET))
+            rep = parse_reply(await read_reply(reader))
+            assert isinstance(rep, ConnectReply) and rep.action is Action.TUNNEL
+            outcome = asyncio.ensure_future(read_reply(reader))
+            await asyncio.sleep(0.2)
+            assert not outcome.done()  # held until the outcome is known
+            backend.status_futures[rep.token].set_result(errno.ECONNREFUSED)
+            assert parse_reply(await outcome) == StatusReply(StatusAction.DONE, errno.ECONNREFUSED)
+            direct = Address(IPv4Address("192.0.2.1"), 80)
+            writer.write(emit_request(ConnectRequest(Proto.TCP, direct, wait=True), SECRET))
+            assert parse_reply(await read_reply(reader)) == ConnectReply(Action.DIRECT)
+            writer.write(emit_request(HelloRequest(1, "0.2.0"), SECRET))  # next in line
+            assert parse_reply(await read_reply(reader)) == HelloReply()
+            # GATE is never answered: the request after it is
+            writer.write(emit_request(GateRequest(rep.token, 12345), SECRET))
+            writer.write(emit_request(HelloRequest(2, "0.2.0"), SECRET))
+            assert parse_reply(await read_reply(reader)) == HelloReply()
+            assert backend.gated == [(rep.token, 12345)]
+        finally:
+            writer.close()
+
     run_with_server(body, tmp_path)
 
 

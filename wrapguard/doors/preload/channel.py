@@ -44,7 +44,6 @@ from wrapguard.wire.ipc import (
     Address,
     ConnectReply,
     ConnectRequest,
-    GateReply,
     GateRequest,
     HelloReply,
     HelloRequest,
@@ -105,6 +104,9 @@ ACCEPT_BATCH = 1024  # connections accepted per wake-up (a rejected one costs ac
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER 0: close() sends RST, keeps no state
 LOCAL_STEP_TIMEOUT = 5.0  # docs/channel.md: a request or a token must arrive within 5 s
 TOKEN_TTL = 10.0  # a token not presented by then is dropped and counted
+# Up to this many outstanding tokens a CONNECT updates the kernel filter before it replies;
+# more (a burst) share one update per loop iteration (_filter_changed).
+FILTER_NOW_MAX = 8
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
@@ -450,10 +452,23 @@ class ChannelServer:
                 return
             first = False
             self.stats.requests += 1
+            if isinstance(req, GateRequest):  # never answered: the shim does not wait for it
+                self._backend.gate(req.token, req.filler)
+                continue
             reply = await self._answer(req)
             try:
                 writer.write(emit_reply(reply))
                 await writer.drain()
+                if (
+                    isinstance(req, ConnectRequest)
+                    and req.wait
+                    and isinstance(reply, ConnectReply)
+                    and reply.action is Action.TUNNEL
+                ):
+                    # A blocking connect: its outcome follows on this connection (no STATUS
+                    # request; the shim reads it after its local steps).
+                    writer.write(emit_reply(await self._status(reply.token, True)))
+                    await writer.drain()
             except ConnectionError:
                 return
 
@@ -463,14 +478,15 @@ class ChannelServer:
             case HelloRequest(pid, version):
                 b.hello(pid, version)
                 return HelloReply()
-            case ConnectRequest(proto, dst, gate, src_port, lo_port):
+            case ConnectRequest(proto, dst, gate, src_port, lo_port, _wait):
                 reply = self._connect(proto, dst, gate, src_port, lo_port)
+                if self._filter_sync is not None and len(self._token_lo) <= FILTER_NOW_MAX:
+                    # Few tokens out (sequential connects): let the port in at once, and the
+                    # reply goes out before the tunnel's SYN (the engine flushes it later).
+                    self._apply_filter()
                 if self._filter_sync is not None:  # the port is let in before the shim comes
                     await asyncio.shield(self._filter_sync)
                 return reply
-            case GateRequest(token, filler):
-                b.gate(token, filler)
-                return GateReply()
             case StatusRequest(token, wait):
                 return await self._status(token, wait)
             case ListenRequest(proto, addr, v6only):
