@@ -487,6 +487,25 @@ def test_a_waiting_connect_is_followed_by_its_outcome_on_the_same_connection(
     run_with_server(body, tmp_path)
 
 
+def test_a_waiting_connect_is_capped_by_the_connect_timeout(tmp_path: Path) -> None:
+    async def body(server: ChannelServer, backend: Backend) -> None:
+        assert server.ctl_path is not None
+        reader, writer = await asyncio.open_unix_connection(server.ctl_path)
+        try:
+            writer.write(emit_request(ConnectRequest(Proto.TCP, DST, wait=True), SECRET))
+            rep = parse_reply(await read_reply(reader))
+            assert isinstance(rep, ConnectReply) and rep.action is Action.TUNNEL
+            outcome = parse_reply(await read_reply(reader))  # the outcome never comes
+            assert outcome == StatusReply(StatusAction.DONE, errno.ETIMEDOUT)
+            backend.status_futures[rep.token].set_result(0)  # too late: nothing more is sent
+            writer.write(emit_request(HelloRequest(1, "0.2.0"), SECRET))
+            assert parse_reply(await read_reply(reader)) == HelloReply()
+        finally:
+            writer.close()
+
+    run_with_server(body, tmp_path, connect_timeout=0.3)
+
+
 def test_wrong_secret_and_malformed_frames_are_dropped_unanswered(tmp_path: Path) -> None:
     async def body(server: ChannelServer, backend: Backend) -> None:
         assert server.ctl_path is not None

@@ -467,7 +467,7 @@ class ChannelServer:
                 ):
                     # A blocking connect: its outcome follows on this connection (no STATUS
                     # request; the shim reads it after its local steps).
-                    writer.write(emit_reply(await self._status(reply.token, True)))
+                    await self._outcome(reply.token, writer)
                     await writer.drain()
             except ConnectionError:
                 return
@@ -582,6 +582,34 @@ class ChannelServer:
                 return StatusReply(StatusAction.DONE, errno.ECONNABORTED)
             raise
         return StatusReply(StatusAction.DONE, result)
+
+    def _outcome(self, token: bytes, writer: asyncio.StreamWriter) -> asyncio.Future[None]:
+        """Write the reply STATUS with WAIT would give for `token` the moment its outcome is
+        known: from the outcome's own done-callback, with no task wake-up in between (the
+        program's connect() returns that much sooner). Done once written."""
+        loop = asyncio.get_running_loop()
+        written: asyncio.Future[None] = loop.create_future()
+        fut = self._backend.status(token)
+
+        def send(err: int) -> None:
+            if not written.done():
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    writer.write(emit_reply(StatusReply(StatusAction.DONE, err)))
+                written.set_result(None)
+
+        def done(f: asyncio.Future[int]) -> None:
+            send(errno.ECONNABORTED if f.cancelled() or f.exception() else f.result())
+
+        if fut is None:
+            send(errno.ENOTCONN)
+            return written
+        timer = loop.call_later(self._connect_timeout, send, errno.ETIMEDOUT)
+        written.add_done_callback(lambda _: timer.cancel())
+        if fut.done():
+            done(fut)
+        else:
+            fut.add_done_callback(done)
+        return written
 
     def _expire(self, token: bytes) -> None:
         if self._tokens.pop(token, None) is not None:
