@@ -103,6 +103,8 @@ enum wg_kind { WG_NONE = 0, WG_TUNNEL = 1, WG_LISTENER = 2, WG_ACCEPTED = 3, WG_
 /* UDP route cache (udp.c): the last destination asked about and the answer. */
 enum wg_ucache { WG_UC_NONE = 0, WG_UC_DIRECT = 1, WG_UC_TUNNEL = 2 };
 enum wg_tstate { WG_OPEN = 0, WG_PENDING = 1, WG_FAILED = 2 };
+/* A tunnelled fd's state after a STATUS answer (tcp.c: the transitions, unit-tested). */
+uint8_t wg_tunnel_next(uint8_t state, int st, int *err);
 struct wg_fd {
     uint8_t kind;        /* enum wg_kind */
     uint8_t state;       /* enum wg_tstate, for WG_TUNNEL */

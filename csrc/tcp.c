@@ -179,24 +179,43 @@ static int gate_fd(int fd, const uint8_t token[16], int *old_lowat) {
     return rc != 0 ? -1 : shut;
 }
 
-/* A pending tunnelled fd learnt its outcome (st: 0 open, >0 errno): record it and give the
- * program back its own TCP_NOTSENT_LOWAT if the gate held it. */
-static void settle(int fd, struct wg_fd *s, int st) {
-    s->state = st == 0 ? WG_OPEN : WG_FAILED;
-    if (s->gated) {
+/* -- a tunnelled fd's outcome: one small state machine ---------------------------------- *
+ *   PENDING --open (0)-------------------------> OPEN     (final)
+ *   PENDING --errno (>0)-----------------------> FAILED   (final, that errno)
+ *   PENDING --channel lost (-2)----------------> FAILED   (final, ENETUNREACH: fail closed)
+ *   PENDING --still pending (-1)---------------> PENDING
+ * `st` is what wg_status() answers. Returns the next state; *err is 0 (OPEN), the errno
+ * (FAILED) or -1 (PENDING). A final state never changes (*err -1). Pure: unit-tested
+ * (tests/test_shim_contract.py). */
+uint8_t wg_tunnel_next(uint8_t state, int st, int *err) {
+    *err = -1;
+    if (state != WG_PENDING || st == -1) return state;
+    if (st == 0) {
+        *err = 0;
+        return WG_OPEN;
+    }
+    *err = st > 0 ? st : ENETUNREACH;
+    return WG_FAILED;
+}
+
+/* Apply a STATUS answer to a pending fd (wg_tunnel_next); a fd that leaves PENDING gets the
+ * program's own TCP_NOTSENT_LOWAT back if the gate held it. Returns *err of the transition. */
+static int settle(int fd, struct wg_fd *s, int st) {
+    int err;
+    s->state = wg_tunnel_next(s->state, st, &err);
+    if (s->state != WG_PENDING && s->gated) {
         setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &s->gate_lowat, sizeof s->gate_lowat);
         s->gated = 0;
     }
+    return err;
 }
 
 /* connect() again on a tunnelled fd: EALREADY while pending, then EISCONN (as the kernel). */
 static int reconnect(int fd, struct wg_fd *s) {
     if (s->state == WG_PENDING) {
-        int st = wg_status(s->token, 0);
-        if (st == -1) return fail(EALREADY);
-        if (st == -2) return fail(ENETUNREACH);
-        settle(fd, s, st);
-        if (st > 0) return fail(st);
+        int err = settle(fd, s, wg_status(s->token, 0));
+        if (err < 0) return fail(EALREADY);
+        if (err > 0) return fail(err);
     }
     return fail(EISCONN);
 }
@@ -288,12 +307,14 @@ WG_EXPORT int connect(int fd, const struct sockaddr *sa, socklen_t len) {
         rep.action == WG_ST_DONE)
         st = rep.err;
     wg_ctl_end(&ctl, 1);
-    if (s != NULL) s->state = st == 0 ? WG_OPEN : WG_FAILED;
-    if (st == 0) {
+    int err;
+    uint8_t next = wg_tunnel_next(WG_PENDING, st == -1 ? -2 : st, &err); /* never pending */
+    if (s != NULL) s->state = next;
+    if (err == 0) {
         errno = saved;
         return 0;
     }
-    return fail(st > 0 ? st : ENETUNREACH);
+    return fail(err);
 }
 
 /* -- SO_ERROR, getpeername, getsockname ------------------------------------------------------- */
@@ -309,14 +330,8 @@ WG_EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
     int saved = errno;
     /* Gated: writability already waits for the outcome, so never block here: while pending,
      * report what the kernel says of a connecting socket (0). Not gated: wait for it. */
-    int st = wg_status(s->token, s->gated && *(int *)val == 0 ? 0 : 1);
-    if (st == -1) {
-        errno = saved;
-        return 0;
-    }
-    int err = st == 0 ? 0 : st > 0 ? st : ENETUNREACH;
-    settle(fd, s, err);
-    if (err != 0) *(int *)val = err; /* else keep what the loopback socket says */
+    int err = settle(fd, s, wg_status(s->token, s->gated && *(int *)val == 0 ? 0 : 1));
+    if (err > 0) *(int *)val = err; /* pending: 0, open: what the loopback socket says */
     errno = saved;
     return 0;
 }
@@ -343,12 +358,9 @@ WG_EXPORT int getpeername(int fd, struct sockaddr *addr, socklen_t *addrlen) {
         wg_copy_out(addr, addrlen, &real, rl);
         return 0;
     }
-    if (s->kind == WG_TUNNEL && s->state == WG_PENDING) {
-        int st = wg_status(s->token, 0); /* the kernel says ENOTCONN while connecting */
-        if (st > 0) settle(fd, s, st);
-        if (st != 0) return fail(ENOTCONN);
-        settle(fd, s, 0);
-    }
+    if (s->kind == WG_TUNNEL && s->state == WG_PENDING &&
+        settle(fd, s, wg_status(s->token, 0)) != 0)
+        return fail(ENOTCONN); /* the kernel says so while connecting, and after a failure */
     if (s->kind == WG_TUNNEL && s->state == WG_FAILED) return fail(ENOTCONN);
     wg_copy_out(addr, addrlen, &s->peer, s->peer_len);
     errno = saved;

@@ -1,4 +1,5 @@
-"""One channel format for both languages: csrc/shim.h and csrc/ctl.c against wrapguard/wire/ipc.py.
+"""One channel format for both languages: csrc/shim.h and csrc/ctl.c against wrapguard/wire/ipc.py,
+and the shim's pure parts (a tunnelled fd's state machine) as unit tests, without root.
 
 The constants of shim.h are read from the header and compared with ipc.py's; the C codec
 (request header, reply header, the named reply decoders) is compiled from csrc/ into a private
@@ -9,6 +10,7 @@ WRAPGUARD_CTL its hooks are inert) and fed the frames ipc.py emits.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import re
 import shutil
@@ -120,6 +122,8 @@ def codec(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     for name in ("wg_rep_header_decode", "wg_connect_reply_decode", "wg_assoc_reply_decode",
                  "wg_peer_reply_decode"):  # fmt: skip
         getattr(lib, name).restype = ctypes.c_int
+    lib.wg_tunnel_next.restype = ctypes.c_uint8
+    lib.wg_tunnel_next.argtypes = [ctypes.c_uint8, ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
     return lib
 
 
@@ -202,3 +206,33 @@ def test_reply_header_rejects_what_ipc_rejects(codec: ctypes.CDLL) -> None:
     assert c_reply(codec, too_long, ipc.Op.STATUS) is None
     short = (ipc._REP_HDR.size - 1).to_bytes(4, "big") + good[4:]
     assert c_reply(codec, short, ipc.Op.STATUS) is None
+
+
+# -- a tunnelled fd's state machine (csrc/tcp.c wg_tunnel_next) --------------------------------
+
+OPEN, PENDING, FAILED = 0, 1, 2  # enum wg_tstate
+LOST, STILL = -2, -1  # wg_status(): the channel failed; no outcome yet
+
+
+def test_header_tunnel_states() -> None:
+    h = header_defines()
+    assert (h["WG_OPEN"], h["WG_PENDING"], h["WG_FAILED"]) == (OPEN, PENDING, FAILED)
+
+
+@pytest.mark.parametrize(
+    ("state", "st", "want"),
+    [
+        (PENDING, 0, (OPEN, 0)),
+        (PENDING, errno.ECONNREFUSED, (FAILED, errno.ECONNREFUSED)),
+        (PENDING, errno.ETIMEDOUT, (FAILED, errno.ETIMEDOUT)),
+        (PENDING, LOST, (FAILED, errno.ENETUNREACH)),  # fail closed, never "open"
+        (PENDING, STILL, (PENDING, -1)),
+        (OPEN, errno.ECONNRESET, (OPEN, -1)),  # final states never change
+        (OPEN, LOST, (OPEN, -1)),
+        (FAILED, 0, (FAILED, -1)),
+        (FAILED, STILL, (FAILED, -1)),
+    ],
+)
+def test_tunnel_state_transitions(codec: ctypes.CDLL, state: int, st: int, want: tuple) -> None:
+    err = ctypes.c_int(12345)
+    assert (codec.wg_tunnel_next(state, st, ctypes.byref(err)), err.value) == want
