@@ -1,9 +1,10 @@
 /* wrapguard shim: the control channel client (docs/channel.md, "Framing").
  *
  * One persistent unix stream connection per process (SOCK_CLOEXEC), one request at a time on
- * it; a second thread meanwhile, and a forked child, never share it (see `ch` below). Every step (connect, write, read) runs against one deadline with
- * poll(); EINTR is retried. Only real calls are used, never our own hooks. Nothing, not even
- * the secret, is sent before SO_PEERCRED shows that the launcher serves the socket.
+ * it; a second thread meanwhile, and a forked child, never share it (see `ch` below). Every
+ * step (connect, write, read) runs against one deadline with poll(); EINTR is retried. Only
+ * real calls are used, never our own hooks. Nothing, not even the secret, is sent before
+ * SO_PEERCRED shows that the launcher serves the socket.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -36,7 +37,8 @@ int wg_wait_fd(int fd, short events, long long deadline) {
 
 int wg_write_all(int fd, const uint8_t *buf, size_t len, long long deadline) {
     while (len > 0) {
-        ssize_t w = send(fd, buf, len, MSG_NOSIGNAL);
+        ssize_t w = wg_real.send != NULL ? wg_real.send(fd, buf, len, MSG_NOSIGNAL)
+                                     : send(fd, buf, len, MSG_NOSIGNAL);
         if (w > 0) {
             buf += w;
             len -= (size_t)w;

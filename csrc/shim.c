@@ -91,19 +91,28 @@ static __thread int wg_resolving;
 
 /* The next definition of `name`, or NULL. Never one of ours: were the shim's own hook handed
  * back (a second copy of it mapped, a loader quirk), calling it would recurse for ever. */
-static void *next_sym(const char *name) {
+void *wg_next_sym(const char *name) {
     void *p = dlsym(RTLD_NEXT, name);
     Dl_info mine, theirs;
-    if (p != NULL && dladdr((void *)&next_sym, &mine) != 0 && dladdr(p, &theirs) != 0 &&
+    if (p != NULL && dladdr((void *)&wg_next_sym, &mine) != 0 && dladdr(p, &theirs) != 0 &&
         theirs.dli_fbase == mine.dli_fbase)
         return NULL;
+    return p;
+}
+
+void *wg_lazy_sym(void **slot, const char *name) {
+    void *p = __atomic_load_n(slot, __ATOMIC_ACQUIRE);
+    if (p == NULL) {
+        p = wg_next_sym(name);
+        __atomic_store_n(slot, p, __ATOMIC_RELEASE);
+    }
     return p;
 }
 
 #define WG_RESOLVE(name)                                                        \
     do {                                                                        \
         if (wg_real.name == NULL) {                                             \
-            void *p = next_sym(#name);                                          \
+            void *p = wg_next_sym(#name);                                          \
             __atomic_store_n((void **)&wg_real.name, p, __ATOMIC_RELEASE);      \
         }                                                                       \
         if (wg_real.name == NULL) missing++;                                    \

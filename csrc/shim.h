@@ -45,6 +45,10 @@ struct wg_real {
     int (*setsockopt)(int, int, int, const void *, socklen_t);
 };
 extern struct wg_real wg_real;
+/* dlsym(RTLD_NEXT, name), NULL if that is the shim's own (calling it would recurse). */
+void *wg_next_sym(const char *name);
+/* The same, resolved once into *slot (the hooks of dns.c and syscall.c). */
+void *wg_lazy_sym(void **slot, const char *name);
 /* Resolve every real call not resolved yet; 0 when all are there. Safe to call often. */
 int wg_resolve(void);
 
