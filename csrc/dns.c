@@ -8,7 +8,6 @@
  * through the host). A failed channel gives EAI_AGAIN / TRY_AGAIN: never the host resolver.
  */
 #include <arpa/inet.h>
-#include <dlfcn.h>
 #include <errno.h>
 #include <netdb.h>
 #include <stdlib.h>
@@ -32,17 +31,9 @@ typedef struct hostent *(*ghba_fn)(const void *, socklen_t, int);
 typedef int (*ghbar_fn)(const void *, socklen_t, int, struct hostent *, char *, size_t,
                         struct hostent **, int *);
 
-static void *real_sym(void **slot, const char *name) {
-    void *p = __atomic_load_n(slot, __ATOMIC_ACQUIRE);
-    if (p == NULL) {
-        p = dlsym(RTLD_NEXT, name);
-        __atomic_store_n(slot, p, __ATOMIC_RELEASE);
-    }
-    return p;
-}
 #define REAL_FN(type, name)                                                    \
     static void *real_##name##_p;                                              \
-    static type real_##name(void) { return (type)real_sym(&real_##name##_p, #name); }
+    static type real_##name(void) { return (type)wg_lazy_sym(&real_##name##_p, #name); }
 
 REAL_FN(gai_fn, getaddrinfo)
 REAL_FN(ghbn_fn, gethostbyname)

@@ -14,6 +14,9 @@
 #include <string.h>
 #include <unistd.h>
 #include <arpa/inet.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 
 #include "shim.h"
@@ -70,13 +73,46 @@ void wg_slot_copy(int from, int to) {
     memcpy(b, a, sizeof *b);
 }
 
+/* Out of the way of the program's own numbers (a shell's `exec 5>f`, code that expects the
+ * lowest free fd): the top quarter below the fd limit (and the table's end), close-on-exec. */
+int wg_move_high(int u) {
+    struct rlimit rl;
+    rlim_t lim = getrlimit(RLIMIT_NOFILE, &rl) == 0 ? rl.rlim_cur : 1024;
+    if (lim > WG_MAX_FDS) lim = WG_MAX_FDS;
+    if (lim < 64) return u;
+    int h = wg_real.fcntl(u, F_DUPFD_CLOEXEC, (int)(lim - lim / 4));
+    if (h < 0) return u;
+    wg_real.close(u);
+    return h;
+}
+
 /* A thread inside dlsym must not re-enter it through a hook (dlsym may call into libc). */
 static __thread int wg_resolving;
+
+/* The next definition of `name`, or NULL. Never one of ours: were the shim's own hook handed
+ * back (a second copy of it mapped, a loader quirk), calling it would recurse for ever. */
+void *wg_next_sym(const char *name) {
+    void *p = dlsym(RTLD_NEXT, name);
+    Dl_info mine, theirs;
+    if (p != NULL && dladdr((void *)&wg_next_sym, &mine) != 0 && dladdr(p, &theirs) != 0 &&
+        theirs.dli_fbase == mine.dli_fbase)
+        return NULL;
+    return p;
+}
+
+void *wg_lazy_sym(void **slot, const char *name) {
+    void *p = __atomic_load_n(slot, __ATOMIC_ACQUIRE);
+    if (p == NULL) {
+        p = wg_next_sym(name);
+        __atomic_store_n(slot, p, __ATOMIC_RELEASE);
+    }
+    return p;
+}
 
 #define WG_RESOLVE(name)                                                        \
     do {                                                                        \
         if (wg_real.name == NULL) {                                             \
-            void *p = dlsym(RTLD_NEXT, #name);                                  \
+            void *p = wg_next_sym(#name);                                          \
             __atomic_store_n((void **)&wg_real.name, p, __ATOMIC_RELEASE);      \
         }                                                                       \
         if (wg_real.name == NULL) missing++;                                    \
@@ -203,10 +239,10 @@ static int ctl_dir_trusted(const char *ctl, uid_t uid) {
     return lstat(ctl, &st) == 0 && S_ISSOCK(st.st_mode) && st.st_uid == uid;
 }
 
-static int wg_init_done;
+static pthread_once_t wg_init_once = PTHREAD_ONCE_INIT;
 
-void wg_init(void) {
-    if (__atomic_load_n(&wg_init_done, __ATOMIC_ACQUIRE)) return;
+/* The one init: the environment, read once per process image (pthread_once). */
+static void init_once(void) {
     int saved = errno;
     wg_resolve();
     const char *ctl = getenv("WRAPGUARD_CTL");
@@ -254,9 +290,10 @@ void wg_init(void) {
          * fail closed (ENETUNREACH) instead of leaking out directly. */
         wg_cfg.active = 1;
     }
-    __atomic_store_n(&wg_init_done, 1, __ATOMIC_RELEASE);
     errno = saved;
 }
+
+void wg_init(void) { pthread_once(&wg_init_once, init_once); }
 
 static void announce(void) {
     int fd = parse_fd(getenv("WRAPGUARD_ANNOUNCE_FD"));
@@ -284,6 +321,7 @@ static void hello(void) {
 __attribute__((constructor)) static void wrapguard_shim_init(void) {
     int saved = errno;
     wg_init();
+    (void)pthread_atfork(NULL, NULL, wg_ctl_atfork_child);
     announce();
     if (wg_cfg.active) hello(); /* best effort: one channel round trip */
     errno = saved;

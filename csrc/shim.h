@@ -45,6 +45,10 @@ struct wg_real {
     int (*setsockopt)(int, int, int, const void *, socklen_t);
 };
 extern struct wg_real wg_real;
+/* dlsym(RTLD_NEXT, name), NULL if that is the shim's own (calling it would recurse). */
+void *wg_next_sym(const char *name);
+/* The same, resolved once into *slot (the hooks of dns.c and syscall.c). */
+void *wg_lazy_sym(void **slot, const char *name);
 /* Resolve every real call not resolved yet; 0 when all are there. Safe to call often. */
 int wg_resolve(void);
 
@@ -103,6 +107,8 @@ enum wg_kind { WG_NONE = 0, WG_TUNNEL = 1, WG_LISTENER = 2, WG_ACCEPTED = 3, WG_
 /* UDP route cache (udp.c): the last destination asked about and the answer. */
 enum wg_ucache { WG_UC_NONE = 0, WG_UC_DIRECT = 1, WG_UC_TUNNEL = 2 };
 enum wg_tstate { WG_OPEN = 0, WG_PENDING = 1, WG_FAILED = 2 };
+/* A tunnelled fd's state after a STATUS answer (tcp.c: the transitions, unit-tested). */
+uint8_t wg_tunnel_next(uint8_t state, int st, int *err);
 struct wg_fd {
     uint8_t kind;        /* enum wg_kind */
     uint8_t state;       /* enum wg_tstate, for WG_TUNNEL */
@@ -134,16 +140,33 @@ void wg_slot_copy(int from, int to);
 int wg_slot_max(void); /* highest fd whose slot was ever set, for rare scans */
 
 /* -- control channel (ctl.c) ---------------------------------------------------------------- */
+/* The frame format is wrapguard/wire/ipc.py's: tests/test_shim_contract.py checks every
+ * constant below against it (names: WG_<ipc name>). */
+#define WG_VERSION 1
+#define WG_MAX_BODY 512
+#define WG_PREFIX_LEN 4                /* u32 body_len */
+#define WG_SECRET_LEN 32
+#define WG_TOKEN_LEN 16
+#define WG_ADDR_LEN 19                 /* u8 family | 16 B address | u16 port */
+#define WG_REQ_HDR_LEN 36              /* u8 version | u8 op | u16 flags | 32 B secret */
+#define WG_REP_HDR_LEN 8               /* u8 version | u8 op | u16 action | i32 errno */
+#define WG_UDP_HDR_LEN 21              /* relayed datagram: u8 version | u8 kind | address */
 enum wg_op { WG_HELLO = 1, WG_CONNECT = 2, WG_STATUS = 3, WG_LISTEN = 4, WG_UNLISTEN = 5,
              WG_PEER = 6, WG_UDP_ASSOC = 7, WG_UDP_RELEASE = 8, WG_RESOLVE = 9, WG_GATE = 10 };
+/* CONNECT and UDP_ASSOC reply actions (ipc.Action), STATUS (ipc.StatusAction) */
+enum wg_action { WG_ACT_DIRECT = 0, WG_ACT_TUNNEL = 1, WG_ACT_FAIL = 2 };
+enum wg_status_action { WG_ST_DONE = 0, WG_ST_PENDING = 1 };
+enum wg_peer_action { WG_PEER_FOUND = 0, WG_PEER_UNKNOWN = 2 };
+#define WG_PROTO_TCP 6
+#define WG_PROTO_UDP 17
 #define WG_FLAG_WAIT 1 /* STATUS */
 #define WG_FLAG_GATE 1 /* CONNECT: non-blocking, a GATE request follows */
+#define WG_FLAG_CONNECT_WAIT 2 /* CONNECT: blocking, a TUNNEL reply is followed by STATUS's */
 #define WG_FLAG_V6ONLY 1 /* LISTEN: an AF_INET6 socket with IPV6_V6ONLY */
 #define WG_GATE_MAX (4u << 20) /* filler cap: past it the gate is given up (see tcp.c) */
 #define WG_GATE_SLACK (32 << 10) /* filler left unsent by a shut gate (see tcp.c) */
 #define WG_CTL_TIMEOUT_MS 5000
 #define WG_UDP_DATA_SOCKET "udp.sock" /* beside ctl.sock (wire/ipc.py UDP_DATA_SOCKET) */
-#define WG_MAX_BODY 512
 struct wg_reply {
     uint8_t op;
     uint16_t action;
@@ -151,10 +174,49 @@ struct wg_reply {
     uint32_t body_len;
     uint8_t body[WG_MAX_BODY];
 };
-/* One request on a fresh control connection; 0 with *rep filled, or -1 (unreachable, timeout,
- * malformed reply, rejected). errno is not preserved: callers save and restore it. */
+/* Frame codec (ctl.c). The request's prefix and header into out[0..40); returns the frame's
+ * whole length (prefix + header + body_len). */
+uint32_t wg_req_header_encode(uint8_t *out, uint8_t op, uint16_t flags,
+                              const uint8_t secret[WG_SECRET_LEN], uint32_t body_len);
+/* A reply's prefix and header (12 bytes) for a request of `op`: 0 with rep's op, action, err
+ * and body_len set, -1 if malformed (length, version, op). */
+int wg_rep_header_decode(const uint8_t in[WG_PREFIX_LEN + WG_REP_HDR_LEN], uint8_t op,
+                         struct wg_reply *rep);
+/* A CONNECT (or UDP_ASSOC: `addr` is the source) TUNNEL reply's body, by name. */
+struct wg_tunnel_reply {
+    struct wg_addr addr;             /* CONNECT: the loopback data address; UDP_ASSOC: source */
+    uint8_t token[WG_TOKEN_LEN];
+    int have_source;                 /* CONNECT: our tunnel source address follows */
+    struct wg_addr source;
+};
+/* CONNECT TUNNEL: address, token, optional address. 0, or -1 if malformed. */
+int wg_connect_reply_decode(const struct wg_reply *rep, struct wg_tunnel_reply *out);
+/* UDP_ASSOC TUNNEL: source address, token. 0, or -1 if malformed. */
+int wg_assoc_reply_decode(const struct wg_reply *rep, struct wg_tunnel_reply *out);
+/* PEER FOUND: the tunnel client, then optionally our tunnel address. 0, or -1. */
+int wg_peer_reply_decode(const struct wg_reply *rep, struct wg_addr *peer, struct wg_addr *local,
+                         int *have_local);
+/* In the child after fork() (registered with pthread_atfork by the constructor). */
+void wg_ctl_atfork_child(void);
+/* Move a fd of ours out of the program's way (high, close-on-exec); the fd to use. */
+int wg_move_high(int fd);
+/* One request on the process's control connection; 0 with *rep filled, or -1 (unreachable,
+ * timeout, malformed reply, rejected). errno is not preserved: callers save and restore it. */
 int wg_ctl_request(uint8_t op, uint16_t flags, const void *body, uint32_t body_len,
                    struct wg_reply *rep, int timeout_ms);
+/* A request whose connection stays held for more replies (CONNECT with WAIT: its STATUS reply
+ * follows). wg_ctl_begin as wg_ctl_request (rep NULL: a request that is never answered, GATE,
+ * only written); then wg_ctl_next for each further reply (-1 also
+ * drops the connection: it is out of step); always wg_ctl_end, in_step 0 when replies the
+ * launcher will still send are not read (the connection is then closed, never reused). */
+struct wg_ctl {
+    int fd;
+    int held; /* the process's persistent connection (its busy flag is ours) */
+};
+int wg_ctl_begin(struct wg_ctl *c, uint8_t op, uint16_t flags, const void *body,
+                 uint32_t body_len, struct wg_reply *rep, int timeout_ms);
+int wg_ctl_next(struct wg_ctl *c, uint8_t op, struct wg_reply *rep, int timeout_ms);
+void wg_ctl_end(struct wg_ctl *c, int in_step);
 /* The peer of a connected unix socket is the launcher (SO_PEERCRED pid and uid, and its
  * directory checked at start-up): 1, or 0 and nothing may be sent (docs/channel.md). */
 int wg_peer_is_launcher(int fd);
@@ -163,8 +225,8 @@ long long wg_now_ms(void);
 int wg_wait_fd(int fd, short events, long long deadline);
 int wg_write_all(int fd, const uint8_t *buf, size_t len, long long deadline);
 /* Encode an address in the 19-byte wire form. */
-void wg_addr_encode(const struct wg_addr *a, uint8_t out[19]);
-int wg_addr_decode(const uint8_t in[19], struct wg_addr *a);
+void wg_addr_encode(const struct wg_addr *a, uint8_t out[WG_ADDR_LEN]);
+int wg_addr_decode(const uint8_t in[WG_ADDR_LEN], struct wg_addr *a);
 /* STATUS for a token: 0 = open, >0 = errno of the failure, -1 = pending (only !wait),
  * -2 = the channel failed. */
 int wg_status(const uint8_t token[16], int wait);

@@ -8,7 +8,6 @@
  * number to the real syscall() with all six words unchanged. Return values and errno follow
  * syscall()'s convention, which is the wrappers' too: -1 with errno set on failure.
  */
-#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdarg.h>
@@ -22,12 +21,7 @@ typedef long (*syscall_fn)(long, ...);
 static void *real_syscall_p;
 
 static syscall_fn real_syscall(void) {
-    void *p = __atomic_load_n(&real_syscall_p, __ATOMIC_ACQUIRE);
-    if (p == NULL) {
-        p = dlsym(RTLD_NEXT, "syscall");
-        __atomic_store_n(&real_syscall_p, p, __ATOMIC_RELEASE);
-    }
-    return (syscall_fn)p;
+    return (syscall_fn)wg_lazy_sym(&real_syscall_p, "syscall");
 }
 
 /* read, write and close matter to the shim only on an fd with state; any other fd goes

@@ -169,31 +169,53 @@ static int gate_fd(int fd, const uint8_t token[16], int *old_lowat) {
     body[17] = (uint8_t)(total >> 16);
     body[18] = (uint8_t)(total >> 8);
     body[19] = (uint8_t)total;
-    struct wg_reply rep;
     *old_lowat = old;
-    if (wg_ctl_request(WG_GATE, 0, body, sizeof body, &rep, WG_CTL_TIMEOUT_MS) != 0)
-        return -1; /* the launcher never learnt the count: this connection cannot be used */
-    return shut;
+    /* GATE is never answered (docs/channel.md): written, the next request on the connection
+     * is served after it. Not written: the launcher never learns the count, the connection
+     * cannot be used. */
+    struct wg_ctl ctl;
+    int rc = wg_ctl_begin(&ctl, WG_GATE, 0, body, sizeof body, NULL, WG_CTL_TIMEOUT_MS);
+    wg_ctl_end(&ctl, 1);
+    return rc != 0 ? -1 : shut;
 }
 
-/* A pending tunnelled fd learnt its outcome (st: 0 open, >0 errno): record it and give the
- * program back its own TCP_NOTSENT_LOWAT if the gate held it. */
-static void settle(int fd, struct wg_fd *s, int st) {
-    s->state = st == 0 ? WG_OPEN : WG_FAILED;
-    if (s->gated) {
+/* -- a tunnelled fd's outcome: one small state machine ---------------------------------- *
+ *   PENDING --open (0)-------------------------> OPEN     (final)
+ *   PENDING --errno (>0)-----------------------> FAILED   (final, that errno)
+ *   PENDING --channel lost (-2)----------------> FAILED   (final, ENETUNREACH: fail closed)
+ *   PENDING --still pending (-1)---------------> PENDING
+ * `st` is what wg_status() answers. Returns the next state; *err is 0 (OPEN), the errno
+ * (FAILED) or -1 (PENDING). A final state never changes (*err -1). Pure: unit-tested
+ * (tests/test_shim_contract.py). */
+uint8_t wg_tunnel_next(uint8_t state, int st, int *err) {
+    *err = -1;
+    if (state != WG_PENDING || st == -1) return state;
+    if (st == 0) {
+        *err = 0;
+        return WG_OPEN;
+    }
+    *err = st > 0 ? st : ENETUNREACH;
+    return WG_FAILED;
+}
+
+/* Apply a STATUS answer to a pending fd (wg_tunnel_next); a fd that leaves PENDING gets the
+ * program's own TCP_NOTSENT_LOWAT back if the gate held it. Returns *err of the transition. */
+static int settle(int fd, struct wg_fd *s, int st) {
+    int err;
+    s->state = wg_tunnel_next(s->state, st, &err);
+    if (s->state != WG_PENDING && s->gated) {
         setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &s->gate_lowat, sizeof s->gate_lowat);
         s->gated = 0;
     }
+    return err;
 }
 
 /* connect() again on a tunnelled fd: EALREADY while pending, then EISCONN (as the kernel). */
 static int reconnect(int fd, struct wg_fd *s) {
     if (s->state == WG_PENDING) {
-        int st = wg_status(s->token, 0);
-        if (st == -1) return fail(EALREADY);
-        if (st == -2) return fail(ENETUNREACH);
-        settle(fd, s, st);
-        if (st > 0) return fail(st);
+        int err = settle(fd, s, wg_status(s->token, 0));
+        if (err < 0) return fail(EALREADY);
+        if (err > 0) return fail(err);
     }
     return fail(EISCONN);
 }
@@ -213,7 +235,7 @@ WG_EXPORT int connect(int fd, const struct sockaddr *sa, socklen_t len) {
 
     uint8_t body[24];
     uint32_t body_len = 20;
-    body[0] = 6; /* TCP */
+    body[0] = WG_PROTO_TCP;
     wg_addr_encode(&dst, body + 1);
     /* A port the program bound before connect() is kept through the tunnel. And the port our
      * loopback data connection will come from is announced: the launcher's data listener lets
@@ -232,58 +254,67 @@ WG_EXPORT int connect(int fd, const struct sockaddr *sa, socklen_t len) {
         body_len = 24;
     }
     struct wg_reply rep;
-    int fl0 = wg_real.fcntl(fd, F_GETFL);
-    int gate = fl0 >= 0 && (fl0 & O_NONBLOCK);
-    if (wg_ctl_request(WG_CONNECT, gate ? WG_FLAG_GATE : 0, body, body_len, &rep,
-                       WG_CTL_TIMEOUT_MS) != 0)
-        return fail(ENETUNREACH); /* fail closed: never fall back to a direct connect */
-    if (rep.action == 0) {
-        errno = saved;
-        return wg_real.connect(fd, sa, len);
-    }
-    if (rep.action != 1 || rep.body_len < 35) return fail(rep.err > 0 ? rep.err : ENETUNREACH);
-
-    struct wg_addr lo, src;
-    int have_src = rep.body_len >= 54 && wg_addr_decode(rep.body + 35, &src) == 0;
-    if (wg_addr_decode(rep.body, &lo) != 0) return fail(ENETUNREACH);
+    struct wg_ctl ctl;
     int fl = wg_real.fcntl(fd, F_GETFL);
-    if (fl < 0 || local_attach(fd, domain, lo.port, rep.body + 19) != 0) return fail(ENETUNREACH);
+    if (fl < 0) return fail(ENETUNREACH);
+    /* Non-blocking: gated (GATE follows). Blocking: the outcome follows the TUNNEL reply on
+     * the same control connection (CONNECT with WAIT: no STATUS request). */
+    int gate = (fl & O_NONBLOCK) != 0;
+    if (wg_ctl_begin(&ctl, WG_CONNECT, gate ? WG_FLAG_GATE : WG_FLAG_CONNECT_WAIT, body,
+                     body_len, &rep, WG_CTL_TIMEOUT_MS) != 0) {
+        wg_ctl_end(&ctl, 1);
+        return fail(ENETUNREACH); /* fail closed: never fall back to a direct connect */
+    }
+    struct wg_tunnel_reply tr;
+    if (rep.action != WG_ACT_TUNNEL || wg_connect_reply_decode(&rep, &tr) != 0) {
+        /* DIRECT and FAIL have no second frame; a TUNNEL we cannot read leaves one unread */
+        wg_ctl_end(&ctl, rep.action != WG_ACT_TUNNEL);
+        if (rep.action == WG_ACT_DIRECT) {
+            errno = saved;
+            return wg_real.connect(fd, sa, len);
+        }
+        return fail(rep.action == WG_ACT_FAIL && rep.err > 0 ? rep.err : ENETUNREACH);
+    }
+    if (gate) wg_ctl_end(&ctl, 1); /* GATE is a request of its own */
+    if (local_attach(fd, domain, tr.addr.port, tr.token) != 0) {
+        wg_ctl_end(&ctl, 0); /* the outcome would still come: the connection is out of step */
+        return fail(ENETUNREACH);
+    }
 
-    int lowat = 0, gated = gate ? gate_fd(fd, rep.body + 19, &lowat) : 0;
+    int lowat = 0, gated = gate ? gate_fd(fd, tr.token, &lowat) : 0;
     if (gated < 0) { /* fail closed: the launcher will drop this flow after its deadline */
         shutdown(fd, SHUT_RDWR);
         return fail(ENETUNREACH);
     }
     s = wg_slot_set(fd);
-    if (s == NULL) { /* beyond the table: tunnelled, but without getpeername/SO_ERROR state */
-        if (fl & O_NONBLOCK) return fail(EINPROGRESS);
-        int st = wg_status(rep.body + 19, 1);
-        if (st == 0) {
-            errno = saved;
-            return 0;
-        }
-        return fail(st > 0 ? st : ENETUNREACH);
-    }
-    memcpy(s->token, rep.body + 19, 16);
-    memset(&s->peer, 0, sizeof s->peer);
-    s->peer_len = len < sizeof s->peer ? len : (socklen_t)sizeof s->peer;
-    memcpy(&s->peer, sa, s->peer_len);
-    s->has_local = (uint8_t)have_src;
-    if (have_src) s->local = src;
-    s->state = WG_PENDING;
-    s->gated = (uint8_t)gated;
-    s->gate_lowat = lowat;
-    __atomic_store_n(&s->kind, WG_TUNNEL, __ATOMIC_RELEASE);
-    if (fl & O_NONBLOCK) return fail(EINPROGRESS);
+    if (s != NULL) {
+        memcpy(s->token, tr.token, WG_TOKEN_LEN);
+        memset(&s->peer, 0, sizeof s->peer);
+        s->peer_len = len < sizeof s->peer ? len : (socklen_t)sizeof s->peer;
+        memcpy(&s->peer, sa, s->peer_len);
+        s->has_local = (uint8_t)tr.have_source;
+        if (tr.have_source) s->local = tr.source;
+        s->state = WG_PENDING;
+        s->gated = (uint8_t)gated;
+        s->gate_lowat = lowat;
+        __atomic_store_n(&s->kind, WG_TUNNEL, __ATOMIC_RELEASE);
+    } /* else beyond the table: tunnelled, but without getpeername/SO_ERROR state */
+    if (gate) return fail(EINPROGRESS);
 
-    int st = wg_status(s->token, 1);
-    if (st == 0) {
-        s->state = WG_OPEN;
+    /* STATUS's reply to the CONNECT: 0 open, or the errno of the failure */
+    int st = -2;
+    if (wg_ctl_next(&ctl, WG_STATUS, &rep, wg_cfg.status_timeout_ms) == 0 &&
+        rep.action == WG_ST_DONE)
+        st = rep.err;
+    wg_ctl_end(&ctl, 1);
+    int err;
+    uint8_t next = wg_tunnel_next(WG_PENDING, st == -1 ? -2 : st, &err); /* never pending */
+    if (s != NULL) s->state = next;
+    if (err == 0) {
         errno = saved;
         return 0;
     }
-    s->state = WG_FAILED;
-    return fail(st > 0 ? st : ENETUNREACH);
+    return fail(err);
 }
 
 /* -- SO_ERROR, getpeername, getsockname ------------------------------------------------------- */
@@ -299,14 +330,8 @@ WG_EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
     int saved = errno;
     /* Gated: writability already waits for the outcome, so never block here: while pending,
      * report what the kernel says of a connecting socket (0). Not gated: wait for it. */
-    int st = wg_status(s->token, s->gated && *(int *)val == 0 ? 0 : 1);
-    if (st == -1) {
-        errno = saved;
-        return 0;
-    }
-    int err = st == 0 ? 0 : st > 0 ? st : ENETUNREACH;
-    settle(fd, s, err);
-    if (err != 0) *(int *)val = err; /* else keep what the loopback socket says */
+    int err = settle(fd, s, wg_status(s->token, s->gated && *(int *)val == 0 ? 0 : 1));
+    if (err > 0) *(int *)val = err; /* pending: 0, open: what the loopback socket says */
     errno = saved;
     return 0;
 }
@@ -333,12 +358,9 @@ WG_EXPORT int getpeername(int fd, struct sockaddr *addr, socklen_t *addrlen) {
         wg_copy_out(addr, addrlen, &real, rl);
         return 0;
     }
-    if (s->kind == WG_TUNNEL && s->state == WG_PENDING) {
-        int st = wg_status(s->token, 0); /* the kernel says ENOTCONN while connecting */
-        if (st > 0) settle(fd, s, st);
-        if (st != 0) return fail(ENOTCONN);
-        settle(fd, s, 0);
-    }
+    if (s->kind == WG_TUNNEL && s->state == WG_PENDING &&
+        settle(fd, s, wg_status(s->token, 0)) != 0)
+        return fail(ENOTCONN); /* the kernel says so while connecting, and after a failure */
     if (s->kind == WG_TUNNEL && s->state == WG_FAILED) return fail(ENOTCONN);
     wg_copy_out(addr, addrlen, &s->peer, s->peer_len);
     errno = saved;
@@ -421,7 +443,7 @@ WG_EXPORT int listen(int fd, int backlog) {
             a.port = port;
         }
         uint8_t body[20];
-        body[0] = 6;
+        body[0] = WG_PROTO_TCP;
         wg_addr_encode(&a, body + 1);
         int v6only = 0;
         socklen_t vl = sizeof v6only;
@@ -452,16 +474,18 @@ static void map_peer(int lfd, int cfd, struct sockaddr *addr, socklen_t *addrlen
         uint8_t body[19];
         wg_addr_encode(&peer, body);
         struct wg_reply rep;
+        struct wg_addr here;
+        int have_here = 0;
         if (wg_ctl_request(WG_PEER, 0, body, sizeof body, &rep, WG_CTL_TIMEOUT_MS) == 0 &&
-            rep.action == 0 && rep.body_len >= 19 && wg_addr_decode(rep.body, &peer) == 0) {
+            wg_peer_reply_decode(&rep, &peer, &here, &have_here) == 0) {
             union wg_sa out;
             socklen_t ol = wg_addr_to_sockaddr(&peer, real->sa.sa_family, &out);
             if (cs != NULL) {
                 cs->peer = out;
                 cs->peer_len = ol;
                 /* our tunnel address the client connected to, for getsockname() */
-                cs->has_local = (uint8_t)(rep.body_len >= 38 &&
-                                          wg_addr_decode(rep.body + 19, &cs->local) == 0);
+                cs->has_local = (uint8_t)have_here;
+                if (have_here) cs->local = here;
                 __atomic_store_n(&cs->kind, WG_ACCEPTED, __ATOMIC_RELEASE);
             }
             wg_copy_out(addr, addrlen, &out, ol);
@@ -533,7 +557,7 @@ WG_EXPORT int close(int fd) {
     if (unlisten) {
         int saved = errno;
         uint8_t body[20];
-        body[0] = 6;
+        body[0] = WG_PROTO_TCP;
         wg_addr_encode(&a, body + 1);
         struct wg_reply rep;
         (void)wg_ctl_request(WG_UNLISTEN, 0, body, sizeof body, &rep, WG_CTL_TIMEOUT_MS);

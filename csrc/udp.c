@@ -167,19 +167,6 @@ static void data_mirror(int fd, int d) {
         wg_real.setsockopt(d, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
 }
 
-/* Out of the way of the program's own numbers (a shell's `exec 5>f`, code that expects the
- * lowest free fd): the top quarter below the fd limit (and the table's end), close-on-exec. */
-static int data_move_high(int u) {
-    struct rlimit rl;
-    rlim_t lim = getrlimit(RLIMIT_NOFILE, &rl) == 0 ? rl.rlim_cur : 1024;
-    if (lim > WG_MAX_FDS) lim = WG_MAX_FDS;
-    if (lim < 64) return u;
-    int h = wg_real.fcntl(u, F_DUPFD_CLOEXEC, (int)(lim - lim / 4));
-    if (h < 0) return u;
-    wg_real.close(u);
-    return h;
-}
-
 /* Open s's data connection: its fd, -1 if the launcher does not know the token (the
  * association is gone), -2 if there can be none (no udp.sock, out of fds): use the relay. */
 static int data_open(int fd, struct wg_fd *s) {
@@ -219,7 +206,7 @@ static int data_open(int fd, struct wg_fd *s) {
         return rc;
     }
     data_mirror(fd, u);
-    u = data_move_high(u);
+    u = wg_move_high(u);
     struct wg_fd *ds = wg_slot_set(u);
     if (ds == NULL) { /* beyond the table: it could not be told from a reused number */
         wg_real.close(u);
@@ -324,19 +311,21 @@ static int udp_route(int fd, int domain, const struct wg_addr *dst, struct wg_ad
     if (wg_ctl_request(WG_UDP_ASSOC, 0, body, sizeof body, &rep, WG_CTL_TIMEOUT_MS) != 0)
         return -ENETUNREACH; /* fail closed */
     s = wg_slot_set(fd);
-    if (rep.action == 0) {
+    if (rep.action == WG_ACT_DIRECT) {
         if (s != NULL) {
             s->udp_last = *dst;
             s->udp_cache = WG_UC_DIRECT;
         }
         return 0;
     }
-    if (rep.action != 1 || rep.body_len < 35 || !have_key)
+    struct wg_tunnel_reply tr;
+    if (rep.action != WG_ACT_TUNNEL || !have_key)
         return -(rep.err > 0 ? rep.err : ENETUNREACH);
-    if (src != NULL && wg_addr_decode(rep.body, src) != 0) return -ENETUNREACH;
+    if (wg_assoc_reply_decode(&rep, &tr) != 0) return -ENETUNREACH;
+    if (src != NULL) *src = tr.addr;
     if (s == NULL) return -ENETUNREACH; /* beyond the table: no state, fail closed */
     s->udp_key = key;
-    set_token(s, rep.body + 19);
+    set_token(s, tr.token);
     s->udp_domain = domain == AF_INET ? 4 : 6;
     s->udp_pid = (int)getpid();
     s->udp_last = *dst;

@@ -621,6 +621,82 @@ def test_twenty_threads_connect_at_once(world: World) -> None:
     assert out == [[True, "10.150.0.1"]] * 20
 
 
+def test_one_control_connection_per_process_and_a_forked_child_opens_its_own(
+    world: World,
+) -> None:
+    """Every request of a process goes over one control connection (docs/channel.md,
+    "Framing"); a forked child never writes to the parent's (they run at the same time). A
+    blocking connect is one request."""
+    before, requests = world.server.stats.connections, world.server.stats.requests
+    out = world.python(
+        """
+        import json, os, socket, sys
+        port = int(sys.argv[1])
+        def once(tag):
+            s = socket.create_connection(("10.150.0.1", port))
+            s.sendall(tag + b"\\n")
+            ok = s.recv(100) == tag + b"\\n"
+            s.close()
+            return ok
+        res = [once(b"p%d" % i) for i in range(5)]
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.write(w, json.dumps([once(b"c%d" % i) for i in range(20)]).encode())
+            os._exit(0)
+        os.close(w)
+        res += [once(b"q%d" % i) for i in range(20)]
+        child = json.loads(os.read(r, 10000))
+        os.waitpid(pid, 0)
+        print(json.dumps([res, child]))
+        """
+    )
+    assert out == [[True] * 25, [True] * 20]
+    assert world.server.stats.connections - before == 2
+    # HELLO, then one CONNECT per blocking connect: its outcome follows on the connection
+    # (CONNECT with WAIT), no STATUS request
+    assert world.server.stats.requests - requests == 1 + 45
+
+
+def test_a_program_that_takes_over_the_control_fd_number_gets_nothing(world: World) -> None:
+    """The shim's control connection is an fd of the program's process: a program that
+    closes it or dup2()s something over it (closefrom, `exec 9>file`) must never receive a
+    request (the secret) in its file; the next request opens a new connection."""
+    out = world.python(
+        """
+        import json, os, socket, sys
+        port = int(sys.argv[1])
+        def once():
+            s = socket.create_connection(("10.150.0.1", port))
+            s.sendall(b"x\\n")
+            ok = s.recv(10) == b"x\\n"
+            s.close()
+            return ok
+        first = once()
+        def link(n):
+            try:
+                return os.readlink(f"/proc/self/fd/{n}")
+            except OSError:
+                return ""
+        ours = [int(n) for n in os.listdir("/proc/self/fd")
+                if int(n) > 2 and link(n).startswith("socket:")]
+        r, w = os.pipe()
+        for n in ours:
+            os.dup2(w, n)
+        second = once()
+        os.set_blocking(r, False)
+        try:
+            leaked = len(os.read(r, 4096))
+        except BlockingIOError:
+            leaked = 0
+        os.closerange(3, max(ours + [3]) + 1)
+        third = once()
+        print(json.dumps([first, len(ours), second, leaked, third]))
+        """
+    )
+    assert out == [True, 1, True, 0, True]
+
+
 def test_unreachable_channel_fails_closed(world: World, tmp_path: Any) -> None:
     code = """
         import json, socket, sys

@@ -234,12 +234,20 @@ def dgram(tag):
 def udp():
     return socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 
-def ours():  # our data connections: high-numbered sockets the program never made
+def seqpacket(fd):  # a data connection (the control connection is SOCK_STREAM)
+    sock = socket.socket(fileno=fd)
+    try:
+        return sock.type == socket.SOCK_SEQPACKET
+    finally:
+        sock.detach()
+
+def ours():  # our data connections: high-numbered SEQPACKET sockets the program never made
     fds = []
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         try:
-            if fd > 100 and os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+            if (fd > 100 and os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+                    and seqpacket(fd)):
                 fds.append(fd)
         except OSError:
             pass
@@ -287,7 +295,16 @@ e.sendto(dgram("exec-par"), DST)
 child = '''
 import os, socket, sys
 s = socket.socket(fileno=int(sys.argv[1]))
-high = [f for f in os.listdir("/proc/self/fd") if int(f) > 100]
+def seqpacket(fd):
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return False
+    try:
+        return sock.type == socket.SOCK_SEQPACKET
+    finally:
+        sock.detach()
+high = [f for f in os.listdir("/proc/self/fd") if int(f) > 100 and seqpacket(int(f))]
 s.sendto(sys.argv[2].encode().ljust(8, b"_") + bytes(4), (sys.argv[3], int(sys.argv[4])))
 print(len(high))
 '''

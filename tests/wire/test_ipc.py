@@ -141,7 +141,7 @@ def test_frame_length_limits() -> None:
         lambda f: struct.pack("!I", len(f) - 3) + f[4:] + b"\0",  # trailing byte
         lambda f: f[:41] + b"\x05" + f[42:],  # address family 5
         lambda f: f[:40] + b"\x07" + f[41:],  # protocol 7
-        lambda f: f[:6] + b"\x00\x02" + f[8:],  # unknown flags on CONNECT
+        lambda f: f[:6] + b"\x00\x04" + f[8:],  # unknown flags on CONNECT
     ],
 )
 def test_malformed_requests_raise_decode_error(mutate: object) -> None:
@@ -284,3 +284,19 @@ def test_connect_loopback_port_bytes_exact_and_zero_is_refused() -> None:
     zero = frame[:-2] + b"\0\0"
     with pytest.raises(DecodeError):
         parse_request(zero)
+
+
+def test_connect_wait_flag_round_trips_and_never_with_the_gate() -> None:
+    from wrapguard.wire.ipc import FLAG_CONNECT_WAIT, FLAG_GATE
+
+    req = ConnectRequest(Proto.TCP, V4, False, 0, 41000, wait=True)
+    frame = emit_request(req, SECRET)
+    assert int.from_bytes(frame[6:8], "big") == FLAG_CONNECT_WAIT
+    assert parse_request(frame) == (SECRET, req)
+    with pytest.raises(ValueError):
+        emit_request(ConnectRequest(Proto.TCP, V4, True, wait=True), SECRET)
+    both = frame[:6] + (FLAG_GATE | FLAG_CONNECT_WAIT).to_bytes(2, "big") + frame[8:]
+    unknown = frame[:6] + (4).to_bytes(2, "big") + frame[8:]
+    for bad in (both, unknown):
+        with pytest.raises(DecodeError):
+            parse_request(bad)

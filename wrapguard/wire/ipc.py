@@ -20,6 +20,7 @@ from wrapguard.errors import DecodeError
 
 __all__ = [
     "ADDR_LEN",
+    "FLAG_CONNECT_WAIT",
     "FLAG_GATE",
     "FLAG_V6ONLY",
     "FLAG_WAIT",
@@ -87,6 +88,9 @@ ADDR_LEN = 19
 FLAG_WAIT = 0x0001  # STATUS: hold the reply until the outcome is known
 FLAG_V6ONLY = 0x0001  # LISTEN: the socket has IPV6_V6ONLY set
 FLAG_GATE = 0x0001  # CONNECT: a non-blocking socket; a GATE request follows (docs/channel.md)
+# CONNECT: a blocking socket; after a TUNNEL reply the launcher sends the STATUS reply (as to
+# STATUS with WAIT) on the same connection once the outcome is known.
+FLAG_CONNECT_WAIT = 0x0002
 MAX_VERSION_TEXT = 255
 MAX_NAME_TEXT = 255
 MAX_RESOLVE_ADDRS = 12  # 12 addresses + a 255-byte name fit in MAX_BODY
@@ -185,6 +189,7 @@ class ConnectRequest:
     # The loopback source port the program's socket connects to the data listener from, 0 if
     # unknown: the listener drops connections from any other port (docs/channel.md, Security).
     lo_port: int = 0
+    wait: bool = False  # blocking: a TUNNEL reply is followed by the STATUS reply (WAIT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -452,15 +457,17 @@ def emit_request(req: Request, secret: bytes) -> bytes:
             if len(text) > MAX_VERSION_TEXT:
                 raise ValueError("ipc: version text too long")
             op, body = Op.HELLO, _HELLO.pack(pid, len(text)) + text
-        case ConnectRequest(proto, dst, gate, src_port, lo_port):
+        case ConnectRequest(proto, dst, gate, src_port, lo_port, wait):
             if not 0 <= src_port <= 0xFFFF or not 0 <= lo_port <= 0xFFFF:
                 raise ValueError("ipc: bad CONNECT source port")
+            if gate and wait:
+                raise ValueError("ipc: CONNECT is either gated or waits")
             op, body = Op.CONNECT, bytes([proto]) + emit_address(dst)
             if lo_port:
                 body += src_port.to_bytes(2, "big") + lo_port.to_bytes(2, "big")
             elif src_port:
                 body += src_port.to_bytes(2, "big")
-            flags = FLAG_GATE if gate else 0
+            flags = (FLAG_GATE if gate else 0) | (FLAG_CONNECT_WAIT if wait else 0)
         case GateRequest(token, filler):
             if len(token) != TOKEN_LEN or not 0 <= filler <= 0xFFFFFFFF:
                 raise ValueError("ipc: bad GATE request")
@@ -497,7 +504,7 @@ def parse_request(data: bytes) -> tuple[bytes, Request]:
     op = _op(op_num)
     if op not in (Op.STATUS, Op.CONNECT, Op.LISTEN) and flags != 0:
         raise DecodeError("ipc: unknown flags")
-    if op is Op.CONNECT and flags & ~FLAG_GATE:
+    if op is Op.CONNECT and (flags & ~(FLAG_GATE | FLAG_CONNECT_WAIT) or flags == 3):
         raise DecodeError("ipc: unknown CONNECT flags")
     req: Request
     match op:
@@ -529,7 +536,14 @@ def parse_request(data: bytes) -> tuple[bytes, Request]:
             _exact(body, 1 + ADDR_LEN, op.name)
             proto, addr = _proto(body[0]), parse_address(body, 1)
             if op is Op.CONNECT:
-                req = ConnectRequest(proto, addr, bool(flags & FLAG_GATE), src_port, lo_port)
+                req = ConnectRequest(
+                    proto,
+                    addr,
+                    bool(flags & FLAG_GATE),
+                    src_port,
+                    lo_port,
+                    bool(flags & FLAG_CONNECT_WAIT),
+                )
             elif op is Op.LISTEN:
                 if flags & ~FLAG_V6ONLY:
                     raise DecodeError("ipc: unknown LISTEN flags")

@@ -24,10 +24,12 @@ from wrapguard.doors.preload.channel import ChannelServer, Decision
 from wrapguard.errors import DecodeError, WrapguardError
 from wrapguard.runtime import synfilter
 from wrapguard.wire.ipc import (
+    PREFIX_LEN,
     Action,
     Address,
     ConnectReply,
     ConnectRequest,
+    GateRequest,
     HelloReply,
     HelloRequest,
     ListenReply,
@@ -55,6 +57,7 @@ from wrapguard.wire.ipc import (
     emit_reply,
     emit_request,
     emit_udp_header,
+    frame_body_len,
     parse_reply,
     parse_request,
     parse_udp_header,
@@ -140,14 +143,24 @@ class Backend:
         return 2, [], ""
 
 
+async def read_reply(reader: asyncio.StreamReader) -> bytes:
+    """One reply frame, or b"" when the server closed the connection instead."""
+    try:
+        prefix = await asyncio.wait_for(reader.readexactly(PREFIX_LEN), 10)
+        return prefix + await asyncio.wait_for(reader.readexactly(frame_body_len(prefix)), 10)
+    except asyncio.IncompleteReadError as exc:
+        assert exc.partial == b"", "a partial reply"
+        return b""
+    except ConnectionResetError:  # dropped before our request was read: no answer either
+        return b""
+
+
 async def raw(path: str, data: bytes) -> bytes:
     reader, writer = await asyncio.open_unix_connection(path)
     writer.write(data)
     await writer.drain()
     try:
-        return await asyncio.wait_for(reader.read(), 10)
-    except ConnectionResetError:  # dropped before our request was read: no answer either
-        return b""
+        return await read_reply(reader)
     finally:
         writer.close()
 
@@ -401,6 +414,96 @@ def test_udp_header_codec() -> None:
     for bad in (short, version, kind, family):
         with pytest.raises(DecodeError):
             parse_udp_header(bad)
+
+
+def test_one_connection_carries_many_requests_one_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shim keeps one control connection per process (docs/channel.md, "Framing"): every
+    request on it is answered in turn, an idle one is kept, EOF between requests is no error,
+    and a bad frame later on still ends the connection unanswered."""
+
+    async def body(server: ChannelServer, backend: Backend) -> None:
+        assert server.ctl_path is not None
+        reader, writer = await asyncio.open_unix_connection(server.ctl_path)
+        try:
+            for pid in (1, 2, 3):
+                writer.write(emit_request(HelloRequest(pid, "0.2.0"), SECRET))
+                assert parse_reply(await read_reply(reader)) == HelloReply()
+            await asyncio.sleep(channel_mod.LOCAL_STEP_TIMEOUT + 0.5)  # idle: still served
+            writer.write(emit_request(ConnectRequest(Proto.TCP, DST), SECRET))
+            rep = parse_reply(await read_reply(reader))
+            assert isinstance(rep, ConnectReply) and rep.action is Action.TUNNEL
+            assert rep.token is not None
+            writer.write(emit_request(StatusRequest(rep.token, False), SECRET))
+            assert isinstance(parse_reply(await read_reply(reader)), StatusReply)
+            writer.write(emit_request(HelloRequest(4, "0.2.0"), bytes(32)))
+            assert await read_reply(reader) == b""  # a wrong secret ends it, unanswered
+        finally:
+            writer.close()
+        _, writer = await asyncio.open_unix_connection(server.ctl_path)
+        writer.write(emit_request(HelloRequest(5, "0.2.0"), SECRET))
+        await writer.drain()
+        writer.close()  # gone between requests (before reading the reply): not malformed
+        await asyncio.sleep(0.2)
+        assert server.stats.requests == 6 and server.stats.bad_secret == 1
+        assert server.stats.malformed == 0
+
+    monkeypatch.setattr(channel_mod, "LOCAL_STEP_TIMEOUT", 0.3)
+    run_with_server(body, tmp_path)
+
+
+def test_a_waiting_connect_is_followed_by_its_outcome_on_the_same_connection(
+    tmp_path: Path,
+) -> None:
+    """CONNECT with WAIT (a blocking socket): the TUNNEL reply comes at once, the STATUS reply
+    follows on the same connection when the outcome is known; DIRECT gets no second frame."""
+
+    async def body(server: ChannelServer, backend: Backend) -> None:
+        assert server.ctl_path is not None
+        reader, writer = await asyncio.open_unix_connection(server.ctl_path)
+        try:
+            writer.write(emit_request(ConnectRequest(Proto.TCP, DST, wait=True), SECRET))
+            rep = parse_reply(await read_reply(reader))
+            assert isinstance(rep, ConnectReply) and rep.action is Action.TUNNEL
+            outcome = asyncio.ensure_future(read_reply(reader))
+            await asyncio.sleep(0.2)
+            assert not outcome.done()  # held until the outcome is known
+            backend.status_futures[rep.token].set_result(errno.ECONNREFUSED)
+            assert parse_reply(await outcome) == StatusReply(StatusAction.DONE, errno.ECONNREFUSED)
+            direct = Address(IPv4Address("192.0.2.1"), 80)
+            writer.write(emit_request(ConnectRequest(Proto.TCP, direct, wait=True), SECRET))
+            assert parse_reply(await read_reply(reader)) == ConnectReply(Action.DIRECT)
+            writer.write(emit_request(HelloRequest(1, "0.2.0"), SECRET))  # next in line
+            assert parse_reply(await read_reply(reader)) == HelloReply()
+            # GATE is never answered: the request after it is
+            writer.write(emit_request(GateRequest(rep.token, 12345), SECRET))
+            writer.write(emit_request(HelloRequest(2, "0.2.0"), SECRET))
+            assert parse_reply(await read_reply(reader)) == HelloReply()
+            assert backend.gated == [(rep.token, 12345)]
+        finally:
+            writer.close()
+
+    run_with_server(body, tmp_path)
+
+
+def test_a_waiting_connect_is_capped_by_the_connect_timeout(tmp_path: Path) -> None:
+    async def body(server: ChannelServer, backend: Backend) -> None:
+        assert server.ctl_path is not None
+        reader, writer = await asyncio.open_unix_connection(server.ctl_path)
+        try:
+            writer.write(emit_request(ConnectRequest(Proto.TCP, DST, wait=True), SECRET))
+            rep = parse_reply(await read_reply(reader))
+            assert isinstance(rep, ConnectReply) and rep.action is Action.TUNNEL
+            outcome = parse_reply(await read_reply(reader))  # the outcome never comes
+            assert outcome == StatusReply(StatusAction.DONE, errno.ETIMEDOUT)
+            backend.status_futures[rep.token].set_result(0)  # too late: nothing more is sent
+            writer.write(emit_request(HelloRequest(1, "0.2.0"), SECRET))
+            assert parse_reply(await read_reply(reader)) == HelloReply()
+        finally:
+            writer.close()
+
+    run_with_server(body, tmp_path, connect_timeout=0.3)
 
 
 def test_wrong_secret_and_malformed_frames_are_dropped_unanswered(tmp_path: Path) -> None:

@@ -44,7 +44,6 @@ from wrapguard.wire.ipc import (
     Address,
     ConnectReply,
     ConnectRequest,
-    GateReply,
     GateRequest,
     HelloReply,
     HelloRequest,
@@ -105,6 +104,9 @@ ACCEPT_BATCH = 1024  # connections accepted per wake-up (a rejected one costs ac
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER 0: close() sends RST, keeps no state
 LOCAL_STEP_TIMEOUT = 5.0  # docs/channel.md: a request or a token must arrive within 5 s
 TOKEN_TTL = 10.0  # a token not presented by then is dropped and counted
+# Up to this many outstanding tokens a CONNECT updates the kernel filter before it replies;
+# more (a burst) share one update per loop iteration (_filter_changed).
+FILTER_NOW_MAX = 8
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
@@ -180,6 +182,7 @@ class ChannelStats:
     """Counters of requests served and of everything rejected (never answered)."""
 
     requests: int = 0
+    connections: int = 0  # control connections accepted (the shim keeps one per process)
     bad_secret: int = 0
     bad_uid: int = 0
     malformed: int = 0
@@ -413,6 +416,7 @@ class ChannelServer:
             writer.close()
 
     async def _serve_ctl(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.stats.connections += 1
         sock = writer.get_extra_info("socket")
         _, uid, _ = _PEERCRED.unpack(
             sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
@@ -421,23 +425,52 @@ class ChannelServer:
             self.stats.bad_uid += 1
             log.warning("channel: request from another uid dropped", uid=uid)
             return
-        try:
-            async with asyncio.timeout(LOCAL_STEP_TIMEOUT):
-                prefix = await reader.readexactly(PREFIX_LEN)
-                body = await reader.readexactly(frame_body_len(prefix))
-            secret, req = parse_request(prefix + body)
-        except (DecodeError, TimeoutError, asyncio.IncompleteReadError, ConnectionError):
-            self.stats.malformed += 1
-            return
-        if not secret_matches(self._secret, secret):
-            self.stats.bad_secret += 1
-            log.warning("channel: request with a wrong secret dropped")
-            return
-        self.stats.requests += 1
-        reply = await self._answer(req)
-        with contextlib.suppress(ConnectionError):
-            writer.write(emit_reply(reply))
-            await writer.drain()
+        # One request at a time, as many as the process sends (docs/channel.md, "Framing"):
+        # the first within LOCAL_STEP_TIMEOUT, later ones whenever it needs one; each frame,
+        # once begun, within LOCAL_STEP_TIMEOUT. EOF between requests is the process's exit.
+        first = True
+        while True:
+            try:
+                if first:
+                    async with asyncio.timeout(LOCAL_STEP_TIMEOUT):
+                        prefix = await reader.readexactly(PREFIX_LEN)
+                else:
+                    prefix = await reader.readexactly(PREFIX_LEN)
+                async with asyncio.timeout(LOCAL_STEP_TIMEOUT):
+                    body = await reader.readexactly(frame_body_len(prefix))
+                secret, req = parse_request(prefix + body)
+            except asyncio.IncompleteReadError as exc:
+                if first or exc.partial:
+                    self.stats.malformed += 1
+                return
+            except (DecodeError, TimeoutError, ConnectionError):
+                self.stats.malformed += 1
+                return
+            if not secret_matches(self._secret, secret):
+                self.stats.bad_secret += 1
+                log.warning("channel: request with a wrong secret dropped")
+                return
+            first = False
+            self.stats.requests += 1
+            if isinstance(req, GateRequest):  # never answered: the shim does not wait for it
+                self._backend.gate(req.token, req.filler)
+                continue
+            reply = await self._answer(req)
+            try:
+                writer.write(emit_reply(reply))
+                await writer.drain()
+                if (
+                    isinstance(req, ConnectRequest)
+                    and req.wait
+                    and isinstance(reply, ConnectReply)
+                    and reply.action is Action.TUNNEL
+                ):
+                    # A blocking connect: its outcome follows on this connection (no STATUS
+                    # request; the shim reads it after its local steps).
+                    await self._outcome(reply.token, writer)
+                    await writer.drain()
+            except ConnectionError:
+                return
 
     async def _answer(self, req: Request) -> Reply:
         b = self._backend
@@ -445,14 +478,15 @@ class ChannelServer:
             case HelloRequest(pid, version):
                 b.hello(pid, version)
                 return HelloReply()
-            case ConnectRequest(proto, dst, gate, src_port, lo_port):
+            case ConnectRequest(proto, dst, gate, src_port, lo_port, _wait):
                 reply = self._connect(proto, dst, gate, src_port, lo_port)
+                if self._filter_sync is not None and len(self._token_lo) <= FILTER_NOW_MAX:
+                    # Few tokens out (sequential connects): let the port in at once, and the
+                    # reply goes out before the tunnel's SYN (the engine flushes it later).
+                    self._apply_filter()
                 if self._filter_sync is not None:  # the port is let in before the shim comes
                     await asyncio.shield(self._filter_sync)
                 return reply
-            case GateRequest(token, filler):
-                b.gate(token, filler)
-                return GateReply()
             case StatusRequest(token, wait):
                 return await self._status(token, wait)
             case ListenRequest(proto, addr, v6only):
@@ -548,6 +582,34 @@ class ChannelServer:
                 return StatusReply(StatusAction.DONE, errno.ECONNABORTED)
             raise
         return StatusReply(StatusAction.DONE, result)
+
+    def _outcome(self, token: bytes, writer: asyncio.StreamWriter) -> asyncio.Future[None]:
+        """Write the reply STATUS with WAIT would give for `token` the moment its outcome is
+        known: from the outcome's own done-callback, with no task wake-up in between (the
+        program's connect() returns that much sooner). Done once written."""
+        loop = asyncio.get_running_loop()
+        written: asyncio.Future[None] = loop.create_future()
+        fut = self._backend.status(token)
+
+        def send(err: int) -> None:
+            if not written.done():
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    writer.write(emit_reply(StatusReply(StatusAction.DONE, err)))
+                written.set_result(None)
+
+        def done(f: asyncio.Future[int]) -> None:
+            send(errno.ECONNABORTED if f.cancelled() or f.exception() else f.result())
+
+        if fut is None:
+            send(errno.ENOTCONN)
+            return written
+        timer = loop.call_later(self._connect_timeout, send, errno.ETIMEDOUT)
+        written.add_done_callback(lambda _: timer.cancel())
+        if fut.done():
+            done(fut)
+        else:
+            fut.add_done_callback(done)
+        return written
 
     def _expire(self, token: bytes) -> None:
         if self._tokens.pop(token, None) is not None:
