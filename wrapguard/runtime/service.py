@@ -251,6 +251,9 @@ class TunnelService:
         relay = TcpRelay(self.engine, on_status=on_status, on_done=ended)
         cid = self.engine.connect(ip, port, relay, src_port)
         relay.attach_conn(cid)
+        # The SYN leaves now, before the door answers its program: the tunnel's round trip
+        # overlaps the door's local steps (else it waits for the engine's next flush).
+        self.engine.flush()
         return relay, outcome
 
     def tcp_local(self, relay: TcpRelay) -> tuple[IPAddress, int]:

@@ -86,9 +86,6 @@ class PreloadOutbound:
         outcome.add_done_callback(on_outcome)
         if gate:
             self.gates[token] = _Gate()
-        # The SYN leaves now, before the channel writes the CONNECT reply: the tunnel's round
-        # trip overlaps the shim's local steps (else it waits for the engine's next flush).
-        self.service.engine.flush()
         local = relay.local()
         return None if local is None else Address(plain(ipaddress.ip_address(local[0])), local[1])
 
