@@ -343,3 +343,35 @@ def test_relay_tls_verifies_certificate_and_host_name(tmp_path: Path) -> None:
             transport.close()
 
     asyncio.run(main())
+
+
+def test_silent_connections_cannot_crowd_out_clients(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Connections that send no request head (whoever can reach the port, no key shown) are
+    capped apart from the sessions' streams, the oldest going first: a client with the key,
+    which sends its head at once, gets its road up at once (a review finding: before, they
+    counted against the connection limit that authenticated streams share, for 10 s each)."""
+    monkeypatch.setattr(streamrelay, "MAX_PENDING_HEADS", 8)
+
+    async def closed(idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]) -> int:
+        n = 0
+        for reader, _ in idle:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.1):
+                    n += await reader.read() == b""
+        return n
+
+    async def main() -> None:
+        async with bench() as b:
+            idle = [await asyncio.open_connection("127.0.0.1", b.relay.port) for _ in range(20)]
+            await asyncio.sleep(0.2)
+            assert await closed(idle) == 12  # 8 wait for their head; the older ones went
+            t0 = time.monotonic()
+            road, got = b.road()
+            await until(lambda: road.state == "up")
+            road.send(b"through")
+            await until(lambda: got == [b"through"])
+            assert time.monotonic() - t0 < streamrelay.HEAD_TIMEOUT / 2  # not after the idlers
+            for _, writer in idle:
+                writer.close()
+
+    run(main)

@@ -517,3 +517,27 @@ print(m.makefile("rb").readline().decode().split()[0])
     r = run_wrapped(rig.client, conf, ["python3", "-c", code], extra=("--intercept", "seccomp"))
     assert r.returncode == 0, explain(r)
     assert r.stdout.split() == ["ENETUNREACH", rig.our_tunnel_v4], explain(r)
+
+
+def test_a_killed_blocking_accept_does_not_keep_its_port(module_rig: Rig, conf: Path) -> None:
+    """A server killed while blocked in accept() (the door holds a copy of its socket until a
+    connection comes): the copy is let go once the caller is gone, so the same port can be
+    bound again in the same run (a review finding: it stayed bound, EADDRINUSE)."""
+    server = "import socket; s = socket.socket(); s.bind(('0.0.0.0', 8765)); s.listen(); s.accept()"
+    again = (
+        "import socket, time\n"
+        "for i in range(40):\n"
+        "    try:\n"
+        "        socket.socket().bind(('0.0.0.0', 8765)); print('bound', i > 0); break\n"
+        "    except OSError as e:\n"
+        "        time.sleep(0.25)\n"
+        "else:\n"
+        "    print('EADDRINUSE')\n"
+    )
+    script = f'python3 -c "{server}" & a=$!; sleep 1.5; kill -9 $a; wait; python3 -c "$AGAIN"'
+    r = run_wrapped(
+        module_rig.client, conf, ["env", f"AGAIN={again}", "sh", "-c", script],
+        extra=("--intercept", "seccomp"),
+    )  # fmt: skip
+    assert r.returncode == 0, explain(r)
+    assert r.stdout.split()[:1] == ["bound"], explain(r)

@@ -67,7 +67,8 @@ MAX_SOCKADDR = 128
 MSGHDR_SIZE, MMSGHDR_SIZE = 56, 64  # struct msghdr, struct mmsghdr (64-bit)
 MAX_DATAGRAM = 65535  # the most the door reads of one datagram (larger: EMSGSIZE)
 UIO_MAXIOV = 1024  # iovecs per message the kernel takes (more: EMSGSIZE)
-MAX_UDP_SOURCES = 1024  # tunnel sources one UDP server socket hears from (each: a socket of ours)
+HELD_CHECK = 2.0  # seconds between checks that a held blocking call's caller still waits
+MAX_UDP_SOURCES = 1024  # tunnel peers of one UDP socket at once (each: a loopback socket of ours)
 HANDOVER_TIMEOUT = 5.0  # seconds for a helper to say its listener's number
 UDP_SWEEP_EVERY = 5.0  # seconds between checks that a redirected UDP socket still exists
 FLOW_KEEP = 60.0  # seconds a TCP flow's addresses stay answerable after it ended
@@ -450,18 +451,9 @@ class SeccompDoor:
         the tunnel, to `target` (it asked for `asked`)."""
         assoc = self.assoc_for(sock)
         if target not in assoc.backs:
-            v6 = assoc.family == socket.AF_INET6 and ":" in assoc.local[0]
-            ours = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
-            try:
-                ours.bind((assoc.local[0] if plain(ipaddress.ip_address(assoc.local[0])).is_loopback
-                           else ("::1" if v6 else "127.0.0.1"), 0))  # fmt: skip
-            except OSError:
-                ours.close()
-                raise
-            ours.setblocking(False)
-            assoc.backs[target] = ours
-            name = ours.getsockname()
-            assoc.by_addr[(plain(ipaddress.ip_address(name[0])), name[1])] = asked
+            while len(assoc.backs) >= MAX_UDP_SOURCES:  # a scanner, a DHT: the oldest goes
+                self._drop_back(assoc, next(iter(assoc.backs)))
+            self._back(assoc, target, asked)
         assert assoc.udp is not None
         assoc.udp.send(target, data)
         self.frontend.flows += 1
@@ -532,6 +524,14 @@ class SeccompDoor:
         assoc.by_addr[(plain(ipaddress.ip_address(name[0])), name[1])] = asked
         return ours
 
+    def _drop_back(self, assoc: _Assoc, target: tuple[IPAddress, int]) -> None:
+        ours = assoc.backs.pop(target)
+        with contextlib.suppress(OSError):
+            name = ours.getsockname()
+            assoc.by_addr.pop((plain(ipaddress.ip_address(name[0])), name[1]), None)
+        ours.close()
+        self.count("udp_backs_dropped")
+
     def _end_assoc(self, assoc: _Assoc) -> None:
         self.assocs.pop(assoc.inode, None)
         for ours in assoc.backs.values():
@@ -598,6 +598,8 @@ class _Supervisor:
         self._poll = select.poll()
         self._poll.register(fd, select.POLLIN)
         self.loop.add_reader(fd, self._on_ready)
+        self.held: dict[int, sc.Notification] = {}  # our fd copy -> its blocking call
+        self._held_timer: asyncio.TimerHandle | None = None
         self.by_call: dict[int, Callable[[sc.Notification], None]] = {
             NR["connect"]: self._connect,
             NR["getpeername"]: self._getpeername,
@@ -614,6 +616,11 @@ class _Supervisor:
         }
 
     def close(self) -> None:
+        for fd in list(self.held):
+            self._unhold(fd)
+        if self._held_timer is not None:
+            self._held_timer.cancel()
+            self._held_timer = None
         if self.fd >= 0:
             self.loop.remove_reader(self.fd)
             os.close(self.fd)
@@ -886,15 +893,38 @@ class _Supervisor:
                 if flags & os.O_NONBLOCK:
                     self.answer(n, error=errno.EAGAIN)
                 else:  # a blocking accept: answered when a connection comes
-                    keep = os.dup(dup)
-                    self.loop.add_reader(keep, self._accept_later, n, keep)
+                    self._hold(os.dup(dup), n, self._accept_later)
                 return
             self._accept_now(n, lsock, flags)
         finally:
             lsock.detach()
             os.close(dup)
 
+    def _hold(self, fd: int, n: sc.Notification, then: Callable[..., None], *args: object) -> None:
+        """A blocking call answered later: `then(n, fd, *args)` once `fd` (our copy of the
+        program's socket) is readable. Checked every HELD_CHECK seconds: a caller that died
+        meanwhile (its thread killed) no longer keeps our copy, and with it the port."""
+        self.held[fd] = n
+        self.loop.add_reader(fd, then, n, fd, *args)
+        if self._held_timer is None:
+            self._held_timer = self.loop.call_later(HELD_CHECK, self._check_held)
+
+    def _check_held(self) -> None:
+        self._held_timer = None
+        for fd, n in list(self.held.items()):
+            if not self.valid(n):
+                self._unhold(fd)
+                self.door.count("held_calls_gone")
+        if self.held and self.fd >= 0:
+            self._held_timer = self.loop.call_later(HELD_CHECK, self._check_held)
+
+    def _unhold(self, fd: int) -> None:
+        if self.held.pop(fd, None) is not None:
+            self.loop.remove_reader(fd)
+            os.close(fd)
+
     def _accept_later(self, n: sc.Notification, fd: int) -> None:
+        self.held.pop(fd, None)
         self.loop.remove_reader(fd)
         try:
             if not self.valid(n):
@@ -920,8 +950,7 @@ class _Supervisor:
             if flags & os.O_NONBLOCK:
                 self.answer(n, error=errno.EAGAIN)
             else:  # another thread took it: wait for the next one
-                keep = os.dup(fd)
-                self.loop.add_reader(keep, self._accept_later, n, keep)
+                self._hold(os.dup(fd), n, self._accept_later)
             return
         finally:
             fcntl.fcntl(fd, fcntl.F_SETFL, flags)
@@ -1138,8 +1167,7 @@ class _Supervisor:
                 if flags & os.O_NONBLOCK or want & socket.MSG_DONTWAIT:
                     self.answer(n, error=errno.EAGAIN)
                 else:  # blocking: answered when a datagram comes
-                    keep = os.dup(fd)
-                    self.loop.add_reader(keep, self._recv_later, n, keep, family, source)
+                    self._hold(os.dup(fd), n, self._recv_later, family, source)
                 return
             except OSError as exc:
                 self.answer(n, error=exc.errno or errno.EIO)
@@ -1161,6 +1189,7 @@ class _Supervisor:
         self.answer(n, val=got)
 
     def _recv_later(self, n: sc.Notification, fd: int, family: int, source: _Source) -> None:
+        self.held.pop(fd, None)
         self.loop.remove_reader(fd)
         try:
             if self.valid(n):

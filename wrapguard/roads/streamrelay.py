@@ -30,7 +30,8 @@ from wrapguard.errors import UsageError, WrapguardError
 from wrapguard.roads import proto
 from wrapguard.wire import stream as framing
 
-HEAD_TIMEOUT = 10.0  # seconds for a client to send its request head
+HEAD_TIMEOUT = 10.0  # seconds for a client to send its request head (and its TLS handshake)
+MAX_PENDING_HEADS = 128  # connections at once that have not sent a request head yet
 DETACHED_GRACE = 30.0  # seconds a session lives without any stream (a client reconnecting)
 SWEEP_EVERY = 5.0
 DOWN_HIGH_WATER = 1 << 20  # bytes queued on one download stream before datagrams are dropped
@@ -229,6 +230,8 @@ class Relay:
         self.ssl_context = ssl_context
         self.max_sessions = max_sessions
         self.max_connections = 4 * max_sessions + 16  # two streams each, and reconnects
+        # Connections still sending their request head (no key checked yet), oldest first.
+        self._heads: dict[asyncio.StreamWriter, None] = {}
         self.idle_timeout = idle_timeout
         self.detached_grace = detached_grace
         self.log = log.get("wrapguard.relay")
@@ -262,6 +265,7 @@ class Relay:
                 self.listen.host,
                 self.listen.port,
                 ssl=self.ssl_context,
+                ssl_handshake_timeout=HEAD_TIMEOUT if self.ssl_context is not None else None,
                 limit=READ_CHUNK,
                 reuse_address=True,
             )
@@ -323,6 +327,13 @@ class Relay:
         if len(self._writers) >= self.max_connections:
             writer.close()  # more connections than the sessions could use: refuse, stay bounded
             return
+        if len(self._heads) >= MAX_PENDING_HEADS:
+            # Too many connections that have sent no request head (no key shown: whoever can
+            # reach the port): the oldest goes. A client sends its head at once, so silent
+            # connections cannot crowd clients out, only each other.
+            oldest = next(iter(self._heads))
+            del self._heads[oldest]
+            oldest.close()
         self._writers.add(writer)
         task = asyncio.current_task()
         if task is not None:
@@ -333,8 +344,12 @@ class Relay:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         try:
             try:
-                async with asyncio.timeout(HEAD_TIMEOUT):
-                    event = await self._next(conn, reader)
+                self._heads[writer] = None
+                try:
+                    async with asyncio.timeout(HEAD_TIMEOUT):
+                        event = await self._next(conn, reader)
+                finally:
+                    self._heads.pop(writer, None)
                 if not isinstance(event, h11.Request):
                     return
                 forwarded = proto.header(event.headers, b"x-forwarded-for")
