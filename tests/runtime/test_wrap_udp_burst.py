@@ -218,7 +218,7 @@ def test_datagrams_still_queued_when_the_program_exits_arrive(sink: Rig, tmp_pat
         got = delivered(rig, tag)
         drops = peer_rcvbuf_drops(rig) - drops
         print(f"\n{EXIT_COUNT} datagrams, then os._exit(): {got} delivered, {drops} peer drops")
-        assert got + drops >= EXIT_COUNT, (got, drops, last_json(r.stdout))
+        assert got + drops >= EXIT_COUNT, (got, drops, last_json(r.stdout), r.stderr[-1500:])
 
 
 # What a socket's data connection must survive (docs/shim.md): one JSON line of local facts;

@@ -231,7 +231,13 @@ class UdpRelay:
         if assoc is not None:
             self._by_token.pop(assoc.token, None)
             for conn in list(assoc.conns):  # a sharer's next send re-associates (docs/shim.md)
-                self._detach(conn, assoc)
+                # What the program sent before it closed its socket (or exited) is still
+                # queued on the data connection: into the tunnel first, never dropped.
+                for _ in range(CLOSE_BATCHES):
+                    if conn not in assoc.conns or not self._drain(conn, assoc, pause=False):
+                        break
+                if conn in assoc.conns:
+                    self._detach(conn, assoc)
             assoc.flow.close()
 
     # -- data connections ----------------------------------------------------------------------
