@@ -54,6 +54,22 @@ def cpu_times(pid: int) -> CpuTimes | None:
     return CpuTimes((utime + stime) / TICK, (cutime + cstime) / TICK)
 
 
+def children(pid: int) -> list[int]:
+    """The direct children of `pid` (from /proc/PID/task/*/children)."""
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(x) for x in f.read().split()]
+        except OSError:
+            continue
+    return out
+
+
 def rss_mb(pid: int) -> tuple[float, float]:
     """(VmRSS, VmHWM) of `pid` in MB (10^6 bytes)."""
     vals = {}
@@ -98,12 +114,17 @@ def run_tracked(
             preexec_fn=preexec_fn,
         )
         last: CpuTimes | None = None
+        kids: dict[int, CpuTimes] = {}  # its direct children (wrapguard's forked launcher)
         deadline = t0 + timeout
         try:
             while True:
                 seen = cpu_times(proc.pid)  # a zombie still shows its final times
                 if seen is not None:
                     last = seen
+                for kid in children(proc.pid):
+                    times = cpu_times(kid)
+                    if times is not None:
+                        kids[kid] = times
                 pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
                 if pid:
                     break
@@ -124,6 +145,10 @@ def run_tracked(
             own = max(0.0, total - last.children)
         else:
             own = last.own if last is not None else total
+        # A child it never reaped (wrapguard's launcher: the waiter returns the program's
+        # status and leaves it to finish) is in neither: its own times as last seen, without
+        # its children's (the wrapped program). Sampled every `poll` s, so a few ms short.
+        own += sum(t.own for t in kids.values())
         out.seek(0)
         err.seek(0)
         return Tracked(

@@ -23,7 +23,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from clients import write_clients
-from procs import GiB, Row, Stat, cpu_times, python_env, ratio, rss_mb, run_tracked, tail
+from procs import (
+    GiB,
+    Row,
+    Stat,
+    children,
+    cpu_times,
+    python_env,
+    ratio,
+    rss_mb,
+    run_tracked,
+    tail,
+)
 from rig.harness import Rig, build_rig
 from rig.netns import Netns
 from rig.support import FileStore
@@ -479,13 +490,16 @@ class RigBench:
         assert proc.stdin is not None and proc.stdout is not None
         try:
             _expect(proc, "UP", 30, errlog)
-            rss1, _ = rss_mb(proc.pid)
+            # The launcher is the forked child of the process we started (the waiter).
+            kids = children(proc.pid)
+            launcher = kids[0] if len(kids) == 1 else proc.pid
+            rss1, _ = rss_mb(launcher)
             t0 = time.perf_counter()
             proc.stdin.write(b"go\n")
             proc.stdin.flush()
             _expect(proc, "HELD", 120, errlog)
             opened = time.perf_counter() - t0
-            rss, hwm = rss_mb(proc.pid)
+            rss, hwm = rss_mb(launcher)
             proc.stdin.write(b"done\n")
             proc.stdin.flush()
             proc.wait(30)
