@@ -10,7 +10,6 @@ does), and otherwise the wrapped program's own exit status.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -19,40 +18,12 @@ from typing import NoReturn
 import click
 
 from wrapguard import __version__
+from wrapguard.clioptions import log_options, routing_options
 from wrapguard.errors import UsageError, WrapguardError
 from wrapguard.options import (
     EXIT_SETUP,
-    IPAddress,
-    IPNetwork,
     Options,
 )
-
-
-def _parse_exit_node(
-    _ctx: click.Context, _param: click.Parameter, value: str | None
-) -> IPAddress | None:
-    if value is None:
-        return None
-    try:
-        return ipaddress.ip_address(value.strip())
-    except ValueError:
-        raise click.BadParameter(
-            f"{value!r} is not an IP address", param_hint="--exit-node"
-        ) from None
-
-
-def _parse_routes(
-    _ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]
-) -> tuple[tuple[IPNetwork, IPAddress], ...]:
-    from wrapguard.config import parse_route_flag
-
-    out = []
-    for text in values:
-        try:
-            out.append(parse_route_flag(text))
-        except UsageError as exc:
-            raise click.BadParameter(str(exc), param_hint="--route") from None
-    return tuple(out)
 
 
 def _parse_proxy(kind: str) -> Callable[[click.Context, click.Parameter, str | None], object]:
@@ -91,28 +62,10 @@ Modes:
 @click.option(
     "--config", "config_path", metavar="PATH", help="wg-quick style WireGuard config file."
 )
-@click.option(
-    "--exit-node",
-    metavar="IP",
-    callback=_parse_exit_node,
-    help="Send all traffic (0.0.0.0/0 and ::/0) through the peer that owns this tunnel IP.",
+@routing_options(
+    "Send CIDR through the peer that owns PEER_IP (repeatable; IPv6: fd00::/8:fd15::1)."
 )
-@click.option(
-    "--route",
-    "routes",
-    metavar="CIDR:PEER_IP",
-    multiple=True,
-    callback=_parse_routes,
-    help="Send CIDR through the peer that owns PEER_IP (repeatable; IPv6: fd00::/8:fd15::1).",
-)
-@click.option(
-    "--log-level",
-    type=click.Choice(["error", "warn", "info", "debug"], case_sensitive=False),
-    default="info",
-    show_default=True,
-    help="Log verbosity.",
-)
-@click.option("--log-file", metavar="FILE", help="Append JSON log lines here instead of stderr.")
+@log_options
 @click.option(
     "--socks5",
     metavar="[USER:PASS@]HOST:PORT",
@@ -290,32 +243,13 @@ def _show(argv: Sequence[str]) -> int:
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--config", "config_path", metavar="PATH", required=True, help="wg-quick config.")
 @click.option("--tun", metavar="NAME", help="The TUN device's name (default: the config's stem).")
-@click.option(
-    "--exit-node",
-    metavar="IP",
-    callback=_parse_exit_node,
-    help="Send all traffic (0.0.0.0/0 and ::/0) through the peer that owns this tunnel IP.",
-)
-@click.option(
-    "--route",
-    "routes",
-    metavar="CIDR:PEER_IP",
-    multiple=True,
-    callback=_parse_routes,
-    help="Send CIDR through the peer that owns PEER_IP (repeatable).",
-)
+@routing_options("Send CIDR through the peer that owns PEER_IP (repeatable).")
 @click.option(
     "--control",
     metavar="PATH",
     help="The control socket (GET /state, /bypass, /metrics); default in $XDG_RUNTIME_DIR.",
 )
-@click.option(
-    "--log-level",
-    type=click.Choice(["error", "warn", "info", "debug"], case_sensitive=False),
-    default="info",
-    show_default=True,
-)
-@click.option("--log-file", metavar="FILE", help="Append JSON log lines here instead of stderr.")
+@log_options
 def _up_command(**kwargs: object) -> object:
     """The TUN add-on (root or CAP_NET_ADMIN): the whole host's traffic to the tunnel's routes
     goes through a TUN device into the tunnel, until SIGINT/SIGTERM; peer endpoints are

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import click
 
+from wrapguard.clioptions import log_options
 from wrapguard.errors import UsageError, WrapguardError
 
 
@@ -30,13 +31,7 @@ def _one_line(text: str) -> str:
     show_default=True,
     help="Seconds without a datagram before a session ends.",
 )
-@click.option(
-    "--log-level",
-    type=click.Choice(["error", "warn", "info", "debug"], case_sensitive=False),
-    default="info",
-    show_default=True,
-)
-@click.option("--log-file", metavar="FILE", help="Append JSON log lines here instead of stderr.")
+@log_options
 def _relay_command(**kwargs: object) -> dict[str, object]:
     """Relay WireGuard datagrams between HTTP(S) stream clients and a WireGuard server."""
     return kwargs
