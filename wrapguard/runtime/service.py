@@ -374,18 +374,11 @@ class TunnelService:
         """What /state and `wrapguard show` report."""
         engine = self.engine
         config = self.session.config
-        iface = config.interface
         peers = peer_states(config, engine.device, engine.roads)
         tcp = sum(1 for h in list(engine.handlers.values()) if isinstance(h, TcpRelay))
         udp = sum(1 for h in list(engine.handlers.values()) if not isinstance(h, TcpRelay))
         return {
-            "interface": {
-                "public_key": iface.private_key.public_key().to_base64(),
-                "addresses": [str(a) for a in iface.addresses],
-                "listen_port": engine.wg.port,
-                "mtu": iface.mtu,
-                "dns": [str(d) for d in iface.dns_servers],
-            },
+            "interface": interface_state(config, engine.wg.port),
             "peers": peers,
             "flows": {"tcp": tcp, "udp": udp},
             "frontends": [
@@ -396,6 +389,18 @@ class TunnelService:
             "counters": self.session.stats(),
             "uptime_s": round(time.time() - self.started, 1),
         }
+
+
+def interface_state(config: Config, listen_port: int) -> dict[str, Any]:
+    """The interface as /state shows it (every mode)."""
+    iface = config.interface
+    return {
+        "public_key": iface.private_key.public_key().to_base64(),
+        "addresses": [str(a) for a in iface.addresses],
+        "listen_port": listen_port,
+        "mtu": iface.mtu,
+        "dns": [str(d) for d in iface.dns_servers],
+    }
 
 
 def peer_states(

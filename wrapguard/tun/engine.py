@@ -28,7 +28,7 @@ from wrapguard.errors import UsageError
 from wrapguard.routing import RoutingTable
 from wrapguard.runtime.bypass import BypassList, IPNetwork
 from wrapguard.runtime.engine import PeerChooser, build_device
-from wrapguard.runtime.service import peer_states
+from wrapguard.runtime.service import interface_state, peer_states
 from wrapguard.runtime.udp import WgUdpRuntime
 from wrapguard.tun.netconf import HostNet
 from wrapguard.tunnel.device import Device
@@ -253,14 +253,9 @@ class TunService:
 
     def state(self) -> dict[str, Any]:
         e = self.engine
-        iface = e.config.interface
         return {
             "interface": {
-                "public_key": iface.private_key.public_key().to_base64(),
-                "addresses": [str(a) for a in iface.addresses],
-                "listen_port": e.wg.port,
-                "mtu": iface.mtu,
-                "dns": [str(d) for d in iface.dns_servers],
+                **interface_state(e.config, e.wg.port),
                 "tun": self.ifname,
                 **self.extra,
             },

@@ -232,6 +232,28 @@ def _runtime_parent() -> str:
     )
 
 
+def loopback_pair(kind: int, what: str) -> tuple[int, socket.socket, socket.socket | None]:
+    """(port, 127.0.0.1 socket, ::1 socket) bound to one ephemeral port of type `kind`, for
+    the shim, which knows only the number; no ::1 socket on a host without IPv6 loopback.
+    Raises WrapguardError naming `what` when no port is free on both."""
+    for _ in range(32):
+        v4 = socket.socket(socket.AF_INET, kind)
+        v4.bind(("127.0.0.1", 0))
+        port = v4.getsockname()[1]
+        v6 = socket.socket(socket.AF_INET6, kind)
+        try:
+            v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            v6.bind(("::1", port))
+        except OSError as exc:
+            v6.close()
+            if exc.errno == errno.EADDRINUSE:
+                v4.close()
+                continue
+            return port, v4, None  # no IPv6 loopback on this host
+        return port, v4, v6
+    raise WrapguardError(f"could not find a free loopback port for {what}")
+
+
 class ChannelServer:
     """Control socket + loopback data listener; `start()`, then `env()` for the child."""
 
@@ -334,24 +356,9 @@ class ChannelServer:
 
     def _data_sockets(self) -> list[socket.socket]:
         """127.0.0.1 and ::1 on one ephemeral port (the shim uses one port for both)."""
-        for _ in range(32):
-            v4 = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            v4.bind(("127.0.0.1", 0))
-            port = v4.getsockname()[1]
-            v6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-            try:
-                v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                v6.bind(("::1", port))
-            except OSError as exc:
-                v6.close()
-                if exc.errno == errno.EADDRINUSE:
-                    v4.close()
-                    continue
-                self.data_port = port
-                return [v4]  # no IPv6 loopback on this host
-            self.data_port, self._has_v6 = port, True
-            return [v4, v6]
-        raise WrapguardError("could not find a free loopback port for the local data channel")
+        self.data_port, v4, v6 = loopback_pair(socket.SOCK_STREAM, "the local data channel")
+        self._has_v6 = v6 is not None
+        return [v4] if v6 is None else [v4, v6]
 
     def env(self) -> dict[str, str]:
         """The child's WRAPGUARD_* variables (LD_PRELOAD is the launcher's)."""

@@ -22,7 +22,8 @@ import struct
 from dataclasses import dataclass
 
 from wrapguard import log
-from wrapguard.errors import DecodeError, WrapguardError
+from wrapguard.doors.preload.channel import loopback_pair
+from wrapguard.errors import DecodeError
 from wrapguard.runtime.service import TunnelService, UdpFlow
 from wrapguard.wire.ipc import (
     TOKEN_LEN,
@@ -136,24 +137,9 @@ class UdpRelay:
 
     def _sockets(self) -> list[tuple[str, socket.socket]]:
         """127.0.0.1 and ::1 on one ephemeral port (the shim knows only the number)."""
-        for _ in range(32):
-            v4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            v4.bind((LO4, 0))
-            port = v4.getsockname()[1]
-            v6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-            try:
-                v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                v6.bind((LO6, port))
-            except OSError as exc:
-                v6.close()
-                if exc.errno == errno.EADDRINUSE:
-                    v4.close()
-                    continue
-                self.port = port
-                return [(LO4, v4)]
-            self.port, self.has_v6 = port, True
-            return [(LO4, v4), (LO6, v6)]
-        raise WrapguardError("could not find a free loopback port for the UDP relay")
+        self.port, v4, v6 = loopback_pair(socket.SOCK_DGRAM, "the UDP relay")
+        self.has_v6 = v6 is not None
+        return [(LO4, v4)] if v6 is None else [(LO4, v4), (LO6, v6)]
 
     def env_value(self) -> str:
         """WRAPGUARD_UDP for the shim: the port, with "/4" when there is no ::1 socket."""
