@@ -110,16 +110,22 @@ class RigBench:
         w = "%{http_code} %{size_download} %{time_total}\n"
         cmd = ["curl", "-sS", "-o", out, "-w", w, self.rig.url(self.down_name)]
         stdout, _wall, cpu = self.run(ours, cmd, timeout=120)
+        speed, size = self._downloaded(stdout, out, check, "download")
+        return speed, cpu, size
+
+    def _downloaded(self, stdout: str, out: str, check: bool, what: str) -> tuple[float, int]:
+        """(MB/s, bytes) from curl's `-w "%{http_code} %{size_download} %{time_total}"`; the
+        file's sha256 checked when `check` (then `out` is removed)."""
         code, size, secs = stdout.split()[-3:]
         want_size, want_sha = self.rig.files[self.down_name]
         if code != "200" or int(size) != want_size:
-            raise RuntimeError(f"download: HTTP {code}, {size} bytes")
+            raise RuntimeError(f"{what}: HTTP {code}, {size} bytes")
         if check:
             got = hashlib.sha256(Path(out).read_bytes()).hexdigest()
             Path(out).unlink()
             if got != want_sha:
-                raise RuntimeError("download: sha256 mismatch")
-        return int(size) / float(secs) / MB, cpu, int(size)
+                raise RuntimeError(f"{what}: sha256 mismatch")
+        return int(size) / float(secs) / MB, int(size)
 
     def _curl_up(self, ours: bool) -> tuple[float, float, int]:
         w = "\n%{http_code} %{size_upload} %{time_total}\n"
@@ -302,16 +308,7 @@ class RigBench:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, 9)
                 proc.wait(10)
-        code, size, secs = stdout.split()[-3:]
-        want_size, want_sha = self.rig.files[self.down_name]
-        if code != "200" or int(size) != want_size:
-            raise RuntimeError(f"SOCKS5 download: HTTP {code}, {size} bytes")
-        if check:
-            got = hashlib.sha256(Path(out).read_bytes()).hexdigest()
-            Path(out).unlink()
-            if got != want_sha:
-                raise RuntimeError("SOCKS5 download: sha256 mismatch")
-        return int(size) / float(secs) / MB
+        return self._downloaded(stdout, out, check, "SOCKS5 download")[0]
 
     def _wait_listening(self, proc: subprocess.Popen[bytes], port: int, errlog: Path) -> None:
         deadline = time.monotonic() + 30
