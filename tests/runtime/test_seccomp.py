@@ -77,8 +77,8 @@ def test_go_http_get_1mib(module_rig: Rig, conf: Path, probe: str) -> None:
     assert res == {"status": 200, "bytes": size, "sha256": sha}
 
 
-def test_go_download_64mib_sha256(module_rig: Rig, conf: Path, goprobes: dict[str, Path]) -> None:
-    res = go(module_rig, conf, str(goprobes["static"]), "get", module_rig.url("64MiB.bin"))
+def test_go_download_64mib_sha256(module_rig: Rig, conf: Path, probe: str) -> None:
+    res = go(module_rig, conf, probe, "get", module_rig.url("64MiB.bin"))
     size, sha = module_rig.files["64MiB.bin"]
     assert res == {"status": 200, "bytes": size, "sha256": sha}
 
