@@ -181,7 +181,7 @@ def root_rows(work: Path, args: argparse.Namespace, deadline: float) -> list[Row
         one("4p", lambda b: b.row_socks5_connect(args.connect_rounds))
         from udp_rows import UdpBench
 
-        some(["7", "7r"], lambda b: UdpBench(b).rows_burst(args.rounds, args.burst))
+        some(["7", "7r"], lambda b: UdpBench(b).rows_burst(args.burst_rounds, args.burst))
         one("8", lambda b: UdpBench(b).row_rtt(args.connect_rounds))
     except Exception as e:
         done = {r.key for r in rows}
@@ -209,6 +209,7 @@ def main() -> int:
     ap.add_argument("--down-mib", type=int, default=64)
     ap.add_argument("--up-mib", type=int, default=32)
     ap.add_argument("--burst", type=int, default=2000, help="datagrams per UDP burst (rows 7)")
+    ap.add_argument("--burst-rounds", type=int, default=8, help="turns per path for rows 7/7r")
     ap.add_argument(
         "--only", default="", help="comma-separated row keys to run (e.g. 4,5h,7r); default all"
     )
@@ -222,7 +223,7 @@ def main() -> int:
     if args.quick:
         args.rounds, args.loopback_rounds, args.connect_rounds = 2, 1, 1
         args.true_runs, args.conns, args.down_mib, args.up_mib = 5, 100, 8, 4
-        args.burst = 500
+        args.burst, args.burst_rounds = 500, 2
 
     me = os.getpid()
 

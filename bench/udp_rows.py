@@ -101,7 +101,7 @@ def _sink_count(bench: RigBench, tag: str) -> int:
             q.sendto(b"?" + bytes.fromhex(tag), ("127.0.0.1", bench.rig.udp_sink_port))
             now = int(json.loads(q.recvfrom(65535)[0])["distinct"])
             stable = stable + 1 if now == last else 0
-            if stable >= 2:
+            if stable >= 3:  # nothing new for 0.3 s: our launcher may still be draining
                 break
             last = now
             time.sleep(0.1)
@@ -143,8 +143,11 @@ class UdpBench:
         out, ours_drops = self._run(ours, [*args, str(count), str(size), tag])
         out["delivered"] = _sink_count(self.b, tag) if mode == "send" else out["distinct"]
         after = self._snapshot()
-        for where in ("peer", "client"):
-            losses.add(f"{where} ns", _delta(before[where], after[where]))
+        deltas = {w: _delta(before[w], after[w]) for w in ("peer", "client")}
+        for where, delta in deltas.items():
+            losses.add(f"{where} ns", delta)
+        # Lost before the tunnel: what the sink could not put into the peer's TUN (row 7r).
+        out["entered"] = count - deltas["peer"].get("peer tun tx_dropped", 0)
         losses.add("launcher", ours_drops)
         if mode == "recv":
             losses.add("client ns", {"receiving program's socket drops": out.get("drops", 0)})
@@ -178,8 +181,19 @@ class UdpBench:
             sk = Stat.of([x["secs"] * 1e3 for x in got[(mode, False)]])
             row = Row(key, label, o.fmt(), k.fmt(), ratio(o.median, k.median))
             what = "sent in" if mode == "send" else "received over"
+            entered = ""
+            if mode == "recv":
+                eo, ek = (
+                    Stat.of([100 * x["delivered"] / max(1, x["entered"]) for x in got[(mode, w)]])
+                    for w in (True, False)
+                )
+                entered = (
+                    f"% of what entered the tunnel (the burst less the peer TUN's tx drops) "
+                    f"ours {eo.fmt()}, kernel {ek.fmt()}; "
+                )
             row.notes = (
-                f"ours {o.spread()}, kernel {k.spread()}; {what} {so.fmt(0)} vs {sk.fmt(0)} ms; "
+                f"ours {o.spread()}, kernel {k.spread()}; {entered}{what} {so.fmt(0)} vs "
+                f"{sk.fmt(0)} ms; "
                 f"counted losses ours: {losses[(mode, True)].fmt()}; kernel: "
                 f"{losses[(mode, False)].fmt()}"
             )
