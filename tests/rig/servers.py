@@ -28,7 +28,7 @@ import socketserver
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -221,10 +221,14 @@ def _reply_cmsg(ancdata: list[tuple[int, int, bytes]]) -> list[tuple[int, int, b
     return []
 
 
+Replies = bytes | Iterable[bytes] | None
+
+
 def serve_udp(
-    host: str, port: int, handle: Callable[[bytes, tuple[Any, ...]], bytes | None]
+    host: str, port: int, handle: Callable[[bytes, tuple[Any, ...]], Replies]
 ) -> socket.socket:
-    """Bind, then answer each datagram with handle(data, addr) (None = no reply) in a thread."""
+    """Bind, then answer each datagram with handle(data, addr) in a thread: one reply, several
+    (sent back to back; the sink's burst), or None for no reply."""
     sock = _udp_socket(host, port)
 
     def loop() -> None:
@@ -234,11 +238,10 @@ def serve_udp(
                 data, anc, _flags, addr = sock.recvmsg(65535, space)
             except OSError:
                 return
-            reply = handle(data, addr)
-            if reply is None:
-                continue
-            with contextlib.suppress(OSError):
-                sock.sendmsg([reply], _reply_cmsg(anc), 0, addr)
+            replies = handle(data, addr)
+            for reply in [replies] if isinstance(replies, bytes) else replies or ():
+                with contextlib.suppress(OSError):  # a failed send is skipped, as UDP would
+                    sock.sendmsg([reply], _reply_cmsg(anc), 0, addr)
 
     threading.Thread(target=loop, daemon=True).start()
     return sock
@@ -271,8 +274,7 @@ class UdpSink:
         self.seen: dict[bytes, set[int]] = {}
         self.received: dict[bytes, int] = {}
 
-    def handle(self, data: bytes) -> tuple[bytes | None, tuple[bytes, int, int] | None]:
-        """(the reply or None, a burst to send (tag, count, size) or None)."""
+    def handle(self, data: bytes, _addr: object = None) -> Replies:
         kind, tag = data[:1], data[1 : 1 + SINK_TAG]
         if kind == b"D" and len(data) >= 1 + SINK_TAG + 4:
             seq = int.from_bytes(data[1 + SINK_TAG : 5 + SINK_TAG], "big")
@@ -283,49 +285,29 @@ class UdpSink:
                 self.seen[tag], self.received[tag] = set(), 0
             self.seen[tag].add(seq)
             self.received[tag] += 1
-            return None, None
+            return None
         if kind == b"!":
-            return data, None
+            return data
         if kind == b"?" and len(tag) == SINK_TAG:
             got = {"distinct": len(self.seen.get(tag, ())), "received": self.received.get(tag, 0)}
-            return json.dumps(got).encode(), None
+            return json.dumps(got).encode()
         if kind == b"B" and len(data) == 1 + SINK_TAG + 6:
             count, size = struct.unpack("!IH", data[1 + SINK_TAG :])
-            return None, (tag, count, max(size, 1 + SINK_TAG + 4))
-        return None, None
+            return self.burst(tag, count, size)
+        return None
 
-
-def burst(sock: socket.socket, dst: tuple[Any, ...], cmsg: list[Any], tag: bytes, count: int,
-          size: int) -> None:  # fmt: skip
-    """`count` datagrams b"D" tag seq padding to dst, unpaced; a send that fails is skipped
-    (the receiver counts what arrived)."""
-    pad = bytes(size - 1 - SINK_TAG - 4)
-    for seq in range(count):
-        with contextlib.suppress(OSError):
-            sock.sendmsg([b"D" + tag + seq.to_bytes(4, "big") + pad], cmsg, 0, dst)
+    @staticmethod
+    def burst(tag: bytes, count: int, size: int) -> Iterator[bytes]:
+        pad = bytes(max(0, size - 1 - SINK_TAG - 4))
+        for seq in range(count):
+            yield b"D" + tag + seq.to_bytes(4, "big") + pad
 
 
 def serve_udpsink(host: str, port: int) -> int:
-    sock = _udp_socket(host, port)
+    """The sink, in serve_udp's thread: what arrives during a burst waits in its buffer."""
+    sock = serve_udp(host, port, UdpSink().handle)
     with contextlib.suppress(OSError):  # needs CAP_NET_ADMIN; else the sysctl's limit
         sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, SINK_RCVBUF)
-    sink = UdpSink()
-
-    def loop() -> None:
-        space = socket.CMSG_SPACE(64)
-        while True:
-            try:
-                data, anc, _flags, addr = sock.recvmsg(65535, space)
-            except OSError:
-                return
-            reply, todo = sink.handle(data)
-            if reply is not None:
-                with contextlib.suppress(OSError):
-                    sock.sendmsg([reply], _reply_cmsg(anc), 0, addr)
-            if todo is not None:  # in this thread: what arrives meanwhile waits in the buffer
-                burst(sock, addr, _reply_cmsg(anc), *todo)
-
-    threading.Thread(target=loop, daemon=True).start()
     return int(sock.getsockname()[1])
 
 

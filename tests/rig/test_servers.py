@@ -141,10 +141,12 @@ def test_udp_sink_forgets_the_oldest_tag() -> None:
     sink = UdpSink()
     tags = [i.to_bytes(8, "big") for i in range(SINK_TAGS + 1)]
     for tag in tags:
-        assert sink.handle(b"D" + tag + bytes(4)) == (None, None)
-    assert sink.handle(b"?" + tags[0])[0] == b'{"distinct": 0, "received": 0}'
-    assert sink.handle(b"?" + tags[-1])[0] == b'{"distinct": 1, "received": 1}'
-    assert sink.handle(b"B" + tags[1] + bytes([0, 0, 0, 3, 0, 1])) == (None, (tags[1], 3, 13))
+        assert sink.handle(b"D" + tag + bytes(4)) is None
+    assert sink.handle(b"?" + tags[0]) == b'{"distinct": 0, "received": 0}'
+    assert sink.handle(b"?" + tags[-1]) == b'{"distinct": 1, "received": 1}'
+    burst = sink.handle(b"B" + tags[1] + bytes([0, 0, 0, 3, 0, 1]))  # size 1: the header only
+    assert isinstance(burst, Iterator)
+    assert list(burst) == [b"D" + tags[1] + i.to_bytes(4, "big") for i in range(3)]
 
 
 def test_dns_udp_tcp_nxdomain_formerr_and_log(srv: Running) -> None:
