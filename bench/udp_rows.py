@@ -72,22 +72,24 @@ class Losses:
 
 
 def _launcher_drops(stderr: str) -> dict[str, int]:
-    """The drop counters of our launcher's "run statistics" line (non-zero only)."""
+    """The drop and failure counters of our launcher's "run statistics" line (non-zero only;
+    {"statistics line missing": 1} when there is none)."""
     for line in reversed(stderr.splitlines()):
         try:
             ev = json.loads(line)
         except ValueError:
             continue
-        if isinstance(ev, dict) and ev.get("event") == "run statistics":
-            out: dict[str, int] = {}
-            for group in ("tunnel_drops", "stack_drops"):
-                out.update({f"{group}.{k}": int(v) for k, v in ev.get(group, {}).items()})
-            relay = ev.get("udp_relay", {})
-            out.update({f"udp_relay.{k}": int(v) for k, v in relay.items() if "drop" in k})
-            if ev.get("unrouted_drops"):
-                out["unrouted_drops"] = int(ev["unrouted_drops"])
-            return out
-    return {}
+        if not isinstance(ev, dict) or ev.get("message") != "run statistics":
+            continue
+        out = {
+            f"{g}.{k}": int(v) for g in ("tunnel_drops", "stack_drops") for k, v in ev[g].items()
+        }
+        out["unrouted_drops"] = int(ev.get("unrouted_drops", 0))
+        out["wireguard_udp.send_errors"] = int(ev["wireguard_udp"].get("send_errors", 0))
+        for k in ("send_failed", "malformed"):
+            out[f"udp_relay.{k}"] = int(ev["udp_relay"].get(k, 0))
+        return {k: v for k, v in out.items() if v}
+    return {"statistics line missing": 1}
 
 
 def _sink_count(bench: RigBench, tag: str) -> int:
@@ -122,7 +124,8 @@ class UdpBench:
         t = run_tracked(argv, timeout=60, env=self.b.env, preexec_fn=_raise_nofile)
         if t.returncode != 0:
             raise RuntimeError(f"exit {t.returncode}: {tail(t.stderr or t.stdout)}")
-        return json.loads(t.stdout.strip().splitlines()[-1]), _launcher_drops(t.stderr)
+        drops = _launcher_drops(t.stderr) if ours else {}
+        return json.loads(t.stdout.strip().splitlines()[-1]), drops
 
     def _snapshot(self) -> dict[str, dict[str, int]]:
         rig = self.b.rig
