@@ -52,7 +52,7 @@ __all__ = [
 HTTP_PORT = 8080
 TCP_ECHO_PORT = 9000
 UDP_ECHO_PORT = 9001
-UDP_SINK_PORT = 9002  # servers.py udpsink: counts bursts (bench rows 7, 7r)
+UDP_SINK_PORT = 9400  # servers.py udpsink, bench rows 7, 7r (tests use 9002-9011 ad hoc)
 DNS_PORT = 53
 RELAY = Path(__file__).with_name("relay.py")  # ns.python_popen([str(RELAY), "--target", ...])
 

@@ -4,7 +4,7 @@
     servers.py http    --port 8080 --dir D       GET /<file>, HEAD; PUT/POST /upload -> sha256
     servers.py tcpecho --port 9000               prints "ip port\\n" (the client seen), then echoes
     servers.py udpecho --port 9001               echoes each datagram, from the address it hit
-    servers.py udpsink --port 9002               counts bursts by tag; bursts on request (below)
+    servers.py udpsink --port 9400               counts bursts by tag; bursts on request (below)
     servers.py dns     --port 53 --names JSON --log F   A/AAAA for fixed names, NXDOMAIN otherwise
     servers.py all --http 8080 --dir D --tcpecho 9000 ...  several of them in one process
 
@@ -438,7 +438,7 @@ def _wait_forever() -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="service", required=True)
-    services = (("http", 8080), ("tcpecho", 9000), ("udpecho", 9001), ("udpsink", 9002))
+    services = (("http", 8080), ("tcpecho", 9000), ("udpecho", 9001), ("udpsink", 9400))
     for name, port in (*services, ("dns", 53)):
         p = sub.add_parser(name)
         p.add_argument("--host", default="::")
