@@ -1,4 +1,5 @@
-"""Rows 1, 2, 4, 5 and 6 of `make bench` (root): our launcher against the kernel path.
+"""Rows 1, 2, 4, 5 and 6 (and 1s, 1t/2t, 4s, 4p, 1g) of `make bench` (root): our launcher against
+the kernel path.
 
 One rig (tests/rig): wireguard-go as the peer in its namespace, servers behind it. "Ours" is a
 program wrapped by our launcher in the client namespace; the reference is the same program in
@@ -19,7 +20,7 @@ import select
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from clients import write_clients
@@ -272,7 +273,9 @@ class RigBench:
         )
         return row
 
-    def _socks_down(self, port: int, check: bool) -> float:
+    @contextlib.contextmanager
+    def socks5_daemon(self, port: int) -> Iterator[None]:
+        """`wrapguard --socks5 127.0.0.1:PORT` in the client namespace, once it listens."""
         argv = [
             "ip", "netns", "exec", self.ns, sys.executable, "-m", "wrapguard",
             "--config", str(self.conf), "--socks5", f"127.0.0.1:{port}", "--log-level", "warn",
@@ -285,21 +288,7 @@ class RigBench:
             )  # fmt: skip
         try:
             self._wait_listening(proc, port, errlog)
-            out = str(self.workdir / "socks.bin") if check else "/dev/null"
-            w = "%{http_code} %{size_download} %{time_total}\n"
-            where = f"127.0.0.1:{port}"
-            cmd = [
-                "curl",
-                "-sS",
-                "--socks5",
-                where,
-                "-o",
-                out,
-                "-w",
-                w,
-                self.rig.url(self.down_name),
-            ]
-            stdout, _, _ = self.run(False, cmd, timeout=120)
+            yield
         finally:
             with contextlib.suppress(OSError):
                 os.killpg(proc.pid, 15)
@@ -308,7 +297,35 @@ class RigBench:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, 9)
                 proc.wait(10)
+
+    def _socks_down(self, port: int, check: bool) -> float:
+        out = str(self.workdir / "socks.bin") if check else "/dev/null"
+        w = "%{http_code} %{size_download} %{time_total}\n"
+        where = f"127.0.0.1:{port}"
+        cmd = ["curl", "-sS", "--socks5", where, "-o", out, "-w", w, self.rig.url(self.down_name)]
+        with self.socks5_daemon(port):
+            stdout, _, _ = self.run(False, cmd, timeout=120)
         return self._downloaded(stdout, out, check, "SOCKS5 download")[0]
+
+    # -- row 4p -------------------------------------------------------------------------------
+    def row_socks5_connect(self, rounds: int, n: int = 200, port: int = 1080) -> Row:
+        """Row 4's client (connect_rtt.py) run plainly through the SOCKS5 door (timed to the
+        SOCKS5 success reply) next to the same client wrapped (timed connect()). One launcher
+        at a time, the peer reset before each turn."""
+        row = Row("4p", f"Connect round trip, {n} connects through the SOCKS5 door vs wrapped "
+                        "connect() (median us)")  # fmt: skip
+        host, port_s = self.rig.peer_tunnel_v4, str(self.rig.tcp_echo_port)
+        cmd = [sys.executable, str(self.scripts["connect_rtt.py"]), host, port_s, str(n)]
+
+        def turn(socks: bool) -> str:
+            self.rig.reset_peer()
+            if not socks:
+                return self.run(True, cmd, timeout=60)[0]
+            with self.socks5_daemon(port):
+                return self.run(False, [*cmd, f"127.0.0.1:{port}"], timeout=60)[0]
+
+        return _connect_row(row, rounds, turn, ("SOCKS5", "wrapped"),
+                            "; a daemon per turn, its start-up excluded")  # fmt: skip
 
     def _wait_listening(self, proc: subprocess.Popen[bytes], port: int, errlog: Path) -> None:
         deadline = time.monotonic() + 30
@@ -421,30 +438,17 @@ class RigBench:
         row = Row("4", f"Connect round trip, {n} sequential connect+close (median us)")
         host, port = self.rig.peer_tunnel_v4, str(self.rig.tcp_echo_port)
         cmd = [sys.executable, str(self.scripts["connect_rtt.py"]), host, port, str(n)]
-        got: dict[bool, dict[str, list[float]]] = {True: {}, False: {}}
-        per_round: dict[bool, list[float]] = {True: [], False: []}
-        for r in range(rounds):
-            for ours in [True, False] if r % 2 == 0 else [False, True]:
-                if not ours:
-                    self.kernel_up()
-                try:
-                    stdout, _, _ = self.run(ours, cmd, timeout=60)
-                finally:
-                    if not ours:
-                        self.kernel_down()
-                data = json.loads(stdout.strip().splitlines()[-1])
-                for k, v in data.items():
-                    got[ours].setdefault(k, []).extend(v)
-                per_round[ours].append(Stat.of(data["connect"]).median)
-        o, k = Stat.of(got[True]["connect"]), Stat.of(got[False]["connect"])
-        fo, fk = Stat.of(got[True]["first_byte"]), Stat.of(got[False]["first_byte"])
-        ro, rk = Stat.of(per_round[True]), Stat.of(per_round[False])
-        row.ours, row.ref, row.ratio = o.fmt(0), k.fmt(0), ratio(o.median, k.median)
-        row.notes = (
-            f"per-round medians ours {ro.spread(0)}, kernel {rk.spread(0)}; connect+first "
-            f"byte {fo.fmt(0)} vs {fk.fmt(0)} us ({ratio(fo.median, fk.median)})"
-        )
-        return row
+
+        def turn(ours: bool) -> str:
+            if ours:
+                return self.run(True, cmd, timeout=60)[0]
+            self.kernel_up()
+            try:
+                return self.run(False, cmd, timeout=60)[0]
+            finally:
+                self.kernel_down()
+
+        return _connect_row(row, rounds, turn, ("ours", "kernel"))
 
     # -- row 5 --------------------------------------------------------------------------------
     def row_startup(self, runs: int = 15) -> Row:
@@ -529,6 +533,30 @@ def _expect(proc: subprocess.Popen[bytes], word: str, timeout: float, errlog: Pa
         for line in buf.decode(errors="replace").splitlines():
             if line.startswith(word):
                 return line
+
+
+def _connect_row(
+    row: Row, rounds: int, turn: Callable[[bool], str], names: tuple[str, str], note: str = ""
+) -> Row:
+    """Rows 4 and 4p: connect_rtt.py's samples over interleaved turns (turn(side) runs one and
+    returns its output; True is the row's "wrapguard" side), medians over all of them."""
+    got: dict[bool, dict[str, list[float]]] = {True: {}, False: {}}
+    per_round: dict[bool, list[float]] = {True: [], False: []}
+    for r in range(rounds):
+        for side in [True, False] if r % 2 == 0 else [False, True]:
+            data = json.loads(turn(side).strip().splitlines()[-1])
+            for k, v in data.items():
+                got[side].setdefault(k, []).extend(v)
+            per_round[side].append(Stat.of(data["connect"]).median)
+    o, k = Stat.of(got[True]["connect"]), Stat.of(got[False]["connect"])
+    fo, fk = Stat.of(got[True]["first_byte"]), Stat.of(got[False]["first_byte"])
+    ro, rk = Stat.of(per_round[True]), Stat.of(per_round[False])
+    row.ours, row.ref, row.ratio = o.fmt(0), k.fmt(0), ratio(o.median, k.median)
+    row.notes = (
+        f"per-round medians {names[0]} {ro.spread(0)}, {names[1]} {rk.spread(0)}; connect+first "
+        f"byte {fo.fmt(0)} vs {fk.fmt(0)} us ({ratio(fo.median, fk.median)}){note}"
+    )
+    return row
 
 
 def guarded(row: Row, fn: Callable[[], Row]) -> Row:

@@ -1,12 +1,13 @@
 """`make bench`: one command, one table; each figure beside its reference, measured in one run.
 
-Rows 1, 2, 4, 5, 6 need root (network namespaces: a wireguard-go peer in a namespace, our
-launcher vs wireguard-go + the kernel's TCP in the client namespace, turns interleaved); row 3
-runs anywhere (the embedded peer on loopback). Prints the table and writes it, with the machine
-and the git commit, to bench/results/latest.md. Benchmarks print figures, never assert them;
-a row that fails says "error: ..." and the others go on. See docs/benchmarks.md.
+Rows 1, 2, 4, 5, 6, 7, 8 need root (network namespaces: a wireguard-go peer in a namespace, our
+launcher vs wireguard-go + the kernel's TCP/UDP in the client namespace, turns interleaved);
+rows 3 (the embedded peer on loopback) and 5h/5v (`--help`, `--version`) run anywhere. Prints
+the table and writes it, with the machine and the git commit, to bench/results/latest.md.
+Benchmarks print figures, never assert them; a row that fails says "error: ..." and the others
+go on. See docs/benchmarks.md.
 
-    python bench/run.py [--rounds N] [--quick] [--out PATH]
+    python bench/run.py [--rounds N] [--quick] [--only 4,5h] [--out PATH]
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ for p in (str(CHECKOUT / "tests"), str(CHECKOUT), str(BENCH)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
+from cli_row import rows_cli  # noqa: E402
 from loopback_row import rows_loopback  # noqa: E402
 from procs import Row  # noqa: E402
 
@@ -46,7 +48,22 @@ ROOT_ROWS = [
     ("1h", "Download, wrapped curl over the HTTPS stream road vs UDP (MB/s)"),
     ("4s", "Connect round trip, seccomp door vs preload door (us)"),
     ("1g", "Download, Go client via the seccomp door vs curl via the shim (MB/s)"),
+    ("4p", "Connect round trip, SOCKS5 door vs wrapped connect() (median us)"),
+    ("7", "UDP burst, our program sends (% delivered)"),
+    ("7r", "UDP burst, our program receives (% delivered)"),
+    ("8", "UDP echo round trip (median us)"),
 ]
+ANY_ROWS = [
+    ("3a", "Loopback embedded peer: download (Mbit/s)"),
+    ("3b", "Loopback embedded peer: upload (Mbit/s)"),
+    ("5h", "`wrapguard --help` (median wall ms)"),
+    ("5v", "`wrapguard --version` (median wall ms)"),
+]
+
+
+def selected(only: set[str], *keys: str) -> bool:
+    """Whether a row (or a group of rows measured together) is to run: all do by default."""
+    return not only or any(k in only for k in keys)
 
 
 def _cmd(argv: list[str]) -> str:
@@ -131,32 +148,49 @@ def root_rows(work: Path, args: argparse.Namespace, deadline: float) -> list[Row
 
     rows: list[Row] = []
     bench: RigBench | None = None
+    keys = dict(ROOT_ROWS)
+
+    def one(key: str, fn: Callable[[RigBench], Row]) -> None:
+        if selected(args.only, key):
+            b = bench
+            assert b is not None
+            rows.append(guarded_row(Row(key, keys[key]), lambda: fn(b)))
+
+    def some(group: list[str], fn: Callable[[RigBench], list[Row]]) -> None:
+        if selected(args.only, *group):
+            b = bench
+            assert b is not None
+            guarded(rows, [(k, keys[k]) for k in group], lambda: fn(b))
+
+    if not any(selected(args.only, k) for k, _ in ROOT_ROWS):
+        return rows
     try:
         bench = RigBench(work / "rig", args.down_mib, args.up_mib)
-        b = bench
-        guarded(rows, ROOT_ROWS[:2], lambda: b.rows_transfer(args.rounds, deadline))
-        rows.append(guarded_row(Row(*ROOT_ROWS[2]), lambda: b.row_connect(args.connect_rounds)))
-        rows.append(guarded_row(Row(*ROOT_ROWS[3]), lambda: b.row_startup(args.true_runs)))
-        rows.append(guarded_row(Row(*ROOT_ROWS[4]), lambda: b.row_rss(args.conns)))
+        some(["1", "2"], lambda b: b.rows_transfer(args.rounds, deadline))
+        one("4", lambda b: b.row_connect(args.connect_rounds))
+        one("5", lambda b: b.row_startup(args.true_runs))
+        one("6", lambda b: b.row_rss(args.conns))
         socks_rounds = min(args.rounds, 3)
-        rows.append(guarded_row(Row(*ROOT_ROWS[5]), lambda: b.row_socks5(socks_rounds)))
-        guarded(rows, ROOT_ROWS[6:8], lambda: b.rows_tun(min(args.rounds, 3)))
+        one("1s", lambda b: b.row_socks5(socks_rounds))
+        some(["1t", "2t"], lambda b: b.rows_tun(min(args.rounds, 3)))
         from stream_row import row_stream
 
-        rows.append(guarded_row(Row(*ROOT_ROWS[8]), lambda: row_stream(b, socks_rounds)))
-        rows.append(
-            guarded_row(Row(*ROOT_ROWS[9]), lambda: b.row_seccomp_connect(args.connect_rounds))
-        )
-        rows.append(
-            guarded_row(
-                Row(*ROOT_ROWS[10]),
-                lambda: b.row_seccomp_download(socks_rounds, build_goprobe(work / "go")),
-            )
-        )
+        one("1h", lambda b: row_stream(b, socks_rounds))
+        one("4s", lambda b: b.row_seccomp_connect(args.connect_rounds))
+        one("1g", lambda b: b.row_seccomp_download(socks_rounds, build_goprobe(work / "go")))
+        one("4p", lambda b: b.row_socks5_connect(args.connect_rounds))
+        from udp_rows import UdpBench
+
+        some(["7", "7r"], lambda b: UdpBench(b).rows_burst(args.burst_rounds, args.burst))
+        one("8", lambda b: UdpBench(b).row_rtt(args.connect_rounds))
     except Exception as e:
         done = {r.key for r in rows}
         msg = " ".join(f"{type(e).__name__}: {e}".split())[-300:]
-        rows += [Row(k, w, ours=f"error: rig: {msg}") for k, w in ROOT_ROWS if k not in done]
+        rows += [
+            Row(k, w, ours=f"error: rig: {msg}")
+            for k, w in ROOT_ROWS
+            if k not in done and selected(args.only, k)
+        ]
     finally:
         if bench is not None:
             problems = bench.close()
@@ -174,12 +208,22 @@ def main() -> int:
     ap.add_argument("--conns", type=int, default=1000)
     ap.add_argument("--down-mib", type=int, default=64)
     ap.add_argument("--up-mib", type=int, default=32)
+    ap.add_argument("--burst", type=int, default=2000, help="datagrams per UDP burst (rows 7)")
+    ap.add_argument("--burst-rounds", type=int, default=8, help="turns per path for rows 7/7r")
+    ap.add_argument(
+        "--only", default="", help="comma-separated row keys to run (e.g. 4,5h,7r); default all"
+    )
     ap.add_argument("--quick", action="store_true", help="small sizes, few rounds (a smoke run)")
     ap.add_argument("--out", type=Path, default=BENCH / "results" / "latest.md")
     args = ap.parse_args()
+    args.only = {k.strip() for k in args.only.split(",") if k.strip()}
+    unknown = args.only - {k for k, _ in ROOT_ROWS + ANY_ROWS}
+    if unknown:
+        ap.error(f"--only: unknown rows {', '.join(sorted(unknown))}")
     if args.quick:
         args.rounds, args.loopback_rounds, args.connect_rounds = 2, 1, 1
         args.true_runs, args.conns, args.down_mib, args.up_mib = 5, 100, 8, 4
+        args.burst, args.burst_rounds = 500, 2
 
     me = os.getpid()
 
@@ -204,12 +248,15 @@ def main() -> int:
             rows += root_rows(work, args, deadline)
         else:
             note = "skipped: needs root (network namespaces for the wireguard-go rig)"
-            rows += [Row(k, w, ours=note) for k, w in ROOT_ROWS]
-        lb = [("3a", "Loopback embedded peer: download (Mbit/s)"),
-              ("3b", "Loopback embedded peer: upload (Mbit/s)")]  # fmt: skip
-        guarded(
-            rows, lb, lambda: rows_loopback(work, args.loopback_rounds, args.down_mib, args.up_mib)
-        )
+            rows += [Row(k, w, ours=note) for k, w in ROOT_ROWS if selected(args.only, k)]
+        if selected(args.only, "5h", "5v"):
+            guarded(rows, ANY_ROWS[2:], lambda: rows_cli(work, args.true_runs))
+        if selected(args.only, "3a", "3b"):
+            guarded(
+                rows,
+                ANY_ROWS[:2],
+                lambda: rows_loopback(work, args.loopback_rounds, args.down_mib, args.up_mib),
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rows.sort(key=lambda r: r.key)

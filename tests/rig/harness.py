@@ -2,10 +2,11 @@
 
 `build_rig()` creates, under one short random id: the client namespace (lo, a veth to the peer,
 no default route, a logging DNS resolver of its own), the peer namespace (veth, wireguard-go with
-10.150.0.1/24 + fd15::1/64, HTTP/TCP-echo/UDP-echo/DNS servers from servers.py), optionally a
-second peer (10.150.1.1/24 + fd15:1::1/64) on its own veth, and the keys "our" side (the program
-under test) uses. Every step registers its undo before it runs; `Rig.close()` undoes everything
-even after a half-finished setup, and `support.leftovers()` says what, if anything, survived.
+10.150.0.1/24 + fd15::1/64, HTTP/TCP-echo/UDP-echo/UDP-sink/DNS servers from servers.py),
+optionally a second peer (10.150.1.1/24 + fd15:1::1/64) on its own veth, and the keys "our" side
+(the program under test) uses. Every step registers its undo before it runs; `Rig.close()` undoes
+everything even after a half-finished setup, and `support.leftovers()` says what, if anything,
+survived.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ __all__ = [
 HTTP_PORT = 8080
 TCP_ECHO_PORT = 9000
 UDP_ECHO_PORT = 9001
+UDP_SINK_PORT = 9400  # servers.py udpsink, bench rows 7, 7r (tests use 9002-9011 ad hoc)
 DNS_PORT = 53
 RELAY = Path(__file__).with_name("relay.py")  # ns.python_popen([str(RELAY), "--target", ...])
 
@@ -135,6 +137,7 @@ class Rig:
     http_port: int = HTTP_PORT
     tcp_echo_port: int = TCP_ECHO_PORT
     udp_echo_port: int = UDP_ECHO_PORT
+    udp_sink_port: int = UDP_SINK_PORT
     dns_port: int = DNS_PORT
     kernel_client: WireGuardGo | None = None
     _closed: bool = False
@@ -454,6 +457,7 @@ def _populate(
 def _start_all_servers(rig: Rig) -> None:
     common = ["--http", str(rig.http_port), "--dir", str(rig.files_dir)]
     common += ["--tcpecho", str(rig.tcp_echo_port), "--udpecho", str(rig.udp_echo_port)]
+    common += ["--udpsink", str(rig.udp_sink_port)]
     assert rig.peer_ns is not None
     dns = ["--dns", str(rig.dns_port), "--names", json.dumps(rig.dns_names)]
     w, rid = rig.workdir, rig.id

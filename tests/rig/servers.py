@@ -4,6 +4,7 @@
     servers.py http    --port 8080 --dir D       GET /<file>, HEAD; PUT/POST /upload -> sha256
     servers.py tcpecho --port 9000               prints "ip port\\n" (the client seen), then echoes
     servers.py udpecho --port 9001               echoes each datagram, from the address it hit
+    servers.py udpsink --port 9400               counts bursts by tag; bursts on request (below)
     servers.py dns     --port 53 --names JSON --log F   A/AAAA for fixed names, NXDOMAIN otherwise
     servers.py all --http 8080 --dir D --tcpecho 9000 ...  several of them in one process
 
@@ -27,7 +28,7 @@ import socketserver
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -220,10 +221,14 @@ def _reply_cmsg(ancdata: list[tuple[int, int, bytes]]) -> list[tuple[int, int, b
     return []
 
 
+Replies = bytes | Iterable[bytes] | None
+
+
 def serve_udp(
-    host: str, port: int, handle: Callable[[bytes, tuple[Any, ...]], bytes | None]
+    host: str, port: int, handle: Callable[[bytes, tuple[Any, ...]], Replies]
 ) -> socket.socket:
-    """Bind, then answer each datagram with handle(data, addr) (None = no reply) in a thread."""
+    """Bind, then answer each datagram with handle(data, addr) in a thread: one reply, several
+    (sent back to back; the sink's burst), or None for no reply."""
     sock = _udp_socket(host, port)
 
     def loop() -> None:
@@ -233,11 +238,10 @@ def serve_udp(
                 data, anc, _flags, addr = sock.recvmsg(65535, space)
             except OSError:
                 return
-            reply = handle(data, addr)
-            if reply is None:
-                continue
-            with contextlib.suppress(OSError):
-                sock.sendmsg([reply], _reply_cmsg(anc), 0, addr)
+            replies = handle(data, addr)
+            for reply in [replies] if isinstance(replies, bytes) else replies or ():
+                with contextlib.suppress(OSError):  # a failed send is skipped, as UDP would
+                    sock.sendmsg([reply], _reply_cmsg(anc), 0, addr)
 
     threading.Thread(target=loop, daemon=True).start()
     return sock
@@ -245,6 +249,65 @@ def serve_udp(
 
 def serve_udpecho(host: str, port: int) -> int:
     sock = serve_udp(host, port, lambda data, addr: data)
+    return int(sock.getsockname()[1])
+
+
+# -- UDP burst sink (bench rows 7 and 7r) ---------------------------------------------------------
+SINK_TAG = 8  # bytes of a run's tag
+SINK_TAGS = 64  # tags remembered (oldest forgotten first)
+SINK_RCVBUF = 64 << 20  # SO_RCVBUFFORCE: the sink itself must not be what drops
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux; not in Python's socket module
+
+
+class UdpSink:
+    """Counts distinct sequence numbers per tag; answers queries; bursts on request.
+
+    Every datagram starts with one kind byte:
+      b"D" tag(8) u32 seq [padding]   counted (a duplicate is counted once)
+      b"!" ...                        echoed (a warm-up ping: the handshake is done)
+      b"?" tag(8)                     answered with JSON {"distinct": n, "received": m}
+      b"B" tag(8) u32 count u16 size  answered with `count` datagrams b"D" tag seq padding of
+                                      `size` bytes, sent back to back (no pacing)
+    Anything else is ignored."""
+
+    def __init__(self) -> None:
+        self.seen: dict[bytes, set[int]] = {}
+        self.received: dict[bytes, int] = {}
+
+    def handle(self, data: bytes, _addr: object = None) -> Replies:
+        kind, tag = data[:1], data[1 : 1 + SINK_TAG]
+        if kind == b"D" and len(data) >= 1 + SINK_TAG + 4:
+            seq = int.from_bytes(data[1 + SINK_TAG : 5 + SINK_TAG], "big")
+            if tag not in self.seen:
+                while len(self.seen) >= SINK_TAGS:
+                    oldest = next(iter(self.seen))
+                    del self.seen[oldest], self.received[oldest]
+                self.seen[tag], self.received[tag] = set(), 0
+            self.seen[tag].add(seq)
+            self.received[tag] += 1
+            return None
+        if kind == b"!":
+            return data
+        if kind == b"?" and len(tag) == SINK_TAG:
+            got = {"distinct": len(self.seen.get(tag, ())), "received": self.received.get(tag, 0)}
+            return json.dumps(got).encode()
+        if kind == b"B" and len(data) == 1 + SINK_TAG + 6:
+            count, size = struct.unpack("!IH", data[1 + SINK_TAG :])
+            return self.burst(tag, count, size)
+        return None
+
+    @staticmethod
+    def burst(tag: bytes, count: int, size: int) -> Iterator[bytes]:
+        pad = bytes(max(0, size - 1 - SINK_TAG - 4))
+        for seq in range(count):
+            yield b"D" + tag + seq.to_bytes(4, "big") + pad
+
+
+def serve_udpsink(host: str, port: int) -> int:
+    """The sink, in serve_udp's thread: what arrives during a burst waits in its buffer."""
+    sock = serve_udp(host, port, UdpSink().handle)
+    with contextlib.suppress(OSError):  # needs CAP_NET_ADMIN; else the sysctl's limit
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, SINK_RCVBUF)
     return int(sock.getsockname()[1])
 
 
@@ -375,7 +438,8 @@ def _wait_forever() -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="service", required=True)
-    for name, port in (("http", 8080), ("tcpecho", 9000), ("udpecho", 9001), ("dns", 53)):
+    services = (("http", 8080), ("tcpecho", 9000), ("udpecho", 9001), ("udpsink", 9400))
+    for name, port in (*services, ("dns", 53)):
         p = sub.add_parser(name)
         p.add_argument("--host", default="::")
         p.add_argument("--port", type=int, default=port)
@@ -388,7 +452,7 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("all", help="several services in one process (saves start-up time)")
     p.add_argument("--host", default="::")
     p.add_argument("--tag", default="")
-    for name in ("http", "tcpecho", "udpecho", "dns"):
+    for name in ("http", "tcpecho", "udpecho", "udpsink", "dns"):
         p.add_argument(f"--{name}", type=int, metavar="PORT", help=f"run {name} on PORT")
     p.add_argument("--dir", type=Path)
     p.add_argument("--names", default="{}")
@@ -397,7 +461,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     run: dict[str, int | None] = {args.service: getattr(args, "port", None)}
     if args.service == "all":
-        run = {k: getattr(args, k) for k in ("http", "tcpecho", "udpecho", "dns")}
+        run = {k: getattr(args, k) for k in ("http", "tcpecho", "udpecho", "udpsink", "dns")}
     ports: list[int] = []
     for service, maybe_port in run.items():
         if maybe_port is None:
@@ -409,6 +473,8 @@ def main(argv: list[str] | None = None) -> None:
             ports.append(serve_tcpecho(args.host, port))
         elif service == "udpecho":
             ports.append(serve_udpecho(args.host, port))
+        elif service == "udpsink":
+            ports.append(serve_udpsink(args.host, port))
         else:
             ports.append(serve_dns(args.host, port, json.loads(args.names), args.log))
     print("READY", *ports, flush=True)

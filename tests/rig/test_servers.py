@@ -1,5 +1,5 @@
-"""servers.py on loopback (no root needed): HTTP, TCP echo, UDP echo and DNS behave as the rig
-promises, including dual-stack binding and replies from the address that was hit."""
+"""servers.py on loopback (no root needed): HTTP, TCP echo, UDP echo, UDP sink and DNS behave
+as the rig promises, including dual-stack binding and replies from the address that was hit."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from rig.servers import dns_parse_reply, dns_query
+from rig.servers import SINK_TAGS, UdpSink, dns_parse_reply, dns_query
 
 SERVERS = Path(__file__).with_name("servers.py")
 NAMES = {"web.wg.test": ["10.150.0.1", "fd15::1"], "v6.wg.test": {"AAAA": ["fd15::7"]}}
@@ -26,6 +26,7 @@ class Running:
     http: int
     tcpecho: int
     udpecho: int
+    udpsink: int
     dns: int
     files: Path
     log: Path
@@ -37,14 +38,15 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     (d / "files").mkdir()
     (d / "files" / "a.bin").write_bytes(os.urandom(300_000))
     argv = [sys.executable, str(SERVERS), "all", "--http", "0", "--dir", str(d / "files")]
-    argv += ["--tcpecho", "0", "--udpecho", "0", "--dns", "0", "--names", json.dumps(NAMES)]
+    argv += ["--tcpecho", "0", "--udpecho", "0", "--udpsink", "0"]
+    argv += ["--dns", "0", "--names", json.dumps(NAMES)]
     proc = subprocess.Popen([*argv, "--log", str(d / "dns.log")], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         word, *ports = proc.stdout.readline().split()
         assert word == "READY"
-        http, tcpecho, udpecho, dns = map(int, ports)
-        yield Running(http, tcpecho, udpecho, dns, files=d / "files", log=d / "dns.log")
+        http, tcpecho, udpecho, udpsink, dns = map(int, ports)
+        yield Running(http, tcpecho, udpecho, udpsink, dns, files=d / "files", log=d / "dns.log")
     finally:
         proc.terminate()
         proc.wait(5)
@@ -104,6 +106,47 @@ def test_udp_echo_replies_from_the_address_hit(srv: Running, family: int, host: 
             msg = os.urandom(size)
             s.send(msg)
             assert s.recv(65535) == msg
+
+
+def _sink_count(s: socket.socket, tag: bytes) -> dict[str, int]:
+    s.send(b"?" + tag)
+    return dict(json.loads(s.recv(65535)))
+
+
+@pytest.mark.parametrize(("family", "host"), UDP_TARGETS)
+def test_udp_sink_counts_distinct_and_bursts_on_request(
+    srv: Running, family: int, host: str
+) -> None:
+    tag = os.urandom(8)
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.settimeout(2)
+        s.connect((host, srv.udpsink))
+        s.send(b"!ping")
+        assert s.recv(100) == b"!ping"
+        for seq in (0, 1, 2, 2, 7):  # one duplicate
+            s.send(b"D" + tag + seq.to_bytes(4, "big") + b"pad")
+        s.send(b"garbage")
+        s.send(b"D" + tag)  # too short: ignored
+        assert _sink_count(s, tag) == {"distinct": 4, "received": 5}
+        assert _sink_count(s, os.urandom(8)) == {"distinct": 0, "received": 0}
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        s.send(b"B" + tag + (50).to_bytes(4, "big") + (300).to_bytes(2, "big"))
+        got = [s.recv(65535) for _ in range(50)]
+    assert {len(d) for d in got} == {300}
+    assert {d[:9] for d in got} == {b"D" + tag}
+    assert sorted(int.from_bytes(d[9:13], "big") for d in got) == list(range(50))
+
+
+def test_udp_sink_forgets_the_oldest_tag() -> None:
+    sink = UdpSink()
+    tags = [i.to_bytes(8, "big") for i in range(SINK_TAGS + 1)]
+    for tag in tags:
+        assert sink.handle(b"D" + tag + bytes(4)) is None
+    assert sink.handle(b"?" + tags[0]) == b'{"distinct": 0, "received": 0}'
+    assert sink.handle(b"?" + tags[-1]) == b'{"distinct": 1, "received": 1}'
+    burst = sink.handle(b"B" + tags[1] + bytes([0, 0, 0, 3, 0, 1]))  # size 1: the header only
+    assert isinstance(burst, Iterator)
+    assert list(burst) == [b"D" + tags[1] + i.to_bytes(4, "big") for i in range(3)]
 
 
 def test_dns_udp_tcp_nxdomain_formerr_and_log(srv: Running) -> None:
