@@ -70,6 +70,14 @@ class ConnInfo:
     state: TcpState
 
 
+def _loss_counters(conn: TcpConn) -> dict[str, int]:
+    return {
+        "retransmits": conn.n_retransmits,
+        "recoveries": conn.n_recoveries,
+        "timeouts": conn.n_timeouts,
+    }
+
+
 class Stack:
     """A sans-IO IPv4/IPv6 host with TCP, UDP and ICMP echo for our tunnel addresses."""
 
@@ -91,6 +99,7 @@ class Stack:
         self.rng = rng
         self.config = config or TcpConfig()
         self.drops: Counter[DropReason] = Counter()
+        self._tcp_done: Counter[str] = Counter()  # loss counters of connections gone
         self._out: list[bytes] = []
         self._events: deque[Event] = deque()
         self._conns: dict[FlowKey, TcpConn] = {}
@@ -269,9 +278,17 @@ class Stack:
         key = (conn.out.dst, conn.out.dport, conn.out.src, conn.out.sport)
         if self._conns.get(key) is conn:
             del self._conns[key]
+            self._tcp_done.update(_loss_counters(conn))
         if not conn.reported:
             self._by_id.pop(conn.id, None)
         conn.sched = None
+
+    def tcp_counters(self) -> dict[str, int]:
+        """Retransmitted segments, fast recoveries and timeouts of all connections so far."""
+        total = Counter(self._tcp_done)
+        for conn in self._conns.values():
+            total.update(_loss_counters(conn))
+        return {k: total[k] for k in ("retransmits", "recoveries", "timeouts")}
 
     def _rx_udp(self, pkt: IPv4Packet | IPv6Packet) -> None:
         try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import os
 import secrets
 import socket
 import time
@@ -53,12 +54,16 @@ try:
     from wrapguard._fastpath import lib as _lib
 
     HAVE_MMSG = hasattr(_lib, "wg_recvmmsg") and hasattr(_lib, "wg_sendmmsg")
+    HAVE_GSO = hasattr(_lib, "wg_sendmmsg_gso")
 except ImportError:  # not built: one syscall per datagram
-    HAVE_MMSG = False
+    HAVE_MMSG = HAVE_GSO = False
 
 log = structlog.get_logger("wrapguard.wg")
 MIN_TRANSPORT_LEN = wgmsg.MIN_TRANSPORT_LEN
 MMSG_BATCH = 16  # datagrams per recvmmsg/sendmmsg call (the C helper caps it at 64)
+# Datagrams per UDP_SEGMENT message: the kernel moves a run of equal-sized datagrams (full
+# segments of one flow) as one packet through routing and the veth/loopback device.
+GSO_SEGS = 64
 MMSG_SLOT = 65536  # receive slot per datagram: any UDP payload fits
 _TRUNCATED = 0xFFFFFFFF
 _ADDR_SLOT = 28  # sizeof(struct sockaddr_in6), as in the C helper
@@ -123,6 +128,7 @@ class WgUdpRuntime:
         self._mm_addrs = bytearray(MMSG_BATCH * _ADDR_SLOT)
         self._mm_cdata: tuple[Any, ...] = ()  # cffi pointers into the buffers above
         self._sockaddrs: dict[tuple[str, int], bytes] = {}
+        self.gso_segs = GSO_SEGS if HAVE_GSO else 1  # 1: no segmentation offload
         self._timer: DeadlineTimer | None = None
         self._rr_timer: DeadlineTimer | None = None
         self.reresolver = Reresolver(
@@ -134,7 +140,10 @@ class WgUdpRuntime:
         self.roads: dict[tuple[str, int], Road] = {}  # synthetic endpoint -> road
         self._hs_window = 0.0
         self._hs_count = 0
-        self.stats = {"rx_datagrams": 0, "tx_datagrams": 0, "send_errors": 0, "delivered": 0}
+        self.stats = {
+            "rx_datagrams": 0, "tx_datagrams": 0, "send_errors": 0, "delivered": 0,
+            "tx_syscalls": 0,
+        }  # fmt: skip
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -311,7 +320,18 @@ class WgUdpRuntime:
         done = 0
         fd = sock.fileno()
         while done < n:
-            r = _lib.wg_sendmmsg(fd, blob, offs + done, lens + done, n - done, sa, 16)
+            segs = self.gso_segs
+            self.stats["tx_syscalls"] += 1
+            if segs > 1:
+                r = _lib.wg_sendmmsg_gso(fd, blob, offs + done, lens + done, n - done, sa, 16, segs)
+                if r in (-errno.EIO, -errno.EINVAL):
+                    # The route cannot segment (no checksum offload, an MTU below the
+                    # datagrams, a kernel before 4.18): send them one by one from now on.
+                    self.gso_segs = 1
+                    log.info("udp segmentation offload unavailable", error=os.strerror(-r))
+                    continue
+            else:
+                r = _lib.wg_sendmmsg(fd, blob, offs + done, lens + done, n - done, sa, 16)
             if r <= 0:
                 # EAGAIN (socket buffer full) or an ICMP error: drop the first, go on.
                 r = 1
