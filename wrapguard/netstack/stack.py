@@ -171,15 +171,21 @@ class Stack:
             self._rx_tcp(src, dst, packet[off:total], now)
             return
         if doff == 20 and flags & ~PSH == ACK:
-            # In-order data on an established flow: header prediction without a Seg.
-            delack = conn.t_delack
-            if conn.rx_predicted(seq, ack, window, packet[off + 20 : total], now):
-                if conn.t_delack is not delack:
-                    self._after(conn)  # a new deadline: the only state _after looks at
-                elif conn.ack_due and not conn.queued_ack:
-                    conn.queued_ack = True
-                    self._ack_list.append(conn)
-                return
+            if total == off + 20:
+                # A pure ACK of data we sent (the sender's common case), without a Seg.
+                if conn.rx_pure_ack(seq, ack, window, now):
+                    self._after(conn)
+                    return
+            else:
+                # In-order data on an established flow: header prediction without a Seg.
+                delack = conn.t_delack
+                if conn.rx_predicted(seq, ack, window, packet[off + 20 : total], now):
+                    if conn.t_delack is not delack:
+                        self._after(conn)  # a new deadline: the only state _after looks at
+                    elif conn.ack_due and not conn.queued_ack:
+                        conn.queued_ack = True
+                        self._ack_list.append(conn)
+                    return
         try:
             opts = parse_options(packet[off + 20 : off + doff]) if doff > 20 else NO_OPTIONS
         except DecodeError:
