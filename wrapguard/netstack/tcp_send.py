@@ -18,6 +18,7 @@ from wrapguard.netstack.tcp_base import (
     M32,
     MAX_SACK_RANGES,
     RCV_WSCALE,
+    SND_COMPACT,
     SYNCHRONIZED_SEND,
     Recovery,
     S,
@@ -123,10 +124,18 @@ class TcpSender(TcpBase):
         acked = ack_off - self.snd_una
         mss = self.snd_mss
         self.snd_una = ack_off
-        n = min(ack_off, self.snd_buf_off + len(self.snd_buf)) - self.snd_buf_off
-        if n > 0:
-            del self.snd_buf[:n]
-            self.snd_buf_off += n
+        dead = min(ack_off, self.snd_buf_off + len(self.snd_buf)) - self.snd_buf_off
+        if dead > 0:
+            # Acked bytes leave the front of the buffer only when they are all of it or at
+            # least half of it: CPython copies a bytearray's live bytes whenever it grows
+            # after losing its front, so deleting each ACK's worth copied the whole buffer
+            # on every append (several bytes copied per byte sent).
+            if dead == len(self.snd_buf) or (dead >= SND_COMPACT and 2 * dead >= len(self.snd_buf)):
+                del self.snd_buf[:dead]
+                self.snd_buf_off += dead
+                self.snd_dead = 0
+            else:
+                self.snd_dead = dead
         if self.sacked:
             sb_trim(self.sacked, ack_off)
         if self.rexmit_ptr < ack_off:
@@ -160,7 +169,8 @@ class TcpSender(TcpBase):
         self.dupacks = 0
         # RFC 6298 5.2 / 5.3: stop the timer when all is acked, else restart it.
         self.t_rto = now + self._cur_rto() if ack_off < self.snd_max else None
-        if self.want_writable and self.cfg.snd_buf - len(self.snd_buf) >= self.cfg.snd_buf // 4:
+        room = self.cfg.snd_buf - len(self.snd_buf) + self.snd_dead
+        if self.want_writable and room >= self.cfg.snd_buf // 4:
             self.want_writable = False
             self.events.append(Writable(self.id))
 
