@@ -158,8 +158,9 @@ def test_runtime_falls_back_when_segmentation_fails() -> None:
     udp_mod._lib = FailingLib()
     try:
         grams = [bytes([i]) * 1200 for i in range(10)]
-        rt._send_batch(("127.0.0.1", rx.getsockname()[1]), grams)
-        rt._send_batch(("127.0.0.1", rx.getsockname()[1]), grams)
+        dst = ("127.0.0.1", rx.getsockname()[1])
+        rt._send_batch(dst, [b"".join(grams)], [len(g) for g in grams])
+        rt._send_batch(dst, grams, [len(g) for g in grams])
         assert len(calls) == 1 and rt.gso_segs == 1
         assert _drain(rx) == grams + grams
         assert rt.stats["send_errors"] == 0 and rt.stats["tx_datagrams"] == 20
