@@ -229,6 +229,10 @@ class TcpSender(TcpBase):
             opts,
             payload,
         )
+        self._segment_sent(now)
+
+    def _segment_sent(self, now: float) -> None:
+        """A segment carrying our ACK and data left: no ACK owed, the RTO timer running."""
         self.ack_due = False
         self.unacked_rcv = 0
         self.t_delack = None
@@ -355,11 +359,7 @@ class TcpSender(TcpBase):
             count,
             mss,
         )
-        self.ack_due = False
-        self.unacked_rcv = 0
-        self.t_delack = None
-        if self.t_rto is None:
-            self.t_rto = now + self._cur_rto()
+        self._segment_sent(now)
         if self.rtt_off is None:
             first = (self.snd_max - nxt) // mss  # the first segment beyond SND.MAX is timed
             if first < count:
