@@ -101,7 +101,6 @@ def test_seal_packet_before_handshake_stages_and_initiates(net) -> None:  # type
     assert net.got["b"] == [net.a_to_b(b"early")]
 
 
-
 def _peer_state(dev):  # type: ignore[no-untyped-def]
     p = dev.peers[0]
     return (p.current.send_counter, p.tx_bytes, p.t_new_handshake, p.t_persistent)
