@@ -19,6 +19,7 @@ command -v busybox >/dev/null 2>&1 || need+=(busybox-static)  # busybox ping: te
 command -v setpriv >/dev/null 2>&1 || need+=(util-linux)  # setpriv: tests/tun drops caps
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)  # the tests start their own sshd; none is enabled
 command -v cc >/dev/null 2>&1 || need+=(gcc libc6-dev)
+[ -f /usr/include/openssl/evp.h ] || need+=(libssl-dev)  # the fast path seals with libcrypto
 [ -x /usr/sbin/setcap ] || need+=(libcap2-bin)  # setcap: the file-capability tests
 command -v nginx >/dev/null 2>&1 || need+=(nginx)  # reverse proxy in front of the stream relay
 command -v caddy >/dev/null 2>&1 || need+=(caddy)

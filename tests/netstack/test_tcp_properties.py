@@ -6,6 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from wrapguard.netstack import TcpConfig, TcpState
+from wrapguard.netstack.tcp_base import SND_COMPACT
 from wrapguard.wire.ip import parse_ip
 from wrapguard.wire.tcp import ACK, FIN, RST, SYN, TcpOptions, parse_tcp
 
@@ -123,7 +124,9 @@ def test_any_segment_in_any_state(make_raw, name, actions):
         raw.drain()
         for conn in stack._conns.values():
             assert len(conn.rcv_buf) + sum(len(b) for _s, b in conn.ooo) <= CFG.rcv_buf
-            assert len(conn.snd_buf) <= CFG.snd_buf
+            assert len(conn.snd_buf) - conn.snd_dead <= CFG.snd_buf
+            # Acked bytes linger at the front only while fewer than the live ones or 64 KiB.
+            assert conn.snd_dead < max(SND_COMPACT, len(conn.snd_buf) - conn.snd_dead)
             assert len(conn.ooo) <= 64 and len(conn.sacked) <= 64
             assert conn.snd_una <= conn.snd_nxt <= conn.snd_max
             assert conn.state is not TcpState.CLOSED

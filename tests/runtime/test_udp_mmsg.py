@@ -12,7 +12,7 @@ import random
 import socket
 
 from wrapguard.keys import PrivateKey
-from wrapguard.runtime.udp import HAVE_MMSG, WgUdpRuntime
+from wrapguard.runtime.udp import HAVE_GSO, HAVE_MMSG, WgUdpRuntime
 from wrapguard.tunnel.device import Device
 from wrapguard.tunnel.peer import PeerSpec
 
@@ -76,6 +76,96 @@ def test_helpers_move_datagrams_both_ways() -> None:
             else:
                 assert ln == 0xFFFFFFFF
     finally:
+        rx.close()
+        tx.close()
+
+
+def _sockaddr(port: int) -> bytes:
+    return (
+        socket.AF_INET.to_bytes(2, "little")
+        + port.to_bytes(2, "big")
+        + socket.inet_aton("127.0.0.1")
+        + bytes(8)
+    )
+
+
+def _drain(rx: socket.socket) -> list[bytes]:
+    rx.setblocking(False)
+    got: list[bytes] = []
+    while True:
+        try:
+            got.append(rx.recv(65536))
+        except BlockingIOError:
+            return got
+
+
+def test_gso_helper_delivers_the_same_datagrams() -> None:
+    """Runs of equal-sized datagrams go as UDP_SEGMENT messages; the receiver must see every
+    datagram with its own length, in order, whatever the runs (a shorter one ends a run)."""
+    assert HAVE_GSO, "the cffi helper lacks wg_sendmmsg_gso: rebuild it"
+    from wrapguard._fastpath import ffi, lib
+
+    sizes = [1000] * 5 + [500] + [1000] * 3 + [200, 300, 300, 1] + [1452] * 30
+    grams = [bytes([i]) * n for i, n in enumerate(sizes)]
+    blob = b"".join(grams)
+    n = len(grams)
+    offs = ffi.new("uint32_t[]", n)
+    lens = ffi.new("uint32_t[]", n)
+    o = 0
+    for i, g in enumerate(grams):
+        offs[i], lens[i] = o, len(g)
+        o += len(g)
+    for max_segs in (1, 2, 7, 64):
+        rx, tx = _pair()
+        try:
+            rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            sa = _sockaddr(rx.getsockname()[1])
+            assert lib.wg_sendmmsg_gso(tx.fileno(), blob, offs, lens, n, sa, 16, max_segs) == n
+            assert _drain(rx) == grams, max_segs
+        finally:
+            rx.close()
+            tx.close()
+
+
+def test_runtime_falls_back_when_segmentation_fails() -> None:
+    """A route that cannot segment (EIO/EINVAL from the kernel) makes the runtime send the
+    same datagrams one message each, and keep doing so."""
+    from wrapguard._fastpath import ffi, lib
+
+    rx, tx = _pair()
+    dev = Device(
+        KA,
+        [PeerSpec(KB.public_key(), allowed_ips=("10.0.0.0/24",))],
+        rng=random.Random(1).randbytes,
+    )
+    rt = WgUdpRuntime(dev, on_packet=lambda _p, _pkt: None, bind_v4="127.0.0.1", bind_v6=None)
+    rt._v4 = tx
+    offs, lens = ffi.new("uint32_t[]", 64), ffi.new("uint32_t[]", 64)
+    rt._mm_cdata = (None, None, None, offs, lens)
+    calls: list[int] = []
+
+    class FailingLib:
+        def wg_sendmmsg_gso(self, *args: object) -> int:
+            calls.append(len(args))
+            return -errno.EIO
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(lib, name)
+
+    import wrapguard.runtime.udp as udp_mod
+
+    real = udp_mod._lib
+    udp_mod._lib = FailingLib()
+    try:
+        grams = [bytes([i]) * 1200 for i in range(10)]
+        dst = ("127.0.0.1", rx.getsockname()[1])
+        rt._send_batch(dst, [b"".join(grams)], [len(g) for g in grams])
+        rt._send_batch(dst, grams, [len(g) for g in grams])
+        assert len(calls) == 1 and rt.gso_segs == 1
+        assert _drain(rx) == grams + grams
+        assert rt.stats["send_errors"] == 0 and rt.stats["tx_datagrams"] == 20
+    finally:
+        udp_mod._lib = real
         rx.close()
         tx.close()
 

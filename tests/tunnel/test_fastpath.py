@@ -10,6 +10,8 @@ from __future__ import annotations
 from wrapguard.tunnel.events import DeliverPacket, EndpointChanged, PacketDropped, SendDatagram
 from wrapguard.wire.wgmsg import MSG_TRANSPORT
 
+from .conftest import a_to_b
+
 
 def _transport(net, payload: bytes = b"x" * 100) -> bytes:  # type: ignore[no-untyped-def]
     """A fresh transport message from a to b (after a handshake)."""
@@ -97,3 +99,53 @@ def test_seal_packet_before_handshake_stages_and_initiates(net) -> None:  # type
     net.take("a", out)
     net.pump()
     assert net.got["b"] == [net.a_to_b(b"early")]
+
+
+def _peer_state(dev):  # type: ignore[no-untyped-def]
+    p = dev.peers[0]
+    return (p.current.send_counter, p.tx_bytes, p.t_new_handshake, p.t_persistent)
+
+
+def test_seal_packets_matches_seal_packet(make_net) -> None:  # type: ignore[no-untyped-def]
+    """One batch call seals exactly what per-packet calls seal (same bytes, counters,
+    timers), with the C sealer and with the pure-Python one, and b opens every message."""
+    sizes = [1420] * 20 + [40, 21, 35, 36, 37, 1419, 1405, 1404, 1280]
+    packets = [net_a_to_b(n) for n in sizes]
+    batch_net, one_net = make_net(keepalive_a=25), make_net(keepalive_a=25)
+    for n in (batch_net, one_net):
+        n.handshake()
+    out: list[object] = []
+    got = batch_net.a.seal_packets(packets, batch_net.now, batch_net.wall, 0, out)
+    assert got is not None and out == []
+    ep, blob, lens = got
+    singles = []
+    for p in packets:
+        r = one_net.a.seal_packet(p, one_net.now, one_net.wall, 0, out)
+        assert r is not None and out == []
+        singles.append(r[1])
+    assert ep == one_net.ADDR_B
+    assert (blob, lens) == (b"".join(singles), [len(w) for w in singles])
+    assert _peer_state(batch_net.a) == _peer_state(one_net.a)
+    # The pure-Python path of the keypair gives the same bytes for the next counters.
+    kp_c, kp_py = batch_net.a.peers[0].current, one_net.a.peers[0].current
+    assert kp_c.seal_batch(packets, 1420) == kp_py.seal_batch(packets, 1420, fast=False)
+    o = 0
+    opened = []
+    for ln in lens:
+        r = batch_net.b.receive_transport(blob[o : o + ln], batch_net.ADDR_A, 0.0, 0.0, out)
+        assert r is not None
+        opened.append(r[1])
+        o += ln
+    assert opened == packets and out == []
+
+
+def test_seal_packets_leaves_staging_to_seal_packet(net) -> None:  # type: ignore[no-untyped-def]
+    """Without a session nothing is sealed, staged or initiated: the caller falls back."""
+    out: list[object] = []
+    assert net.a.seal_packets([net.a_to_b(b"x"), net.a_to_b(b"y")], 0.0, net.wall, 0, out) is None
+    assert out == [] and not net.a.peers[0].staged
+
+
+def net_a_to_b(n: int) -> bytes:
+    """An IPv4 packet of n bytes (n >= 20) from a to b."""
+    return a_to_b(bytes(i & 0xFF for i in range(n - 20)))

@@ -70,6 +70,14 @@ class ConnInfo:
     state: TcpState
 
 
+def _loss_counters(conn: TcpConn) -> dict[str, int]:
+    return {
+        "retransmits": conn.n_retransmits,
+        "recoveries": conn.n_recoveries,
+        "timeouts": conn.n_timeouts,
+    }
+
+
 class Stack:
     """A sans-IO IPv4/IPv6 host with TCP, UDP and ICMP echo for our tunnel addresses."""
 
@@ -91,6 +99,7 @@ class Stack:
         self.rng = rng
         self.config = config or TcpConfig()
         self.drops: Counter[DropReason] = Counter()
+        self._tcp_done: Counter[str] = Counter()  # loss counters of connections gone
         self._out: list[bytes] = []
         self._events: deque[Event] = deque()
         self._conns: dict[FlowKey, TcpConn] = {}
@@ -162,15 +171,21 @@ class Stack:
             self._rx_tcp(src, dst, packet[off:total], now)
             return
         if doff == 20 and flags & ~PSH == ACK:
-            # In-order data on an established flow: header prediction without a Seg.
-            delack = conn.t_delack
-            if conn.rx_predicted(seq, ack, window, packet[off + 20 : total], now):
-                if conn.t_delack is not delack:
-                    self._after(conn)  # a new deadline: the only state _after looks at
-                elif conn.ack_due and not conn.queued_ack:
-                    conn.queued_ack = True
-                    self._ack_list.append(conn)
-                return
+            if total == off + 20:
+                # A pure ACK of data we sent (the sender's common case), without a Seg.
+                if conn.rx_pure_ack(seq, ack, window, now):
+                    self._after(conn)
+                    return
+            else:
+                # In-order data on an established flow: header prediction without a Seg.
+                delack = conn.t_delack
+                if conn.rx_predicted(seq, ack, window, packet[off + 20 : total], now):
+                    if conn.t_delack is not delack:
+                        self._after(conn)  # a new deadline: the only state _after looks at
+                    elif conn.ack_due and not conn.queued_ack:
+                        conn.queued_ack = True
+                        self._ack_list.append(conn)
+                    return
         try:
             opts = parse_options(packet[off + 20 : off + doff]) if doff > 20 else NO_OPTIONS
         except DecodeError:
@@ -269,9 +284,17 @@ class Stack:
         key = (conn.out.dst, conn.out.dport, conn.out.src, conn.out.sport)
         if self._conns.get(key) is conn:
             del self._conns[key]
+            self._tcp_done.update(_loss_counters(conn))
         if not conn.reported:
             self._by_id.pop(conn.id, None)
         conn.sched = None
+
+    def tcp_counters(self) -> dict[str, int]:
+        """Retransmitted segments, fast recoveries and timeouts of all connections so far."""
+        total = Counter(self._tcp_done)
+        for conn in self._conns.values():
+            total.update(_loss_counters(conn))
+        return {k: total[k] for k in ("retransmits", "recoveries", "timeouts")}
 
     def _rx_udp(self, pkt: IPv4Packet | IPv6Packet) -> None:
         try:
@@ -478,7 +501,7 @@ class Stack:
     def buffered(self, cid: ConnId) -> tuple[int, int]:
         """(bytes waiting to be read, bytes queued or unacked in the send buffer)."""
         conn = self._conn(cid)
-        return len(conn.rcv_buf), len(conn.snd_buf)
+        return len(conn.rcv_buf), len(conn.snd_buf) - conn.snd_dead
 
     # -------------------------------------------------------------------- UDP
 

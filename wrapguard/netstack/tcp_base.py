@@ -37,6 +37,8 @@ DUP_THRESH = 3
 # Bounds on the per-connection range lists (memory and CPU under a hostile peer).
 MAX_OOO_BLOCKS = 64
 MAX_SACK_RANGES = 64
+# Acked bytes kept at the front of the send buffer until they are this many and half of it.
+SND_COMPACT = 64 * 1024
 # Linux tcp_fin_timeout: an orphaned FIN-WAIT-2 (the app closed) does not wait forever.
 FIN_WAIT2_TIMEOUT = 60.0
 
@@ -124,7 +126,8 @@ class TcpBase:
         self.snd_nxt = 0
         self.snd_max = 0
         self.snd_buf = bytearray()
-        self.snd_buf_off = 1
+        self.snd_buf_off = 1  # the stream offset of snd_buf[0]
+        self.snd_dead = 0  # acked bytes still at the front of snd_buf (see _advance)
         self.fin_off: int | None = None
         self.fin_wanted = False
         self.snd_wnd = 0
@@ -248,6 +251,8 @@ class TcpBase:
                 else:
                     self.events.append(Closed(self.id))
         self.snd_buf = bytearray()
+        self.snd_buf_off += self.snd_dead
+        self.snd_dead = 0
         self.ooo.clear()
         self.sacked.clear()
 

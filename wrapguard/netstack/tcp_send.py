@@ -18,6 +18,7 @@ from wrapguard.netstack.tcp_base import (
     M32,
     MAX_SACK_RANGES,
     RCV_WSCALE,
+    SND_COMPACT,
     SYNCHRONIZED_SEND,
     Recovery,
     S,
@@ -31,6 +32,10 @@ __all__ = ["TcpSender"]
 
 class TcpSender(TcpBase):
     """Output, ACK processing, congestion control and timers."""
+
+    # The lean paths (rx_pure_ack, full-segment runs in _output) do what the general paths
+    # do, only faster; tests switch them off to compare the two transcripts.
+    LEAN_PATHS = True
 
     def _synack_opts(self) -> TcpOptions:
         # RFC 7323 2.2 / RFC 2018 2: echo window scaling and SACK only if the SYN had them.
@@ -54,64 +59,12 @@ class TcpSender(TcpBase):
     def _on_ack(self, seg: Seg, seg_off: int, ack_off: int, text: int, now: float) -> None:
         """ACK processing: window, SACK, cumulative ACK, RTT, congestion control."""
         una = self.snd_una
-        mss = self.snd_mss
-        wnd = seg.window << self.snd_ws
         self.probes_out = 0  # the peer is alive: zero-window probes start counting anew
-        win_changed = False
-        # RFC 9293 3.10.7.4: update the send window only from newer segments (WL1/WL2).
-        if self.snd_wl1 < seg_off or (self.snd_wl1 == seg_off and self.snd_wl2 <= ack_off):
-            win_changed = wnd != self.snd_wnd
-            self.snd_wnd = wnd
-            self.snd_wl1 = seg_off
-            self.snd_wl2 = ack_off
-            if wnd > self.max_snd_wnd:
-                self.max_snd_wnd = wnd
-            if wnd:
-                self.t_persist = None
+        win_changed = self._take_window(seg_off, ack_off, seg.window << self.snd_ws)
         if self.sack_ok and seg.options.sack_blocks:
             self._take_sack(seg.options.sack_blocks, ack_off)
         if ack_off > una:
-            acked = ack_off - una
-            self.snd_una = ack_off
-            n = min(ack_off, self.snd_buf_off + len(self.snd_buf)) - self.snd_buf_off
-            if n > 0:
-                del self.snd_buf[:n]
-                self.snd_buf_off += n
-            sb_trim(self.sacked, ack_off)
-            if self.rexmit_ptr < ack_off:
-                self.rexmit_ptr = ack_off
-            if self.rtt_off is not None and ack_off >= self.rtt_off:
-                self._rtt_sample(now - self.rtt_time)
-                self.rtt_off = None
-            self.backoff = 0
-            self.retries = 0
-            if self.recovery is not None:
-                if ack_off >= self.recover:
-                    if self.recovery is Recovery.FAST:
-                        self.cwnd = self.ssthresh  # RFC 6582 3.2 step 3, full ACK
-                    self.recovery = None
-                else:
-                    # Partial ACK (RFC 6582 3.2 step 4): resend the next unacked segment.
-                    self.dupacks = 0
-                    if not self.sack_ok:
-                        self.lost_end = max(self.lost_end, ack_off + mss)
-                    if self.recovery is Recovery.RTO and self.cwnd < self.ssthresh:
-                        self.cwnd += acked
-            elif self.cwnd < self.ssthresh:
-                # Slow start counting every acked byte (RFC 3465 without the L cap, as Linux
-                # does): the peer and our own stack batch ACKs, so stretch ACKs are normal.
-                self.cwnd += acked
-            else:
-                self.ca_acc += acked  # congestion avoidance by byte counting (RFC 5681 3.1)
-                if self.ca_acc >= self.cwnd:
-                    self.ca_acc -= self.cwnd
-                    self.cwnd += mss
-            self.dupacks = 0
-            # RFC 6298 5.2 / 5.3: stop the timer when all is acked, else restart it.
-            self.t_rto = now + self._cur_rto() if ack_off < self.snd_max else None
-            if self.want_writable and self.cfg.snd_buf - len(self.snd_buf) >= self.cfg.snd_buf // 4:
-                self.want_writable = False
-                self.events.append(Writable(self.id))
+            self._advance(ack_off, now)
         elif ack_off == una and text == 0 and not win_changed and self.snd_max > una:
             self.dupacks += 1  # RFC 5681 2: a duplicate acknowledgment
         if self.snd_max > self.snd_una:
@@ -123,6 +76,103 @@ class TcpSender(TcpBase):
                 self.lost_end = lost
         if ack_off > una or win_changed or self.recovery is not None:
             self._output(now)  # nothing else can open the windows or need a retransmission
+
+    def rx_pure_ack(self, seq: int, ack: int, window: int, now: float) -> bool:
+        """The lean path of the sender's most common segment: a pure ACK without options
+        that advances SND.UNA while we may send (ESTABLISHED, CLOSE-WAIT), in sequence,
+        outside recovery and with no SACK scoreboard. Does what `on_segment` does for it
+        (acceptability, `_on_ack`, output) without building a `Seg`; False (nothing
+        changed) for the full path.
+        """
+        a = (ack - self.iss - self.snd_una) & M32
+        if (
+            not a
+            or a >= 0x80000000
+            or (self.state is not S.ESTABLISHED and self.state is not S.CLOSE_WAIT)
+            or (seq - self.irs - self.rcv_nxt) & M32
+            or self.recovery is not None
+            or self.sacked
+            or a > self.snd_max - self.snd_una
+            or not self.LEAN_PATHS
+        ):
+            return False
+        # Any in-sequence zero-length segment is acceptable (RFC 9293 3.10.7.4 first); with
+        # no SACK scoreboard and the duplicate ACK count reset, nothing is deemed lost.
+        self.probes_out = 0
+        self._take_window(self.rcv_nxt, self.snd_una + a, window << self.snd_ws)
+        self._advance(self.snd_una + a, now)
+        self._output(now)
+        return True
+
+    def _take_window(self, seg_off: int, ack_off: int, wnd: int) -> bool:
+        """RFC 9293 3.10.7.4: update the send window only from newer segments (WL1/WL2);
+        True if it changed."""
+        if self.snd_wl1 < seg_off or (self.snd_wl1 == seg_off and self.snd_wl2 <= ack_off):
+            changed = wnd != self.snd_wnd
+            self.snd_wnd = wnd
+            self.snd_wl1 = seg_off
+            self.snd_wl2 = ack_off
+            if wnd > self.max_snd_wnd:
+                self.max_snd_wnd = wnd
+            if wnd:
+                self.t_persist = None
+            return changed
+        return False
+
+    def _advance(self, ack_off: int, now: float) -> None:
+        """A cumulative ACK moved SND.UNA to ack_off: buffers, RTT, congestion control."""
+        acked = ack_off - self.snd_una
+        mss = self.snd_mss
+        self.snd_una = ack_off
+        dead = min(ack_off, self.snd_buf_off + len(self.snd_buf)) - self.snd_buf_off
+        if dead > 0:
+            # Acked bytes leave the front of the buffer only when they are all of it or at
+            # least half of it: CPython copies a bytearray's live bytes whenever it grows
+            # after losing its front, so deleting each ACK's worth copied the whole buffer
+            # on every append (several bytes copied per byte sent).
+            if dead == len(self.snd_buf) or (dead >= SND_COMPACT and 2 * dead >= len(self.snd_buf)):
+                del self.snd_buf[:dead]
+                self.snd_buf_off += dead
+                self.snd_dead = 0
+            else:
+                self.snd_dead = dead
+        if self.sacked:
+            sb_trim(self.sacked, ack_off)
+        if self.rexmit_ptr < ack_off:
+            self.rexmit_ptr = ack_off
+        if self.rtt_off is not None and ack_off >= self.rtt_off:
+            self._rtt_sample(now - self.rtt_time)
+            self.rtt_off = None
+        self.backoff = 0
+        self.retries = 0
+        if self.recovery is not None:
+            if ack_off >= self.recover:
+                if self.recovery is Recovery.FAST:
+                    self.cwnd = self.ssthresh  # RFC 6582 3.2 step 3, full ACK
+                self.recovery = None
+            else:
+                # Partial ACK (RFC 6582 3.2 step 4): resend the next unacked segment.
+                self.dupacks = 0
+                if not self.sack_ok:
+                    self.lost_end = max(self.lost_end, ack_off + mss)
+                if self.recovery is Recovery.RTO and self.cwnd < self.ssthresh:
+                    self.cwnd += acked
+        elif self.cwnd < self.ssthresh:
+            # Slow start counting every acked byte (RFC 3465 without the L cap, as Linux
+            # does): the peer and our own stack batch ACKs, so stretch ACKs are normal.
+            self.cwnd += acked
+        else:
+            self.ca_acc += acked  # congestion avoidance by byte counting (RFC 5681 3.1)
+            if self.ca_acc >= self.cwnd:
+                self.ca_acc -= self.cwnd
+                self.cwnd += mss
+        self.dupacks = 0
+        # RFC 6298 5.2 / 5.3: stop the timer when all is acked, else restart it.
+        self.t_rto = now + self._cur_rto() if ack_off < self.snd_max else None
+        room = self.cfg.snd_buf - len(self.snd_buf) + self.snd_dead
+        if self.want_writable and room >= self.cfg.snd_buf // 4:
+            self.want_writable = False
+            self.events.append(Writable(self.id))
 
     def _take_sack(self, blocks: tuple[tuple[int, int], ...], ack_off: int) -> None:
         base = self.iss + self.snd_una
@@ -179,6 +229,10 @@ class TcpSender(TcpBase):
             opts,
             payload,
         )
+        self._segment_sent(now)
+
+    def _segment_sent(self, now: float) -> None:
+        """A segment carrying our ACK and data left: no ACK owed, the RTO timer running."""
         self.ack_due = False
         self.unacked_rcv = 0
         self.t_delack = None
@@ -248,6 +302,9 @@ class TcpSender(TcpBase):
             budget = self.cwnd - pipe
         else:
             budget = self.cwnd - (self.snd_nxt - self.snd_una)
+            if self.LEAN_PATHS and self.fin_off is None and not self.ooo:
+                budget = self._send_full_run(min(data_end - 1, wnd_edge, self.snd_nxt + budget),
+                                             budget, now)  # fmt: skip
         while True:
             nxt = self.snd_nxt
             if nxt < data_end:
@@ -282,6 +339,36 @@ class TcpSender(TcpBase):
         ):
             # RFC 9293 3.8.6.1: a zero window with data waiting arms the persist timer.
             self.t_persist = now + self._cur_rto()
+
+    def _send_full_run(self, limit: int, budget: int, now: float) -> int:
+        """The lean path of `_output` in steady state: the full segments that fit below
+        `limit` (short of the last byte queued, which carries PSH), sent as the loop below
+        would send them one by one. Returns what is left of the budget."""
+        nxt = self.snd_nxt
+        mss = self.snd_mss
+        count = (limit - nxt) // mss
+        if count <= 0:
+            return budget
+        end = nxt + count * mss
+        self.out.tcp_run(
+            (self.iss + nxt) & M32,
+            (self.irs + self.rcv_nxt) & M32,
+            self._window_field(),
+            self.snd_buf,
+            nxt - self.snd_buf_off,
+            count,
+            mss,
+        )
+        self._segment_sent(now)
+        if self.rtt_off is None:
+            first = (self.snd_max - nxt) // mss  # the first segment beyond SND.MAX is timed
+            if first < count:
+                self.rtt_off = nxt + (first + 1) * mss
+                self.rtt_time = now
+        self.snd_nxt = end
+        if end > self.snd_max:
+            self.snd_max = end
+        return budget - count * mss
 
     def next_deadline(self) -> float | None:
         """The earliest armed timer."""

@@ -10,7 +10,8 @@ nothing. Time-based expiry is the tunnel layer's job; counter limits are checked
 from __future__ import annotations
 
 import struct
-from typing import Final
+from collections.abc import Sequence
+from typing import Any, Final
 
 from wrapguard.noise.crypto import ChaCha20Poly1305, InvalidTag
 from wrapguard.noise.handshake import SessionKeys
@@ -24,6 +25,31 @@ _PREFIX = struct.Struct("<II")
 _NONCE = struct.Struct("<4xQ")  # [W 5.4.6] 32 zero bits, then the 64-bit LE counter
 _PADS: Final = tuple(bytes(n) for n in range(16))
 
+try:
+    from wrapguard._fastpath import ffi as _ffi  # type: ignore[import-not-found]
+    from wrapguard._fastpath import lib as _lib
+
+    HAVE_SEAL_BATCH = hasattr(_lib, "wg_seal_batch")
+except ImportError:  # not built: seal_batch seals one packet at a time in Python
+    HAVE_SEAL_BATCH = False
+
+
+class _Scratch:
+    """The C sealer's output buffer, grown as needed and reused (one event loop thread)."""
+
+    buf: Any = None
+    size = 0
+    lens: Any = None
+
+    @classmethod
+    def get(cls, size: int, n: int) -> tuple[Any, Any]:
+        if size > cls.size:
+            cls.size = max(size, 1 << 17)
+            cls.buf = _ffi.new("uint8_t[]", cls.size)
+        if cls.lens is None or n > len(cls.lens):
+            cls.lens = _ffi.new("uint32_t[]", max(n, 64))
+        return cls.buf, cls.lens
+
 
 class Keypair:
     """One direction pair of transport keys with counters; mutable, owned by one peer."""
@@ -33,6 +59,7 @@ class Keypair:
         "_open",
         "_prefix",
         "_seal",
+        "_send_key",
         "_top",
         "created",
         "is_initiator",
@@ -49,6 +76,7 @@ class Keypair:
         reject_after_messages: int = REJECT_AFTER_MESSAGES,
     ) -> None:
         self._seal = ChaCha20Poly1305(keys.send_key)
+        self._send_key = keys.send_key
         self._open = ChaCha20Poly1305(keys.recv_key)
         self.local_index = keys.local_index
         self.remote_index = keys.remote_index
@@ -78,6 +106,39 @@ class Keypair:
             packet += _PADS[pad]
         ctr = counter.to_bytes(8, "little")
         return self._prefix + ctr + self._seal.encrypt(_NONCE_PREFIX + ctr, packet, None)
+
+    def seal_batch(
+        self, packets: Sequence[bytes], mtu: int, fast: bool = HAVE_SEAL_BATCH
+    ) -> tuple[bytes, list[int]]:
+        """`seal` for each packet, the transport messages back to back, and their lengths.
+
+        The caller checks first that len(packets) counters remain (Reject-After-Messages).
+        With the cffi helper the packets are sealed by libcrypto from C, one call for all;
+        `fast=False` is the pure-Python path (tests compare the two).
+        """
+        n = len(packets)
+        counter = self.send_counter
+        if counter + n > self.reject_after_messages:
+            raise ValueError("not enough counters left: rekey first")
+        if not fast or n < 2:
+            sealed = [self._seal_one(p, mtu) for p in packets]
+            return b"".join(sealed), [len(m) for m in sealed]
+        lens = [len(p) for p in packets]
+        src = b"".join(packets)
+        dst, dlens = _Scratch.get(len(src) + 47 * n, n)
+        slens = _ffi.new("uint32_t[]", lens)
+        if _lib.wg_seal_batch(
+            self._send_key, self.remote_index, counter, src, slens, n, mtu, dst, dlens
+        ):
+            raise RuntimeError("libcrypto failed to seal")  # local failure: never remote input
+        self.send_counter = counter + n
+        out = list(dlens[0:n])
+        return _ffi.buffer(dst, sum(out))[:], out
+
+    def _seal_one(self, packet: bytes, mtu: int) -> bytes:
+        wire = self.seal(packet, mtu)
+        assert wire is not None  # the caller checked the counters
+        return wire
 
     def check_counter(self, counter: int) -> bool:
         """True when `counter` is neither exhausted, replayed, nor behind the window."""

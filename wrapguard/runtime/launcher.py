@@ -178,6 +178,7 @@ class TunnelSession:
             "wireguard_udp": dict(engine.wg.stats),
             "tunnel_drops": {r.name: n for r, n in engine.device.counters.items() if n},
             "stack_drops": {r.name: n for r, n in engine.stack.drops.items() if n},
+            "tcp": engine.stack.tcp_counters(),
             "unrouted_drops": engine.unrouted_drops,
             "channel": dataclasses.asdict(self.channel.stats),
             "udp_relay": dataclasses.asdict(self.preload.udp.stats),

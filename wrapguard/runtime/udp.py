@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import os
 import secrets
 import socket
 import time
@@ -53,12 +54,18 @@ try:
     from wrapguard._fastpath import lib as _lib
 
     HAVE_MMSG = hasattr(_lib, "wg_recvmmsg") and hasattr(_lib, "wg_sendmmsg")
+    HAVE_GSO = hasattr(_lib, "wg_sendmmsg_gso")
 except ImportError:  # not built: one syscall per datagram
-    HAVE_MMSG = False
+    HAVE_MMSG = HAVE_GSO = False
 
 log = structlog.get_logger("wrapguard.wg")
 MIN_TRANSPORT_LEN = wgmsg.MIN_TRANSPORT_LEN
-MMSG_BATCH = 16  # datagrams per recvmmsg/sendmmsg call (the C helper caps it at 64)
+MMSG_BATCH = 16  # datagrams per recvmmsg call (the C helper caps it at 64)
+# Datagrams per sendmmsg call and per sealed batch (the C helpers cap both at 64).
+SEND_BATCH = 64
+# Datagrams per UDP_SEGMENT message: the kernel moves a run of equal-sized datagrams (full
+# segments of one flow) as one packet through routing and the veth/loopback device.
+GSO_SEGS = 64
 MMSG_SLOT = 65536  # receive slot per datagram: any UDP payload fits
 _TRUNCATED = 0xFFFFFFFF
 _ADDR_SLOT = 28  # sizeof(struct sockaddr_in6), as in the C helper
@@ -123,6 +130,8 @@ class WgUdpRuntime:
         self._mm_addrs = bytearray(MMSG_BATCH * _ADDR_SLOT)
         self._mm_cdata: tuple[Any, ...] = ()  # cffi pointers into the buffers above
         self._sockaddrs: dict[tuple[str, int], bytes] = {}
+        self.gso_segs = GSO_SEGS if HAVE_GSO else 1  # 1: no segmentation offload
+        self.seal_batches = True  # consecutive packets for one peer sealed in one call
         self._timer: DeadlineTimer | None = None
         self._rr_timer: DeadlineTimer | None = None
         self.reresolver = Reresolver(
@@ -134,7 +143,10 @@ class WgUdpRuntime:
         self.roads: dict[tuple[str, int], Road] = {}  # synthetic endpoint -> road
         self._hs_window = 0.0
         self._hs_count = 0
-        self.stats = {"rx_datagrams": 0, "tx_datagrams": 0, "send_errors": 0, "delivered": 0}
+        self.stats = {
+            "rx_datagrams": 0, "tx_datagrams": 0, "send_errors": 0, "delivered": 0,
+            "tx_syscalls": 0,
+        }  # fmt: skip
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -159,8 +171,8 @@ class WgUdpRuntime:
                 _ffi.from_buffer(self._mm_buf),
                 _ffi.new("uint32_t[]", MMSG_BATCH),
                 _ffi.from_buffer(self._mm_addrs),
-                _ffi.new("uint32_t[]", MMSG_BATCH),
-                _ffi.new("uint32_t[]", MMSG_BATCH),
+                _ffi.new("uint32_t[]", SEND_BATCH),
+                _ffi.new("uint32_t[]", SEND_BATCH),
             )
             self._loop.add_reader(v4.fileno(), self._readable_mmsg, v4)
         elif v4 is not None:
@@ -235,57 +247,89 @@ class WgUdpRuntime:
         self._rearm()
 
     def send_packets(self, packets: Sequence[tuple[bytes, int | None]]) -> None:
-        """Send a batch of (IP packet, peer) with one clock read and one timer re-arm."""
+        """Send a batch of (IP packet, peer) with one clock read and one timer re-arm.
+
+        Consecutive packets for one peer are sealed together (`Device.seal_packets`, one C
+        call) when the peer's keypair can take them all; else one by one (`seal_packet`).
+        """
         assert self._loop is not None, "start() first"
         now, wall = self._loop.time(), self._wall()
-        seal, dispatch = self.device.seal_packet, self._dispatch
-        v4, v6 = self._v4, self._v6
+        seal, seal_many = self.device.seal_packet, self.device.seal_packets
+        dispatch = self._dispatch
         batched = bool(self._mm_cdata)
         outs: list[Output] = []
-        pend: list[bytes] = []  # sealed datagrams for pend_addr, sent with one sendmmsg
+        # Sealed datagrams for pend_addr, sent with one sendmmsg: blobs of messages back to
+        # back and every message's length.
+        pend: list[bytes] = []
+        pend_lens: list[int] = []
         pend_addr = ("", 0)
-        sent = errors = 0
-        for packet, peer in packets:
-            got = seal(packet, now, wall, peer, outs)
+        i, n = 0, len(packets)
+        while i < n:
+            packet, peer = packets[i]
+            j = i + 1
+            if peer is not None and self.seal_batches:
+                while j < n and j - i < SEND_BATCH and packets[j][1] == peer:
+                    j += 1
+            got = None
+            if j - i > 1:
+                assert peer is not None
+                got = seal_many([pkt for pkt, _ in packets[i:j]], now, wall, peer, outs)
+            if got is None:
+                j = i + 1
+                one = seal(packet, now, wall, peer, outs)
+                if one is not None:
+                    got = one[0], one[1], [len(one[1])]
+            i = j
             if got is not None:
-                addr, data = got
+                addr, blob, lens = got
                 if batched and ":" not in addr[0]:
-                    if addr != pend_addr or len(pend) >= MMSG_BATCH:
+                    if addr != pend_addr or len(pend_lens) + len(lens) > SEND_BATCH:
                         if pend:
-                            self._send_batch(pend_addr, pend)
-                            pend = []
+                            self._send_batch(pend_addr, pend, pend_lens)
+                            pend, pend_lens = [], []
                         pend_addr = addr
-                    pend.append(data)
-                elif addr in self.roads:
-                    self.roads[addr].send(data)
-                    sent += 1
+                    pend.append(blob)
+                    pend_lens += lens
                 else:
-                    sock = v6 if ":" in addr[0] else v4
-                    if sock is None:
-                        errors += 1
-                    else:
-                        try:
-                            sock.sendto(data, addr)
-                            sent += 1
-                        except OSError:
-                            errors += 1  # EAGAIN or an ICMP error: UDP is lossy
+                    self._send_unbatched(addr, blob, lens)
             if outs:
                 if pend:  # keep the order the device produced
-                    self._send_batch(pend_addr, pend)
-                    pend = []
+                    self._send_batch(pend_addr, pend, pend_lens)
+                    pend, pend_lens = [], []
                 dispatch(outs)
                 outs = []
         if pend:
-            self._send_batch(pend_addr, pend)
-        stats = self.stats
-        stats["tx_datagrams"] += sent
-        stats["send_errors"] += errors
+            self._send_batch(pend_addr, pend, pend_lens)
         self._rearm()
 
-    def _send_batch(self, addr: tuple[str, int], datagrams: list[bytes]) -> None:
-        """Send up to MMSG_BATCH datagrams to one IPv4 address with sendmmsg."""
+    def _send_unbatched(self, addr: tuple[str, int], blob: bytes, lens: list[int]) -> None:
+        """Messages back to back in blob, one sendto (or road send) each."""
+        sent = errors = 0
+        road = self.roads.get(addr)
+        sock = self._v6 if ":" in addr[0] else self._v4
+        o = 0
+        for ln in lens:
+            data = blob[o : o + ln] if ln != len(blob) else blob
+            o += ln
+            if road is not None:
+                road.send(data)
+                sent += 1
+            elif sock is None:
+                errors += 1
+            else:
+                try:
+                    sock.sendto(data, addr)
+                    sent += 1
+                except OSError:
+                    errors += 1  # EAGAIN or an ICMP error: UDP is lossy
+        self.stats["tx_datagrams"] += sent
+        self.stats["send_errors"] += errors
+
+    def _send_batch(self, addr: tuple[str, int], blobs: list[bytes], lens: list[int]) -> None:
+        """Send up to SEND_BATCH datagrams (lens, their bytes back to back in blobs) to one
+        IPv4 address with sendmmsg."""
         sock = self._v4
-        n = len(datagrams)
+        n = len(lens)
         if sock is None:
             self.stats["send_errors"] += n
             return
@@ -301,17 +345,30 @@ class WgUdpRuntime:
             if len(self._sockaddrs) > 64:
                 self._sockaddrs.clear()
             self._sockaddrs[addr] = sa
-        offs, lens = self._mm_cdata[3], self._mm_cdata[4]
+        offs, clens = self._mm_cdata[3], self._mm_cdata[4]
         o = 0
-        for i, d in enumerate(datagrams):
+        for i, ln in enumerate(lens):
             offs[i] = o
-            lens[i] = len(d)
-            o += len(d)
-        blob = b"".join(datagrams)
+            clens[i] = ln
+            o += ln
+        blob = blobs[0] if len(blobs) == 1 else b"".join(blobs)
         done = 0
         fd = sock.fileno()
         while done < n:
-            r = _lib.wg_sendmmsg(fd, blob, offs + done, lens + done, n - done, sa, 16)
+            segs = self.gso_segs
+            self.stats["tx_syscalls"] += 1
+            if segs > 1:
+                r = _lib.wg_sendmmsg_gso(
+                    fd, blob, offs + done, clens + done, n - done, sa, 16, segs
+                )
+                if r in (-errno.EIO, -errno.EINVAL):
+                    # The route cannot segment (no checksum offload, an MTU below the
+                    # datagrams, a kernel before 4.18): send them one by one from now on.
+                    self.gso_segs = 1
+                    log.info("udp segmentation offload unavailable", error=os.strerror(-r))
+                    continue
+            else:
+                r = _lib.wg_sendmmsg(fd, blob, offs + done, clens + done, n - done, sa, 16)
             if r <= 0:
                 # EAGAIN (socket buffer full) or an ICMP error: drop the first, go on.
                 r = 1

@@ -178,6 +178,41 @@ class Device:
                 return None
         else:
             p = self.peers[peer]
+        ready = self._sealable(p, now, 1)
+        if ready is None:
+            self._send(p, packet, now, wall_time, out)  # staging and handshakes
+            return None
+        kp, ep = ready
+        wire = kp.seal(packet, self.mtu)
+        assert wire is not None
+        self._sent(p, kp, len(wire), bool(packet), now, wall_time, out)
+        return ep, wire
+
+    def seal_packets(
+        self,
+        packets: Sequence[bytes],
+        now: float,
+        wall_time: float,
+        peer: int,
+        out: list[Output],
+    ) -> tuple[tuple[str, int], bytes, list[int]] | None:
+        """`seal_packet` for several packets to one peer at once, when its current keypair
+        can seal them all: (endpoint, the transport messages back to back, their lengths).
+        None, with nothing done, when it cannot (no session, staging, a keypair too old or
+        short of counters): the caller then sends them one by one with `seal_packet`.
+        """
+        p = self.peers[peer]
+        ready = self._sealable(p, now, len(packets))
+        if ready is None:
+            return None
+        kp, ep = ready
+        blob, lens = kp.seal_batch(packets, self.mtu)
+        self._sent(p, kp, len(blob), any(packets), now, wall_time, out)
+        return ep, blob, lens
+
+    def _sealable(self, p: Peer, now: float, n: int) -> tuple[Keypair, tuple[str, int]] | None:
+        """The keypair and endpoint to seal n packets to p with at once, or None when they
+        must wait for a handshake or be staged."""
         kp = p.current
         ep = p.endpoint
         if (
@@ -185,14 +220,10 @@ class Device:
             or ep is None
             or p.staged
             or now - kp.created >= self.timers.reject_after_time  # [W 6.1]
-            or kp.send_counter >= kp.reject_after_messages
+            or kp.send_counter + n > kp.reject_after_messages
         ):
-            self._send(p, packet, now, wall_time, out)  # staging and handshakes
             return None
-        wire = kp.seal(packet, self.mtu)
-        assert wire is not None
-        self._sent(p, kp, len(wire), bool(packet), now, wall_time, out)
-        return ep, wire
+        return kp, ep
 
     def datagram_received(
         self, data: bytes, addr: tuple[str, int], now: float, wall_time: float
