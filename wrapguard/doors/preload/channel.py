@@ -107,6 +107,10 @@ TOKEN_TTL = 10.0  # a token not presented by then is dropped and counted
 # Up to this many outstanding tokens a CONNECT updates the kernel filter before it replies;
 # more (a burst) share one update per loop iteration (_filter_changed).
 FILTER_NOW_MAX = 8
+# A presented or expired token's port leaves the filter with the next update: the next
+# CONNECT's, or this many seconds later (an update is a setsockopt per listener: kept off the
+# connect's path). Until then the listener resets what comes from it (_accept_data).
+FILTER_TIGHTEN_AFTER = 0.02
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
@@ -290,6 +294,7 @@ class ChannelServer:
         self._filter_prog: bytes | None = None  # what the listeners have; None: no filter
         self._filter_ok = True
         self._filter_sync: asyncio.Future[None] | None = None
+        self._tighten: asyncio.TimerHandle | None = None  # a deferred update (released ports)
         self._pid = 0
         self._data_pending: dict[socket.socket, tuple[bytearray, asyncio.TimerHandle]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -397,6 +402,8 @@ class ChannelServer:
                 task.cancel()
             if self._filter_sync is not None and not self._filter_sync.done():
                 self._filter_sync.set_result(None)
+            if self._tighten is not None:
+                self._tighten.cancel()
         finally:
             self._servers.clear()
             self._data_listeners.clear()
@@ -592,8 +599,9 @@ class ChannelServer:
 
     def _outcome(self, token: bytes, writer: asyncio.StreamWriter) -> asyncio.Future[None]:
         """Write the reply STATUS with WAIT would give for `token` the moment its outcome is
-        known: from the outcome's own done-callback, with no task wake-up in between (the
-        program's connect() returns that much sooner). Done once written."""
+        known: from the engine's dispatch of the outcome (`tell`), else from the outcome's
+        own done-callback, with no task wake-up in between (the program's connect() returns
+        that much sooner). Done once written."""
         loop = asyncio.get_running_loop()
         written: asyncio.Future[None] = loop.create_future()
         fut = self._backend.status(token)
@@ -614,8 +622,13 @@ class ChannelServer:
         written.add_done_callback(lambda _: timer.cancel())
         if fut.done():
             done(fut)
-        else:
-            fut.add_done_callback(done)
+            return written
+        # Sooner still: from the engine's dispatch of the outcome, before the ACK is sealed
+        # (a backend without `tell`, e.g. a test's, has the future only).
+        tell = getattr(self._backend, "tell", None)
+        if tell is not None:
+            tell(token, send)
+        fut.add_done_callback(done)  # and a cancelled one (at exit) still answers
         return written
 
     def _expire(self, token: bytes) -> None:
@@ -646,7 +659,7 @@ class ChannelServer:
             self._lo_ports[lo] -= 1
             if self._lo_ports[lo] <= 0:
                 del self._lo_ports[lo]
-        self._filter_changed()
+        self._tighten_later()
         return lo
 
     def _filter_changed(self) -> None:
@@ -655,10 +668,23 @@ class ChannelServer:
         if self._filter_sync is None and self._tcp_listeners:
             loop = asyncio.get_running_loop()
             self._filter_sync = loop.create_future()
-            loop.call_soon(self._apply_filter)
+            loop.call_soon(self._apply_due)
+
+    def _apply_due(self) -> None:
+        if self._filter_sync is not None:  # else a CONNECT applied it already
+            self._apply_filter()
+
+    def _tighten_later(self) -> None:
+        """Ports no longer let in leave the filter with its next update (FILTER_TIGHTEN_AFTER)."""
+        if self._tighten is None and self._tcp_listeners:
+            loop = asyncio.get_running_loop()
+            self._tighten = loop.call_later(FILTER_TIGHTEN_AFTER, self._apply_filter)
 
     def _apply_filter(self) -> None:
         sync, self._filter_sync = self._filter_sync, None
+        if self._tighten is not None:  # this update takes the released ports out too
+            self._tighten.cancel()
+            self._tighten = None
         if self._filter_ok:
             ports = None if self._any_source else self._lo_ports.keys()
             prog = synfilter.program(ports)
@@ -698,11 +724,28 @@ class ChannelServer:
                 conn.close()
                 continue
             synfilter.detach(conn)  # inherited from the listener; data segments skip it
-            self._hold_for_token(conn, self._read_token)
-            self._read_token(conn)  # the shim wrote it right after connecting: often here
+            conn.setblocking(False)
+            # The shim wrote the token right after connecting: usually it is here already,
+            # and the connection is handed on without being watched.
+            try:
+                data = conn.recv(TOKEN_LEN)
+            except (BlockingIOError, InterruptedError):
+                data = None
+            except OSError:
+                data = b""
+            if data is not None and len(data) == TOKEN_LEN:
+                self._token_arrived(conn, data, addr[1])
+            elif data == b"":
+                self.stats.no_token += 1
+                conn.close()
+            else:
+                self._hold_for_token(conn, self._read_token, data or b"")
 
-    def _hold_for_token(self, conn: socket.socket, reader: Callable[[socket.socket], None]) -> None:
-        """Keep an accepted data connection until its token arrives (LOCAL_STEP_TIMEOUT)."""
+    def _hold_for_token(
+        self, conn: socket.socket, reader: Callable[[socket.socket], None], got: bytes = b""
+    ) -> None:
+        """Keep an accepted data connection until its token arrives (LOCAL_STEP_TIMEOUT);
+        `got`: the part of it already read."""
         if len(self._data_pending) >= MAX_PENDING_DATA:
             # Too many silent connections (any port gets in while a token without one is out):
             # drop the oldest (dicts keep insertion order), bounded whoever they are.
@@ -711,7 +754,7 @@ class ChannelServer:
         loop = asyncio.get_running_loop()
         conn.setblocking(False)
         timer = loop.call_later(LOCAL_STEP_TIMEOUT, self._no_token, conn)
-        self._data_pending[conn] = (bytearray(), timer)
+        self._data_pending[conn] = (bytearray(got), timer)
         loop.add_reader(conn.fileno(), reader, conn)
 
     def _no_token(self, conn: socket.socket) -> None:
@@ -747,7 +790,14 @@ class ChannelServer:
         timer.cancel()
         del self._data_pending[conn]
         asyncio.get_running_loop().remove_reader(conn.fileno())
-        token = bytes(buf)
+        try:
+            port = conn.getpeername()[1]
+        except OSError:
+            port = -1
+        self._token_arrived(conn, bytes(buf), port)
+
+    def _token_arrived(self, conn: socket.socket, token: bytes, port: int) -> None:
+        """A data connection from loopback `port` presented `token`."""
         handle = self._tokens.pop(token, None)
         if handle is None:
             self.stats.bad_token += 1
@@ -755,10 +805,6 @@ class ChannelServer:
             return
         handle.cancel()
         lo = self._release(token)
-        try:
-            port = conn.getpeername()[1]
-        except OSError:
-            port = -1
         if lo not in (0, port):  # the token, but not from the socket it was handed to
             self.stats.bad_token += 1
             conn.close()
