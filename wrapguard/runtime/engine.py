@@ -22,7 +22,16 @@ from wrapguard import log
 from wrapguard.config import Config
 from wrapguard.config import Protocol as RouteProto
 from wrapguard.errors import DecodeError
-from wrapguard.netstack.events import Accepted, Closed, ConnId, Event, ListenerId, TcpConfig
+from wrapguard.netstack.events import (
+    Accepted,
+    Closed,
+    Connected,
+    ConnectFailed,
+    ConnId,
+    Event,
+    ListenerId,
+    TcpConfig,
+)
 from wrapguard.netstack.stack import Stack
 from wrapguard.roads.stream import attach_roads, device_endpoint
 from wrapguard.routing import RoutingTable
@@ -276,6 +285,7 @@ class Engine:
 
     def _flush(self) -> None:
         stack = self.stack
+        dispatch = self._dispatch_guarded
         for _ in range(64):  # events may produce packets and packets events: bounded rounds
             batch = []
             for pkt in stack.take_outgoing():
@@ -284,17 +294,38 @@ class Engine:
                     self.unrouted_drops += 1
                     continue
                 batch.append((pkt, peer))
+            # A connection's outcome reaches its flow before this round's packets are sealed
+            # and sent: the door answers its program's connect() at once, and the ACK of the
+            # SYN-ACK follows it (issue 14). Every other event waits for the packets, as
+            # before (ACKs first keep the peer's clock running).
+            held: list[Event] = []
+            outcomes = False
+            event = stack.next_event()
+            while event is not None:
+                if isinstance(event, Connected | ConnectFailed):
+                    dispatch(event)
+                    outcomes = True
+                else:
+                    held.append(event)
+                event = stack.next_event()
             if batch:
                 self.wg.send_packets(batch)
-            event = stack.next_event()
-            if event is None:
+            if not held:
+                if outcomes:
+                    continue  # they may have queued packets
                 break
+            for event in held:
+                dispatch(event)
+            event = stack.next_event()
             while event is not None:
-                try:
-                    self._dispatch(event)
-                except Exception as exc:  # one flow's bug must not stop the others
-                    self.log.error("flow event failed", event=type(event).__name__, error=repr(exc))
+                dispatch(event)
                 event = stack.next_event()
+
+    def _dispatch_guarded(self, event: Event) -> None:
+        try:
+            self._dispatch(event)
+        except Exception as exc:  # one flow's bug must not stop the others
+            self.log.error("flow event failed", event=type(event).__name__, error=repr(exc))
 
     def _dispatch(self, event: Event) -> None:
         if isinstance(event, Accepted):
