@@ -524,6 +524,37 @@ def test_a_told_outcome_answers_a_waiting_connect_at_once(tmp_path: Path) -> Non
     run_with_server(body, tmp_path, backend=backend, connect_timeout=5)
 
 
+def test_requests_in_pieces_and_in_one_write_are_answered_in_order(tmp_path: Path) -> None:
+    """Frames are cut out of the byte stream however they arrive; one that waits (RESOLVE,
+    answered by a task) holds back those behind it, which are then answered in order."""
+
+    async def body(server: ChannelServer, backend: Backend) -> None:
+        assert server.ctl_path is not None
+        reader, writer = await asyncio.open_unix_connection(server.ctl_path)
+        try:
+            hello = emit_request(HelloRequest(1, "0.2.0"), SECRET)
+            writer.write(hello[:3])
+            await asyncio.sleep(0.05)
+            writer.write(hello[3:20])
+            await asyncio.sleep(0.05)
+            writer.write(hello[20:])
+            assert parse_reply(await read_reply(reader)) == HelloReply()
+            resolve = emit_request(ResolveRequest("web.test", 0), SECRET)
+            writer.write(hello + resolve + hello + resolve[:10])
+            assert parse_reply(await read_reply(reader)) == HelloReply()
+            got = parse_reply(await read_reply(reader))
+            assert isinstance(got, ResolveReply) and got.action is ResolveAction.FOUND
+            assert parse_reply(await read_reply(reader)) == HelloReply()
+            writer.write(resolve[10:])
+            got = parse_reply(await read_reply(reader))
+            assert isinstance(got, ResolveReply) and got.action is ResolveAction.FOUND
+            assert server.stats.requests == 5 and server.stats.malformed == 0
+        finally:
+            writer.close()
+
+    run_with_server(body, tmp_path)
+
+
 def test_a_waiting_connect_is_capped_by_the_connect_timeout(tmp_path: Path) -> None:
     async def body(server: ChannelServer, backend: Backend) -> None:
         assert server.ctl_path is not None
