@@ -171,7 +171,7 @@ class Engine:
         self.listeners: dict[int, Callable[[ConnId], None]] = {}
         self._peer_for_packet = PeerChooser(routing)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._flush_scheduled = False
+        self._flush_handle: asyncio.Handle | None = None  # a flush scheduled for this turn
         self._rx_pending = 0
         self._hs_watched: set[int] = set()
         self._timer: DeadlineTimer | None = None
@@ -270,13 +270,18 @@ class Engine:
         return True
 
     def schedule_flush(self) -> None:
-        if not self._flush_scheduled and self._loop is not None:
-            self._flush_scheduled = True
-            self._loop.call_soon(self.flush)
+        if self._flush_handle is None and self._loop is not None:
+            self._flush_handle = self._loop.call_soon(self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        self._flush_handle = None
+        self.flush()
 
     def flush(self) -> None:
         """Send what the stack produced and hand its events to their owners."""
-        self._flush_scheduled = False
+        handle, self._flush_handle = self._flush_handle, None
+        if handle is not None:  # flushed now: the scheduled one would find nothing to do
+            handle.cancel()
         self._rx_pending = 0
         try:
             self._flush()
@@ -372,9 +377,10 @@ class Engine:
         cid = self.stack.connect(dst, port, self.now(), local_port)
         self.handlers[cid] = handler
         self.schedule_flush()
-        peer = self.route(dst, 6, port)
-        if peer is not None:
-            self.watch_handshake(peer)
+        if len(self.handshakes_done | self._hs_watched) < len(self.device.peers):
+            peer = self.route(dst, 6, port)  # (else every peer is answering or watched)
+            if peer is not None:
+                self.watch_handshake(peer)
         return cid
 
     def abort(self, cid: ConnId) -> None:

@@ -112,6 +112,7 @@ FILTER_NOW_MAX = 8
 # connect's path). Until then the listener resets what comes from it (_accept_data).
 FILTER_TIGHTEN_AFTER = 0.02
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_LOOPBACK4, _LOOPBACK6 = IPv4Address("127.0.0.1"), IPv6Address("::1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -509,9 +510,7 @@ class ChannelServer:
             self._tokens.pop(token).cancel()
             return ConnectReply(Action.FAIL, exc.errno or errno.ENETUNREACH)
         self._announce(token, lo_port)
-        lo_ip: IPv4Address | IPv6Address = IPv4Address("127.0.0.1")
-        if dst.family == 6 and self._has_v6:
-            lo_ip = IPv6Address("::1")
+        lo_ip = _LOOPBACK6 if dst.family == 6 and self._has_v6 else _LOOPBACK4
         return ConnectReply(Action.TUNNEL, 0, Address(lo_ip, self.data_port), token, source)
 
     def _udp_assoc(self, local: Address, dst: Address) -> UdpAssocReply:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import socket
 from collections.abc import Callable, Sequence
 
@@ -87,8 +86,8 @@ class PreloadOutbound:
         self.futures[token] = outcome
         if gate:
             self.gates[token] = _Gate()
-        local = relay.local()
-        return None if local is None else Address(plain(ipaddress.ip_address(local[0])), local[1])
+        local = relay.local_address()
+        return None if local is None else Address(plain(local[0]), local[1])
 
     def tcp_attached(self, token: bytes, sock: socket.socket) -> None:
         relay = self.relays.get(token)
