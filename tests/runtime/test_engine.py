@@ -35,9 +35,11 @@ class Recorder:
 
     def __init__(self) -> None:
         self.log: list[tuple[str, object]] = []
+        self.sent: list[bytes] = []
 
     def send_packets(self, batch: list[tuple[bytes, int | None]]) -> None:
         for pkt, _peer in batch:
+            self.sent.append(pkt)
             self.log.append(("sent", parse_tcp(parse_ip(pkt).payload).flags))
 
     def on_event(self, event: Event) -> None:
@@ -62,17 +64,9 @@ def test_the_outcome_reaches_its_flow_before_the_ack_of_the_syn_ack_is_sent() ->
     """A door answers its program's connect() from the Connected event: that must not wait
     for the ACK's seal and send (issue 14). Other events still follow the round's packets."""
     engine, rec = engine_with_recorder()
-    sent: list[bytes] = []
-    real = rec.send_packets
-
-    def keep(batch: list[tuple[bytes, int | None]]) -> None:
-        sent.extend(p for p, _ in batch)
-        real(batch)
-
-    engine.wg.send_packets = keep  # type: ignore[method-assign]
     engine.connect(ip_address(PEER), 9000, rec)
     engine.flush()
-    syn = parse_tcp(parse_ip(sent[0]).payload)
+    syn = parse_tcp(parse_ip(rec.sent[0]).payload)
     assert syn.flags == SYN and rec.log == [("sent", SYN)]
     rec.log.clear()
     now = engine.now()
@@ -91,14 +85,6 @@ def test_a_preload_connect_is_told_its_outcome_before_the_ack_is_sent() -> None:
     callback runs inside the flush, before the ACK leaves (the future's callbacks would run
     a loop turn later)."""
     engine, rec = engine_with_recorder()
-    sent: list[bytes] = []
-    real = rec.send_packets
-
-    def keep(batch: list[tuple[bytes, int | None]]) -> None:
-        sent.extend(p for p, _ in batch)
-        real(batch)
-
-    engine.wg.send_packets = keep  # type: ignore[method-assign]
 
     async def main() -> None:
         session = SimpleNamespace(engine=engine, bypass=BypassList())
@@ -109,7 +95,7 @@ def test_a_preload_connect_is_told_its_outcome_before_the_ack_is_sent() -> None:
         assert out.tell(token, lambda st: rec.log.append(("told", st)))
         fut = out.status(token)
         assert fut is not None and not fut.done()
-        syn = parse_tcp(parse_ip(sent[0]).payload)
+        syn = parse_tcp(parse_ip(rec.sent[0]).payload)
         rec.log.clear()
         engine.stack.receive_packet(from_peer(syn, SYN | ACK), engine.now())
         engine.flush()
