@@ -292,6 +292,18 @@ class Engine:
         stack = self.stack
         dispatch = self._dispatch_guarded
         for _ in range(64):  # events may produce packets and packets events: bounded rounds
+            # A connection's outcome reaches its flow before this round's packets are built,
+            # sealed and sent: the door answers its program's connect() at once, and the ACK
+            # of the SYN-ACK follows it (issue 14). Every other event waits for the packets,
+            # as before (ACKs first keep the peer's clock running).
+            held: list[Event] = []
+            event = stack.next_event()
+            while event is not None:
+                if isinstance(event, Connected | ConnectFailed):
+                    dispatch(event)  # what it queues leaves with this round's packets
+                else:
+                    held.append(event)
+                event = stack.next_event()
             batch = []
             for pkt in stack.take_outgoing():
                 peer = self._peer_for_packet(pkt)
@@ -299,25 +311,9 @@ class Engine:
                     self.unrouted_drops += 1
                     continue
                 batch.append((pkt, peer))
-            # A connection's outcome reaches its flow before this round's packets are sealed
-            # and sent: the door answers its program's connect() at once, and the ACK of the
-            # SYN-ACK follows it (issue 14). Every other event waits for the packets, as
-            # before (ACKs first keep the peer's clock running).
-            held: list[Event] = []
-            outcomes = False
-            event = stack.next_event()
-            while event is not None:
-                if isinstance(event, Connected | ConnectFailed):
-                    dispatch(event)
-                    outcomes = True
-                else:
-                    held.append(event)
-                event = stack.next_event()
             if batch:
                 self.wg.send_packets(batch)
             if not held:
-                if outcomes:
-                    continue  # they may have queued packets
                 break
             for event in held:
                 dispatch(event)
