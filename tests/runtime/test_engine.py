@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from ipaddress import ip_address
 from types import SimpleNamespace
 
@@ -101,5 +102,35 @@ def test_a_preload_connect_is_told_its_outcome_before_the_ack_is_sent() -> None:
         engine.flush()
         assert rec.log == [("told", 0), ("sent", ACK)] and fut.result() == 0
         assert not out.tell(token, lambda st: None)  # known already: nothing to wait for
+
+    asyncio.run(main())
+
+
+def test_a_failing_status_callback_does_not_stop_the_flow() -> None:
+    engine, rec = engine_with_recorder()
+
+    def broken(status: int) -> None:
+        raise RuntimeError("a door's bug")
+
+    async def main() -> None:
+        session = SimpleNamespace(engine=engine, bypass=BypassList())
+        service = TunnelService(session)  # type: ignore[arg-type]
+        relay, fut = service.open_tcp(ip_address(PEER), 9000, on_status=broken)
+        program, ours = socket.socketpair()
+        relay.attach_socket(ours)
+        program.sendall(b"sent before the tunnel was open")
+        syn = parse_tcp(parse_ip(rec.sent[0]).payload)
+        engine.stack.receive_packet(from_peer(syn, SYN | ACK), engine.now())
+        engine.flush()
+        assert fut.result() == 0
+        for _ in range(50):  # the relay reads the program's bytes and sends them on
+            await asyncio.sleep(0.01)
+            engine.flush()  # (not started: nothing schedules it)
+            if any(parse_tcp(parse_ip(p).payload).payload for p in rec.sent):
+                break
+        assert b"".join(parse_tcp(parse_ip(p).payload).payload for p in rec.sent) == (
+            b"sent before the tunnel was open"
+        )
+        program.close()
 
     asyncio.run(main())

@@ -245,7 +245,10 @@ class TunnelService:
             if not outcome.done():
                 outcome.set_result(status)
                 if on_status is not None:
-                    on_status(status)
+                    try:
+                        on_status(status)
+                    except Exception as exc:  # as a future's callback: the flow goes on
+                        self.log.error("flow status callback failed", error=repr(exc))
 
         def ended(relay: TcpRelay) -> None:
             known(relay.status or errno.ECONNRESET)
