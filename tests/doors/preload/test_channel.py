@@ -453,6 +453,18 @@ def test_one_connection_carries_many_requests_one_at_a_time(
     run_with_server(body, tmp_path)
 
 
+async def waiting_connect(
+    server: ChannelServer,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, ConnectReply]:
+    """A control connection with a CONNECT with WAIT sent and its TUNNEL reply read."""
+    assert server.ctl_path is not None
+    reader, writer = await asyncio.open_unix_connection(server.ctl_path)
+    writer.write(emit_request(ConnectRequest(Proto.TCP, DST, wait=True), SECRET))
+    rep = parse_reply(await read_reply(reader))
+    assert isinstance(rep, ConnectReply) and rep.action is Action.TUNNEL
+    return reader, writer, rep
+
+
 def test_a_waiting_connect_is_followed_by_its_outcome_on_the_same_connection(
     tmp_path: Path,
 ) -> None:
@@ -460,12 +472,8 @@ def test_a_waiting_connect_is_followed_by_its_outcome_on_the_same_connection(
     follows on the same connection when the outcome is known; DIRECT gets no second frame."""
 
     async def body(server: ChannelServer, backend: Backend) -> None:
-        assert server.ctl_path is not None
-        reader, writer = await asyncio.open_unix_connection(server.ctl_path)
+        reader, writer, rep = await waiting_connect(server)
         try:
-            writer.write(emit_request(ConnectRequest(Proto.TCP, DST, wait=True), SECRET))
-            rep = parse_reply(await read_reply(reader))
-            assert isinstance(rep, ConnectReply) and rep.action is Action.TUNNEL
             outcome = asyncio.ensure_future(read_reply(reader))
             await asyncio.sleep(0.2)
             assert not outcome.done()  # held until the outcome is known
@@ -504,12 +512,8 @@ def test_a_told_outcome_answers_a_waiting_connect_at_once(tmp_path: Path) -> Non
     backend = TellingBackend()
 
     async def body(server: ChannelServer, _: Backend) -> None:
-        assert server.ctl_path is not None
-        reader, writer = await asyncio.open_unix_connection(server.ctl_path)
+        reader, writer, rep = await waiting_connect(server)
         try:
-            writer.write(emit_request(ConnectRequest(Proto.TCP, DST, wait=True), SECRET))
-            rep = parse_reply(await read_reply(reader))
-            assert isinstance(rep, ConnectReply) and rep.action is Action.TUNNEL
             await asyncio.sleep(0.05)
             assert list(backend.tellers) == [rep.token]
             backend.tellers[rep.token](errno.EHOSTUNREACH)  # the future stays unresolved
@@ -557,12 +561,8 @@ def test_requests_in_pieces_and_in_one_write_are_answered_in_order(tmp_path: Pat
 
 def test_a_waiting_connect_is_capped_by_the_connect_timeout(tmp_path: Path) -> None:
     async def body(server: ChannelServer, backend: Backend) -> None:
-        assert server.ctl_path is not None
-        reader, writer = await asyncio.open_unix_connection(server.ctl_path)
+        reader, writer, rep = await waiting_connect(server)
         try:
-            writer.write(emit_request(ConnectRequest(Proto.TCP, DST, wait=True), SECRET))
-            rep = parse_reply(await read_reply(reader))
-            assert isinstance(rep, ConnectReply) and rep.action is Action.TUNNEL
             outcome = parse_reply(await read_reply(reader))  # the outcome never comes
             assert outcome == StatusReply(StatusAction.DONE, errno.ETIMEDOUT)
             backend.status_futures[rep.token].set_result(0)  # too late: nothing more is sent
