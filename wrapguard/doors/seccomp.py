@@ -310,8 +310,16 @@ class SeccompDoor:
             lhost = "::ffff:" + lhost
         inode = os.fstat(dup).st_ino
         flow = _Flow(TCP, family, dst, dst, nonblocking, inode=inode)
+        joined: list[tuple[str, int]] = []  # the program's loopback address, once joined
+
+        def opened(status: int) -> None:
+            # Open: answer from the engine's dispatch (before the ACK is sealed, no loop
+            # turn). A failure tears the flow down: that waits for the future, as before.
+            if status == 0 and joined:
+                self._outcome(sup, flow, n, status, joined[0])
+
         relay, outcome = self.service.open_tcp(
-            target[0], target[1], on_done=lambda _r: self._ended(flow)
+            target[0], target[1], on_done=lambda _r: self._ended(flow), on_status=opened
         )
         flow.relay = relay
         flow.local = self.service.tcp_local(relay)
@@ -342,7 +350,13 @@ class SeccompDoor:
             sup.answer(n, error=errno.EINPROGRESS)
         else:
             flow.so_error_told = True
-        outcome.add_done_callback(lambda f: self._outcome(sup, flow, n, f.result(), key))
+        joined.append(key)
+
+        def done(f: asyncio.Future[int]) -> None:
+            if flow.status is None:  # not told by opened()
+                self._outcome(sup, flow, n, f.result(), key)
+
+        outcome.add_done_callback(done)
 
     def _outcome(self, sup: _Supervisor, flow: _Flow, n: sc.Notification, status: int,
                  key: tuple[str, int]) -> None:  # fmt: skip

@@ -22,7 +22,16 @@ from wrapguard import log
 from wrapguard.config import Config
 from wrapguard.config import Protocol as RouteProto
 from wrapguard.errors import DecodeError
-from wrapguard.netstack.events import Accepted, Closed, ConnId, Event, ListenerId, TcpConfig
+from wrapguard.netstack.events import (
+    Accepted,
+    Closed,
+    Connected,
+    ConnectFailed,
+    ConnId,
+    Event,
+    ListenerId,
+    TcpConfig,
+)
 from wrapguard.netstack.stack import Stack
 from wrapguard.roads.stream import attach_roads, device_endpoint
 from wrapguard.routing import RoutingTable
@@ -162,7 +171,7 @@ class Engine:
         self.listeners: dict[int, Callable[[ConnId], None]] = {}
         self._peer_for_packet = PeerChooser(routing)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._flush_scheduled = False
+        self._flush_handle: asyncio.Handle | None = None  # a flush scheduled for this turn
         self._rx_pending = 0
         self._hs_watched: set[int] = set()
         self._timer: DeadlineTimer | None = None
@@ -261,13 +270,18 @@ class Engine:
         return True
 
     def schedule_flush(self) -> None:
-        if not self._flush_scheduled and self._loop is not None:
-            self._flush_scheduled = True
-            self._loop.call_soon(self.flush)
+        if self._flush_handle is None and self._loop is not None:
+            self._flush_handle = self._loop.call_soon(self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        self._flush_handle = None
+        self.flush()
 
     def flush(self) -> None:
         """Send what the stack produced and hand its events to their owners."""
-        self._flush_scheduled = False
+        handle, self._flush_handle = self._flush_handle, None
+        if handle is not None:  # flushed now: the scheduled one would find nothing to do
+            handle.cancel()
         self._rx_pending = 0
         try:
             self._flush()
@@ -276,7 +290,20 @@ class Engine:
 
     def _flush(self) -> None:
         stack = self.stack
+        dispatch = self._dispatch_guarded
         for _ in range(64):  # events may produce packets and packets events: bounded rounds
+            # A connection's outcome reaches its flow before this round's packets are built,
+            # sealed and sent: the door answers its program's connect() at once, and the ACK
+            # of the SYN-ACK follows it (issue 14). Every other event waits for the packets,
+            # as before (ACKs first keep the peer's clock running).
+            held: list[Event] = []
+            event = stack.next_event()
+            while event is not None:
+                if isinstance(event, Connected | ConnectFailed):
+                    dispatch(event)  # what it queues leaves with this round's packets
+                else:
+                    held.append(event)
+                event = stack.next_event()
             batch = []
             for pkt in stack.take_outgoing():
                 peer = self._peer_for_packet(pkt)
@@ -286,15 +313,20 @@ class Engine:
                 batch.append((pkt, peer))
             if batch:
                 self.wg.send_packets(batch)
-            event = stack.next_event()
-            if event is None:
+            if not held:
                 break
+            for event in held:
+                dispatch(event)
+            event = stack.next_event()
             while event is not None:
-                try:
-                    self._dispatch(event)
-                except Exception as exc:  # one flow's bug must not stop the others
-                    self.log.error("flow event failed", event=type(event).__name__, error=repr(exc))
+                dispatch(event)
                 event = stack.next_event()
+
+    def _dispatch_guarded(self, event: Event) -> None:
+        try:
+            self._dispatch(event)
+        except Exception as exc:  # one flow's bug must not stop the others
+            self.log.error("flow event failed", event=type(event).__name__, error=repr(exc))
 
     def _dispatch(self, event: Event) -> None:
         if isinstance(event, Accepted):
@@ -341,9 +373,10 @@ class Engine:
         cid = self.stack.connect(dst, port, self.now(), local_port)
         self.handlers[cid] = handler
         self.schedule_flush()
-        peer = self.route(dst, 6, port)
-        if peer is not None:
-            self.watch_handshake(peer)
+        if len(self.handshakes_done | self._hs_watched) < len(self.device.peers):
+            peer = self.route(dst, 6, port)  # (else every peer is answering or watched)
+            if peer is not None:
+                self.watch_handshake(peer)
         return cid
 
     def abort(self, cid: ConnId) -> None:

@@ -16,6 +16,7 @@ import errno
 import socket
 import struct
 from collections.abc import Callable
+from ipaddress import IPv4Address, IPv6Address
 
 from wrapguard.netstack import TcpState
 from wrapguard.netstack.events import (
@@ -254,13 +255,17 @@ class TcpRelay:
     def local(self) -> tuple[str, int] | None:
         """Our end of the tunnel flow (tunnel address, port) while it exists: what a SOCKS5
         reply names as BND.ADDR/BND.PORT."""
+        local = self.local_address()
+        return None if local is None else (str(local[0]), local[1])
+
+    def local_address(self) -> tuple[IPv4Address | IPv6Address, int] | None:
+        """`local()` with the address as an address object."""
         if self.cid is None or self._stack_closed:
             return None
         try:
-            addr, port = self.engine.stack.conn_info(self.cid).local
+            return self.engine.stack.conn_info(self.cid).local
         except OSError:  # already gone
             return None
-        return str(addr), port
 
     def remote(self) -> tuple[str, int] | None:
         """The far end of the tunnel flow (its address, port) while it exists."""

@@ -225,12 +225,15 @@ class TunnelService:
         *,
         src_port: int = 0,
         on_done: Callable[[TcpRelay], None] | None = None,
+        on_status: Callable[[int], None] | None = None,
     ) -> tuple[TcpRelay, asyncio.Future[int]]:
         """Connect through the tunnel (a captured DNS query to its real target, see
         `route`). The future gives 0 once open, or the errno of the failure (ECONNREFUSED,
         ETIMEDOUT, EHOSTUNREACH); the door then joins its socket with
-        `relay.attach_socket(sock, initial)` (or lets the relay go on failure). `on_done`
-        runs when the flow has ended. Raises OSError (EADDRINUSE for a taken `src_port`)."""
+        `relay.attach_socket(sock, initial)` (or lets the relay go on failure). `on_status`
+        gets the same outcome the moment it is known (the future's callbacks run a loop turn
+        later: a door that answers its program there answers sooner). `on_done` runs when the
+        flow has ended. Raises OSError (EADDRINUSE for a taken `src_port`)."""
         loop = asyncio.get_running_loop()
         outcome: asyncio.Future[int] = loop.create_future()
         ip = plain(ip)
@@ -238,17 +241,21 @@ class TunnelService:
         if target is not None:
             ip, port = target
 
-        def on_status(status: int) -> None:
+        def known(status: int) -> None:
             if not outcome.done():
                 outcome.set_result(status)
+                if on_status is not None:
+                    try:
+                        on_status(status)
+                    except Exception as exc:  # as a future's callback: the flow goes on
+                        self.log.error("flow status callback failed", error=repr(exc))
 
         def ended(relay: TcpRelay) -> None:
-            if not outcome.done():
-                outcome.set_result(relay.status or errno.ECONNRESET)
+            known(relay.status or errno.ECONNRESET)
             if on_done is not None:
                 on_done(relay)
 
-        relay = TcpRelay(self.engine, on_status=on_status, on_done=ended)
+        relay = TcpRelay(self.engine, on_status=known, on_done=ended)
         cid = self.engine.connect(ip, port, relay, src_port)
         relay.attach_conn(cid)
         # The SYN leaves now, before the door answers its program: the tunnel's round trip

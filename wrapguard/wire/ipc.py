@@ -501,11 +501,11 @@ def parse_request(data: bytes) -> tuple[bytes, Request]:
     version, op_num, flags, secret = _REQ_HDR.unpack_from(data, PREFIX_LEN)
     if version != VERSION:
         raise DecodeError(f"ipc: unknown version {version}")
+    if op_num == _OP_CONNECT:  # one per connect(): first, and with no enum look-ups
+        return bytes(secret), _parse_connect(body, flags)
     op = _op(op_num)
-    if op not in (Op.STATUS, Op.CONNECT, Op.LISTEN) and flags != 0:
+    if op not in (Op.STATUS, Op.LISTEN) and flags != 0:
         raise DecodeError("ipc: unknown flags")
-    if op is Op.CONNECT and (flags & ~(FLAG_GATE | FLAG_CONNECT_WAIT) or flags == 3):
-        raise DecodeError("ipc: unknown CONNECT flags")
     req: Request
     match op:
         case Op.HELLO:
@@ -518,33 +518,10 @@ def parse_request(data: bytes) -> tuple[bytes, Request]:
             except UnicodeDecodeError:
                 raise DecodeError("ipc: HELLO version is not UTF-8") from None
             req = HelloRequest(pid, text)
-        case Op.CONNECT | Op.LISTEN | Op.UNLISTEN:
-            src_port = lo_port = 0
-            # CONNECT: then nothing, `u16 src_port` (non-zero), or `u16 src_port` (0: none)
-            # and `u16 lo_port` (non-zero); one encoding per request, so frames round-trip.
-            if op is Op.CONNECT and len(body) == 3 + ADDR_LEN:
-                src_port = int.from_bytes(body[1 + ADDR_LEN :], "big")
-                if src_port == 0:
-                    raise DecodeError("ipc: CONNECT source port 0 must be left out")
-                body = body[: 1 + ADDR_LEN]
-            elif op is Op.CONNECT and len(body) == 5 + ADDR_LEN:
-                src_port = int.from_bytes(body[1 + ADDR_LEN : 3 + ADDR_LEN], "big")
-                lo_port = int.from_bytes(body[3 + ADDR_LEN :], "big")
-                if lo_port == 0:
-                    raise DecodeError("ipc: CONNECT loopback port 0 must be left out")
-                body = body[: 1 + ADDR_LEN]
+        case Op.LISTEN | Op.UNLISTEN:
             _exact(body, 1 + ADDR_LEN, op.name)
             proto, addr = _proto(body[0]), parse_address(body, 1)
-            if op is Op.CONNECT:
-                req = ConnectRequest(
-                    proto,
-                    addr,
-                    bool(flags & FLAG_GATE),
-                    src_port,
-                    lo_port,
-                    bool(flags & FLAG_CONNECT_WAIT),
-                )
-            elif op is Op.LISTEN:
+            if op is Op.LISTEN:
                 if flags & ~FLAG_V6ONLY:
                     raise DecodeError("ipc: unknown LISTEN flags")
                 req = ListenRequest(proto, addr, bool(flags & FLAG_V6ONLY))
@@ -575,6 +552,38 @@ def parse_request(data: bytes) -> tuple[bytes, Request]:
                 raise DecodeError(f"ipc: bad RESOLVE family {body[0]}")
             req = ResolveRequest(_text(body[3:], "RESOLVE name"), body[0], body[1])
     return bytes(secret), req
+
+
+_OP_CONNECT = int(Op.CONNECT)
+
+
+def _parse_connect(body: bytes, flags: int) -> ConnectRequest:
+    """CONNECT's body: proto, address, then nothing, `u16 src_port` (non-zero), or `u16
+    src_port` (0: none) and `u16 lo_port` (non-zero); one encoding per request, so frames
+    round-trip."""
+    if flags & ~(FLAG_GATE | FLAG_CONNECT_WAIT) or flags == FLAG_GATE | FLAG_CONNECT_WAIT:
+        raise DecodeError("ipc: unknown CONNECT flags")
+    src_port = lo_port = 0
+    n = len(body)
+    if n == 3 + ADDR_LEN:
+        src_port = int.from_bytes(body[1 + ADDR_LEN :], "big")
+        if src_port == 0:
+            raise DecodeError("ipc: CONNECT source port 0 must be left out")
+    elif n == 5 + ADDR_LEN:
+        src_port = int.from_bytes(body[1 + ADDR_LEN : 3 + ADDR_LEN], "big")
+        lo_port = int.from_bytes(body[3 + ADDR_LEN :], "big")
+        if lo_port == 0:
+            raise DecodeError("ipc: CONNECT loopback port 0 must be left out")
+    else:
+        _exact(body, 1 + ADDR_LEN, "CONNECT")
+    return ConnectRequest(
+        _proto(body[0]),
+        parse_address(body, 1),
+        bool(flags & FLAG_GATE),
+        src_port,
+        lo_port,
+        bool(flags & FLAG_CONNECT_WAIT),
+    )
 
 
 # -- replies ---------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from wrapguard.doors.preload import channel as channel_mod
-from wrapguard.doors.preload.channel import ChannelServer, Decision
+from wrapguard.doors.preload.channel import FILTER_TIGHTEN_AFTER, ChannelServer, Decision
 from wrapguard.errors import DecodeError, WrapguardError
 from wrapguard.runtime import synfilter
 from wrapguard.wire.ipc import (
@@ -203,7 +203,7 @@ def run_with_server(
     tmp_path: Path,
     **kwargs: Any,
 ) -> ChannelServer:
-    backend = Backend()
+    backend = kwargs.pop("backend", None) or Backend()
     server = ChannelServer(backend, secret=SECRET, uid=kwargs.pop("uid", os.getuid()), **kwargs)
 
     async def main() -> None:
@@ -453,6 +453,18 @@ def test_one_connection_carries_many_requests_one_at_a_time(
     run_with_server(body, tmp_path)
 
 
+async def waiting_connect(
+    server: ChannelServer,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, ConnectReply]:
+    """A control connection with a CONNECT with WAIT sent and its TUNNEL reply read."""
+    assert server.ctl_path is not None
+    reader, writer = await asyncio.open_unix_connection(server.ctl_path)
+    writer.write(emit_request(ConnectRequest(Proto.TCP, DST, wait=True), SECRET))
+    rep = parse_reply(await read_reply(reader))
+    assert isinstance(rep, ConnectReply) and rep.action is Action.TUNNEL
+    return reader, writer, rep
+
+
 def test_a_waiting_connect_is_followed_by_its_outcome_on_the_same_connection(
     tmp_path: Path,
 ) -> None:
@@ -460,12 +472,8 @@ def test_a_waiting_connect_is_followed_by_its_outcome_on_the_same_connection(
     follows on the same connection when the outcome is known; DIRECT gets no second frame."""
 
     async def body(server: ChannelServer, backend: Backend) -> None:
-        assert server.ctl_path is not None
-        reader, writer = await asyncio.open_unix_connection(server.ctl_path)
+        reader, writer, rep = await waiting_connect(server)
         try:
-            writer.write(emit_request(ConnectRequest(Proto.TCP, DST, wait=True), SECRET))
-            rep = parse_reply(await read_reply(reader))
-            assert isinstance(rep, ConnectReply) and rep.action is Action.TUNNEL
             outcome = asyncio.ensure_future(read_reply(reader))
             await asyncio.sleep(0.2)
             assert not outcome.done()  # held until the outcome is known
@@ -487,14 +495,74 @@ def test_a_waiting_connect_is_followed_by_its_outcome_on_the_same_connection(
     run_with_server(body, tmp_path)
 
 
-def test_a_waiting_connect_is_capped_by_the_connect_timeout(tmp_path: Path) -> None:
+@dataclass
+class TellingBackend(Backend):
+    """A backend that tells outcomes the moment they are known (PreloadOutbound.tell)."""
+
+    tellers: dict[bytes, Callable[[int], None]] = field(default_factory=dict)
+
+    def tell(self, token: bytes, callback: Callable[[int], None]) -> bool:
+        self.tellers[token] = callback
+        return True
+
+
+def test_a_told_outcome_answers_a_waiting_connect_at_once(tmp_path: Path) -> None:
+    """The outcome told by the backend (from the engine's event dispatch) is written then and
+    there: no loop turn for the future's callbacks, nor the future at all."""
+    backend = TellingBackend()
+
+    async def body(server: ChannelServer, _: Backend) -> None:
+        reader, writer, rep = await waiting_connect(server)
+        try:
+            await asyncio.sleep(0.05)
+            assert list(backend.tellers) == [rep.token]
+            backend.tellers[rep.token](errno.EHOSTUNREACH)  # the future stays unresolved
+            got = parse_reply(await asyncio.wait_for(read_reply(reader), 1))
+            assert got == StatusReply(StatusAction.DONE, errno.EHOSTUNREACH)
+            backend.status_futures[rep.token].set_result(0)  # later: nothing more is sent
+            writer.write(emit_request(HelloRequest(1, "0.2.0"), SECRET))
+            assert parse_reply(await read_reply(reader)) == HelloReply()
+        finally:
+            writer.close()
+
+    run_with_server(body, tmp_path, backend=backend, connect_timeout=5)
+
+
+def test_requests_in_pieces_and_in_one_write_are_answered_in_order(tmp_path: Path) -> None:
+    """Frames are cut out of the byte stream however they arrive; one that waits (RESOLVE,
+    answered by a task) holds back those behind it, which are then answered in order."""
+
     async def body(server: ChannelServer, backend: Backend) -> None:
         assert server.ctl_path is not None
         reader, writer = await asyncio.open_unix_connection(server.ctl_path)
         try:
-            writer.write(emit_request(ConnectRequest(Proto.TCP, DST, wait=True), SECRET))
-            rep = parse_reply(await read_reply(reader))
-            assert isinstance(rep, ConnectReply) and rep.action is Action.TUNNEL
+            hello = emit_request(HelloRequest(1, "0.2.0"), SECRET)
+            writer.write(hello[:3])
+            await asyncio.sleep(0.05)
+            writer.write(hello[3:20])
+            await asyncio.sleep(0.05)
+            writer.write(hello[20:])
+            assert parse_reply(await read_reply(reader)) == HelloReply()
+            resolve = emit_request(ResolveRequest("web.test", 0), SECRET)
+            writer.write(hello + resolve + hello + resolve[:10])
+            assert parse_reply(await read_reply(reader)) == HelloReply()
+            got = parse_reply(await read_reply(reader))
+            assert isinstance(got, ResolveReply) and got.action is ResolveAction.FOUND
+            assert parse_reply(await read_reply(reader)) == HelloReply()
+            writer.write(resolve[10:])
+            got = parse_reply(await read_reply(reader))
+            assert isinstance(got, ResolveReply) and got.action is ResolveAction.FOUND
+            assert server.stats.requests == 5 and server.stats.malformed == 0
+        finally:
+            writer.close()
+
+    run_with_server(body, tmp_path)
+
+
+def test_a_waiting_connect_is_capped_by_the_connect_timeout(tmp_path: Path) -> None:
+    async def body(server: ChannelServer, backend: Backend) -> None:
+        reader, writer, rep = await waiting_connect(server)
+        try:
             outcome = parse_reply(await read_reply(reader))  # the outcome never comes
             assert outcome == StatusReply(StatusAction.DONE, errno.ETIMEDOUT)
             backend.status_futures[rep.token].set_result(0)  # too late: nothing more is sent
@@ -672,6 +740,61 @@ def test_only_announced_ports_get_past_the_kernel_filter(tmp_path: Path) -> None
             await connect_data(server, again, timeout=1.5)
         again.close()
         assert server.stats.unannounced == 0 and len(backend.attached) == 2
+
+    run_with_server(body, tmp_path)
+
+
+def test_one_filter_update_per_connect_and_used_ports_leave_with_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A presented token's port is not taken out of the filter on the connect's path: it
+    leaves with the next CONNECT's update, or FILTER_TIGHTEN_AFTER later."""
+    updates: list[bytes] = []
+    real = synfilter.attach
+
+    def counted(sock: socket.socket, prog: bytes) -> None:
+        updates.append(prog)
+        real(sock, prog)
+
+    monkeypatch.setattr(synfilter, "attach", counted)
+
+    async def body(server: ChannelServer, backend: Backend) -> None:
+        listeners = len(server._tcp_listeners)
+        assert len(updates) == listeners  # at start: nobody
+        a = bound()
+        rep = await tunnel(server, a)
+        assert len(updates) == 2 * listeners and updates[-1] == synfilter.program([lo_port(a)])
+        r, w = await connect_data(server, a)
+        w.write(rep.token)
+        assert await asyncio.wait_for(r.read(), 5) == b"attached"
+        w.close()
+        assert len(updates) == 2 * listeners  # the used port is still let in
+        b = bound()
+        await tunnel(server, b)  # its update takes a's port out
+        assert len(updates) == 3 * listeners and updates[-1] == synfilter.program([lo_port(b)])
+        server._expire(next(iter(server._tokens)))  # b's token is never presented
+        assert len(updates) == 3 * listeners
+        await asyncio.sleep(FILTER_TIGHTEN_AFTER + 0.05)
+        assert len(updates) == 4 * listeners and updates[-1] == synfilter.program([])
+        await asyncio.sleep(FILTER_TIGHTEN_AFTER + 0.05)
+        assert len(updates) == 4 * listeners
+
+    run_with_server(body, tmp_path)
+
+
+def test_a_token_in_pieces_is_still_taken(tmp_path: Path) -> None:
+    async def body(server: ChannelServer, backend: Backend) -> None:
+        ours = bound()
+        rep = await tunnel(server, ours)
+        r, w = await connect_data(server, ours)
+        w.write(rep.token[:5])
+        await w.drain()
+        await asyncio.sleep(0.05)
+        assert backend.attached == []
+        w.write(rep.token[5:])
+        assert await asyncio.wait_for(r.read(), 5) == b"attached"
+        w.close()
+        assert backend.attached == [rep.token] and server.stats.no_token == 0
 
     run_with_server(body, tmp_path)
 

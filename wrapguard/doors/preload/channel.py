@@ -25,7 +25,7 @@ import stat
 import struct
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import Protocol
@@ -107,7 +107,12 @@ TOKEN_TTL = 10.0  # a token not presented by then is dropped and counted
 # Up to this many outstanding tokens a CONNECT updates the kernel filter before it replies;
 # more (a burst) share one update per loop iteration (_filter_changed).
 FILTER_NOW_MAX = 8
+# A presented or expired token's port leaves the filter with the next update: the next
+# CONNECT's, or this many seconds later (an update is a setsockopt per listener: kept off the
+# connect's path). Until then the listener resets what comes from it (_accept_data).
+FILTER_TIGHTEN_AFTER = 0.02
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_LOOPBACK4, _LOOPBACK6 = IPv4Address("127.0.0.1"), IPv6Address("::1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,9 +295,11 @@ class ChannelServer:
         self._filter_prog: bytes | None = None  # what the listeners have; None: no filter
         self._filter_ok = True
         self._filter_sync: asyncio.Future[None] | None = None
+        self._tighten: asyncio.TimerHandle | None = None  # a deferred update (released ports)
         self._pid = 0
         self._data_pending: dict[socket.socket, tuple[bytearray, asyncio.TimerHandle]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # requests that wait (RESOLVE, ...)
+        self._ctl_conns: set[_CtlConnection] = set()
         self.stats = ChannelStats()
         self.directory: str | None = None
         self.ctl_path: str | None = None
@@ -316,10 +323,10 @@ class ChannelServer:
         try:
             os.chmod(self.directory, 0o700)
             self.ctl_path = os.path.join(self.directory, "ctl.sock")
-            ctl = await asyncio.start_unix_server(self._on_ctl, path=self.ctl_path)
+            loop = asyncio.get_running_loop()
+            ctl = await loop.create_unix_server(self._ctl_connection, path=self.ctl_path)
             self._servers.append(ctl)
             os.chmod(self.ctl_path, 0o600)
-            loop = asyncio.get_running_loop()
             udp = self._udp_data_socket()
             loop.add_reader(udp.fileno(), self._accept_udp_data, udp)
             self._data_listeners.append(udp)
@@ -393,10 +400,14 @@ class ChannelServer:
                 self._drop_data(conn)
             for handle in self._tokens.values():
                 handle.cancel()
-            for task in self._tasks:
+            for task in list(self._tasks):
                 task.cancel()
+            for ctl_conn in list(self._ctl_conns):
+                ctl_conn.close()
             if self._filter_sync is not None and not self._filter_sync.done():
                 self._filter_sync.set_result(None)
+            if self._tighten is not None:
+                self._tighten.cancel()
         finally:
             self._servers.clear()
             self._data_listeners.clear()
@@ -411,75 +422,13 @@ class ChannelServer:
 
     # -- control requests --------------------------------------------------------------------
 
-    async def _on_ctl(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-        try:
-            await self._serve_ctl(reader, writer)
-        finally:
-            if task is not None:
-                self._tasks.discard(task)
-            writer.close()
+    def _ctl_connection(self) -> _CtlConnection:
+        return _CtlConnection(self)
 
-    async def _serve_ctl(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.stats.connections += 1
-        sock = writer.get_extra_info("socket")
-        _, uid, _ = _PEERCRED.unpack(
-            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-        )
-        if uid != self._uid:
-            self.stats.bad_uid += 1
-            log.warning("channel: request from another uid dropped", uid=uid)
-            return
-        # One request at a time, as many as the process sends (docs/channel.md, "Framing"):
-        # the first within LOCAL_STEP_TIMEOUT, later ones whenever it needs one; each frame,
-        # once begun, within LOCAL_STEP_TIMEOUT. EOF between requests is the process's exit.
-        first = True
-        while True:
-            try:
-                if first:
-                    async with asyncio.timeout(LOCAL_STEP_TIMEOUT):
-                        prefix = await reader.readexactly(PREFIX_LEN)
-                else:
-                    prefix = await reader.readexactly(PREFIX_LEN)
-                async with asyncio.timeout(LOCAL_STEP_TIMEOUT):
-                    body = await reader.readexactly(frame_body_len(prefix))
-                secret, req = parse_request(prefix + body)
-            except asyncio.IncompleteReadError as exc:
-                if first or exc.partial:
-                    self.stats.malformed += 1
-                return
-            except (DecodeError, TimeoutError, ConnectionError):
-                self.stats.malformed += 1
-                return
-            if not secret_matches(self._secret, secret):
-                self.stats.bad_secret += 1
-                log.warning("channel: request with a wrong secret dropped")
-                return
-            first = False
-            self.stats.requests += 1
-            if isinstance(req, GateRequest):  # never answered: the shim does not wait for it
-                self._backend.gate(req.token, req.filler)
-                continue
-            reply = await self._answer(req)
-            try:
-                writer.write(emit_reply(reply))
-                await writer.drain()
-                if (
-                    isinstance(req, ConnectRequest)
-                    and req.wait
-                    and isinstance(reply, ConnectReply)
-                    and reply.action is Action.TUNNEL
-                ):
-                    # A blocking connect: its outcome follows on this connection (no STATUS
-                    # request; the shim reads it after its local steps).
-                    await self._outcome(reply.token, writer)
-                    await writer.drain()
-            except ConnectionError:
-                return
-
-    async def _answer(self, req: Request) -> Reply:
+    def _answer_now(self, req: Request) -> Reply | Coroutine[None, None, Reply]:
+        """The reply to `req`, or a coroutine giving it when it must wait (RESOLVE, a STATUS
+        that waits, a CONNECT in a burst): the others are answered in the callback that read
+        the request, with no task and no loop turn in between."""
         b = self._backend
         match req:
             case HelloRequest(pid, version):
@@ -488,14 +437,22 @@ class ChannelServer:
             case ConnectRequest(proto, dst, gate, src_port, lo_port, _wait):
                 reply = self._connect(proto, dst, gate, src_port, lo_port)
                 if self._filter_sync is not None and len(self._token_lo) <= FILTER_NOW_MAX:
-                    # Few tokens out (sequential connects): let the port in at once, and the
-                    # reply goes out before the tunnel's SYN (the engine flushes it later).
+                    # Few tokens out (sequential connects): let the port in at once.
                     self._apply_filter()
                 if self._filter_sync is not None:  # the port is let in before the shim comes
-                    await asyncio.shield(self._filter_sync)
+                    return self._after_filter(reply)
                 return reply
             case StatusRequest(token, wait):
-                return await self._status(token, wait)
+                fut = b.status(token)
+                if fut is None:
+                    return StatusReply(StatusAction.DONE, errno.ENOTCONN)
+                if not fut.done():
+                    if wait:
+                        return self._status(fut)
+                    return StatusReply(StatusAction.PENDING)
+                if fut.cancelled():
+                    return StatusReply(StatusAction.DONE, errno.ECONNABORTED)
+                return StatusReply(StatusAction.DONE, fut.result())
             case ListenRequest(proto, addr, v6only):
                 try:
                     b.listen(proto, addr, v6only)
@@ -517,16 +474,24 @@ class ChannelServer:
             case UdpAssocRequest(local, dst):
                 return self._udp_assoc(local, dst)
             case ResolveRequest(name, family, flags):
-                eai, addrs, canon = await b.resolve(name, family, flags)
-                addrs = tuple(addrs)[:MAX_RESOLVE_ADDRS]
-                if eai or not addrs:
-                    return ResolveReply(ResolveAction.FAIL, eai or 2)
-                return ResolveReply(ResolveAction.FOUND, 0, addrs, canon[:255])
+                return self._resolve(name, family, flags)
             case UdpReleaseRequest(local):
                 if local.ip.is_loopback:
                     b.udp_release(local)
                 return UdpReleaseReply()
         raise AssertionError(req)  # pragma: no cover - the match is exhaustive
+
+    async def _after_filter(self, reply: ConnectReply) -> Reply:
+        if self._filter_sync is not None:
+            await asyncio.shield(self._filter_sync)
+        return reply
+
+    async def _resolve(self, name: str, family: int, flags: int) -> Reply:
+        eai, addrs, canon = await self._backend.resolve(name, family, flags)
+        addrs = tuple(addrs)[:MAX_RESOLVE_ADDRS]
+        if eai or not addrs:
+            return ResolveReply(ResolveAction.FAIL, eai or 2)
+        return ResolveReply(ResolveAction.FOUND, 0, addrs, canon[:255])
 
     def _connect(
         self, proto: Proto, dst: Address, gate: bool = False, src_port: int = 0, lo_port: int = 0
@@ -545,9 +510,7 @@ class ChannelServer:
             self._tokens.pop(token).cancel()
             return ConnectReply(Action.FAIL, exc.errno or errno.ENETUNREACH)
         self._announce(token, lo_port)
-        lo_ip: IPv4Address | IPv6Address = IPv4Address("127.0.0.1")
-        if dst.family == 6 and self._has_v6:
-            lo_ip = IPv6Address("::1")
+        lo_ip = _LOOPBACK6 if dst.family == 6 and self._has_v6 else _LOOPBACK4
         return ConnectReply(Action.TUNNEL, 0, Address(lo_ip, self.data_port), token, source)
 
     def _udp_assoc(self, local: Address, dst: Address) -> UdpAssocReply:
@@ -574,12 +537,8 @@ class ChannelServer:
         token = udp_token(local) if udp_token is not None else None
         return token if token is not None else bytes(TOKEN_LEN)
 
-    async def _status(self, token: bytes, wait: bool) -> StatusReply:
-        fut = self._backend.status(token)
-        if fut is None:
-            return StatusReply(StatusAction.DONE, errno.ENOTCONN)
-        if not wait and not fut.done():
-            return StatusReply(StatusAction.PENDING)
+    async def _status(self, fut: asyncio.Future[int]) -> Reply:
+        """STATUS with WAIT of a flow whose outcome is not known yet."""
         try:
             result = await asyncio.wait_for(asyncio.shield(fut), self._connect_timeout)
         except TimeoutError:
@@ -590,10 +549,11 @@ class ChannelServer:
             raise
         return StatusReply(StatusAction.DONE, result)
 
-    def _outcome(self, token: bytes, writer: asyncio.StreamWriter) -> asyncio.Future[None]:
+    def _outcome(self, token: bytes, write: Callable[[bytes], None]) -> asyncio.Future[None]:
         """Write the reply STATUS with WAIT would give for `token` the moment its outcome is
-        known: from the outcome's own done-callback, with no task wake-up in between (the
-        program's connect() returns that much sooner). Done once written."""
+        known: from the engine's dispatch of the outcome (`tell`), else from the outcome's
+        own done-callback, with no task wake-up in between (the program's connect() returns
+        that much sooner). Done once written."""
         loop = asyncio.get_running_loop()
         written: asyncio.Future[None] = loop.create_future()
         fut = self._backend.status(token)
@@ -601,7 +561,7 @@ class ChannelServer:
         def send(err: int) -> None:
             if not written.done():
                 with contextlib.suppress(ConnectionError, RuntimeError):
-                    writer.write(emit_reply(StatusReply(StatusAction.DONE, err)))
+                    write(emit_reply(StatusReply(StatusAction.DONE, err)))
                 written.set_result(None)
 
         def done(f: asyncio.Future[int]) -> None:
@@ -614,8 +574,13 @@ class ChannelServer:
         written.add_done_callback(lambda _: timer.cancel())
         if fut.done():
             done(fut)
-        else:
-            fut.add_done_callback(done)
+            return written
+        # Sooner still: from the engine's dispatch of the outcome, before the ACK is sealed
+        # (a backend without `tell`, e.g. a test's, has the future only).
+        tell = getattr(self._backend, "tell", None)
+        if tell is not None:
+            tell(token, send)
+        fut.add_done_callback(done)  # and a cancelled one (at exit) still answers
         return written
 
     def _expire(self, token: bytes) -> None:
@@ -646,7 +611,7 @@ class ChannelServer:
             self._lo_ports[lo] -= 1
             if self._lo_ports[lo] <= 0:
                 del self._lo_ports[lo]
-        self._filter_changed()
+        self._tighten_later()
         return lo
 
     def _filter_changed(self) -> None:
@@ -655,10 +620,23 @@ class ChannelServer:
         if self._filter_sync is None and self._tcp_listeners:
             loop = asyncio.get_running_loop()
             self._filter_sync = loop.create_future()
-            loop.call_soon(self._apply_filter)
+            loop.call_soon(self._apply_due)
+
+    def _apply_due(self) -> None:
+        if self._filter_sync is not None:  # else a CONNECT applied it already
+            self._apply_filter()
+
+    def _tighten_later(self) -> None:
+        """Ports no longer let in leave the filter with its next update (FILTER_TIGHTEN_AFTER)."""
+        if self._tighten is None and self._tcp_listeners:
+            loop = asyncio.get_running_loop()
+            self._tighten = loop.call_later(FILTER_TIGHTEN_AFTER, self._apply_filter)
 
     def _apply_filter(self) -> None:
         sync, self._filter_sync = self._filter_sync, None
+        if self._tighten is not None:  # this update takes the released ports out too
+            self._tighten.cancel()
+            self._tighten = None
         if self._filter_ok:
             ports = None if self._any_source else self._lo_ports.keys()
             prog = synfilter.program(ports)
@@ -698,11 +676,28 @@ class ChannelServer:
                 conn.close()
                 continue
             synfilter.detach(conn)  # inherited from the listener; data segments skip it
-            self._hold_for_token(conn, self._read_token)
-            self._read_token(conn)  # the shim wrote it right after connecting: often here
+            conn.setblocking(False)
+            # The shim wrote the token right after connecting: usually it is here already,
+            # and the connection is handed on without being watched.
+            try:
+                data = conn.recv(TOKEN_LEN)
+            except (BlockingIOError, InterruptedError):
+                data = None
+            except OSError:
+                data = b""
+            if data is not None and len(data) == TOKEN_LEN:
+                self._token_arrived(conn, data, addr[1])
+            elif data == b"":
+                self.stats.no_token += 1
+                conn.close()
+            else:
+                self._hold_for_token(conn, self._read_token, data or b"")
 
-    def _hold_for_token(self, conn: socket.socket, reader: Callable[[socket.socket], None]) -> None:
-        """Keep an accepted data connection until its token arrives (LOCAL_STEP_TIMEOUT)."""
+    def _hold_for_token(
+        self, conn: socket.socket, reader: Callable[[socket.socket], None], got: bytes = b""
+    ) -> None:
+        """Keep an accepted data connection until its token arrives (LOCAL_STEP_TIMEOUT);
+        `got`: the part of it already read."""
         if len(self._data_pending) >= MAX_PENDING_DATA:
             # Too many silent connections (any port gets in while a token without one is out):
             # drop the oldest (dicts keep insertion order), bounded whoever they are.
@@ -711,7 +706,7 @@ class ChannelServer:
         loop = asyncio.get_running_loop()
         conn.setblocking(False)
         timer = loop.call_later(LOCAL_STEP_TIMEOUT, self._no_token, conn)
-        self._data_pending[conn] = (bytearray(), timer)
+        self._data_pending[conn] = (bytearray(got), timer)
         loop.add_reader(conn.fileno(), reader, conn)
 
     def _no_token(self, conn: socket.socket) -> None:
@@ -747,7 +742,14 @@ class ChannelServer:
         timer.cancel()
         del self._data_pending[conn]
         asyncio.get_running_loop().remove_reader(conn.fileno())
-        token = bytes(buf)
+        try:
+            port = conn.getpeername()[1]
+        except OSError:
+            port = -1
+        self._token_arrived(conn, bytes(buf), port)
+
+    def _token_arrived(self, conn: socket.socket, token: bytes, port: int) -> None:
+        """A data connection from loopback `port` presented `token`."""
         handle = self._tokens.pop(token, None)
         if handle is None:
             self.stats.bad_token += 1
@@ -755,10 +757,6 @@ class ChannelServer:
             return
         handle.cancel()
         lo = self._release(token)
-        try:
-            port = conn.getpeername()[1]
-        except OSError:
-            port = -1
         if lo not in (0, port):  # the token, but not from the socket it was handed to
             self.stats.bad_token += 1
             conn.close()
@@ -809,3 +807,173 @@ class ChannelServer:
             return
         with contextlib.suppress(OSError):
             conn.send(UDP_DATA_ACK)
+
+
+class _CtlConnection(asyncio.Protocol):
+    """One process's control connection (docs/channel.md, "Framing"): requests one at a
+    time, as many as the process sends; the first within LOCAL_STEP_TIMEOUT, later ones
+    whenever it needs one, each frame once begun within LOCAL_STEP_TIMEOUT. EOF between
+    requests is the process's exit. Requests are parsed and answered in the callback that
+    read them (a blocking connect's SYN leaves, and its reply goes out, without a task's
+    wake-up); the few that must wait get a task, and what follows waits for it."""
+
+    def __init__(self, server: ChannelServer) -> None:
+        self._server = server
+        self._transport: asyncio.Transport | None = None
+        self._buf = bytearray()
+        self._first = True
+        self._busy = False  # a reply (or a blocking connect's outcome) is still to come
+        self._eof = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        server = self._server
+        server.stats.connections += 1
+        sock = transport.get_extra_info("socket")
+        _, uid, _ = _PEERCRED.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+        )
+        if uid != server._uid:
+            server.stats.bad_uid += 1
+            log.warning("channel: request from another uid dropped", uid=uid)
+            transport.abort()
+            return
+        self._transport = transport
+        server._ctl_conns.add(self)
+        self._arm()  # the first request
+
+    def data_received(self, data: bytes) -> None:
+        self._buf += data
+        self._serve()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._serve()
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        self._server._ctl_conns.discard(self)
+        self._transport = None
+
+    def pause_writing(self) -> None:  # a process that does not read its replies
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._transport is not None:
+            self._transport.resume_reading()
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        server, buf = self._server, self._buf
+        while not self._busy and self._transport is not None:
+            if len(buf) < PREFIX_LEN:
+                break
+            try:
+                end = PREFIX_LEN + frame_body_len(bytes(buf[:PREFIX_LEN]))
+                if len(buf) < end:
+                    break
+                secret, req = parse_request(bytes(buf[:end]))
+            except DecodeError:
+                server.stats.malformed += 1
+                self.close()
+                return
+            del buf[:end]
+            self._disarm()  # the next frame has its own LOCAL_STEP_TIMEOUT
+            if not secret_matches(server._secret, secret):
+                server.stats.bad_secret += 1
+                log.warning("channel: request with a wrong secret dropped")
+                self.close()
+                return
+            self._first = False
+            server.stats.requests += 1
+            if isinstance(req, GateRequest):  # never answered: the shim does not wait for it
+                server._backend.gate(req.token, req.filler)
+                continue
+            try:
+                reply = server._answer_now(req)
+            except Exception as exc:  # a backend's bug ends this connection, not the launcher
+                log.error("channel: request failed", request=type(req).__name__, error=repr(exc))
+                self.close()
+                return
+            if isinstance(reply, Coroutine):
+                self._busy = True
+                task = asyncio.get_running_loop().create_task(self._answer_later(req, reply))
+                server._tasks.add(task)
+                task.add_done_callback(server._tasks.discard)
+                break
+            self._reply(req, reply)
+        if self._transport is None:
+            return
+        if self._eof and not self._busy:
+            if self._first or buf:  # nothing at all, or a frame cut short
+                server.stats.malformed += 1
+            self.close()
+        elif self._busy or not buf:
+            if not self._first:
+                self._disarm()
+        elif self._timer is None:
+            self._arm()
+
+    async def _answer_later(self, req: Request, pending: Coroutine[None, None, Reply]) -> None:
+        try:
+            reply = await pending
+        except Exception as exc:
+            log.error("channel: request failed", request=type(req).__name__, error=repr(exc))
+            self.close()
+            return
+        self._busy = False
+        self._reply(req, reply)
+        self._serve()
+
+    def _reply(self, req: Request, reply: Reply) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        transport.write(emit_reply(reply))
+        if (
+            isinstance(req, ConnectRequest)
+            and req.wait
+            and isinstance(reply, ConnectReply)
+            and reply.action is Action.TUNNEL
+        ):
+            # A blocking connect: its outcome follows on this connection (no STATUS request;
+            # the shim reads it after its local steps). Nothing else is served before it.
+            self._busy = True
+            written = self._server._outcome(reply.token, transport.write)
+            if not written.done():
+                written.add_done_callback(self._outcome_written)
+            else:
+                self._busy = False
+
+    def _outcome_written(self, _: asyncio.Future[None]) -> None:
+        self._busy = False
+        self._serve()
+
+    # -- timeouts ------------------------------------------------------------------------------
+
+    def _arm(self) -> None:
+        self._disarm()
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(LOCAL_STEP_TIMEOUT, self._timed_out)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self._server.stats.malformed += 1
+        self.close()
+
+    def close(self) -> None:
+        self._disarm()
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from wrapguard import log
 from wrapguard.doors.preload.channel import Decision
@@ -106,6 +106,9 @@ class PreloadDoor:
 
     def status(self, token: bytes) -> asyncio.Future[int] | None:
         return self.outbound.status(token)
+
+    def tell(self, token: bytes, callback: Callable[[int], None]) -> bool:
+        return self.outbound.tell(token, callback)
 
     def udp_assoc(self, local: Address, dst: Address) -> tuple[Decision, Address | None]:
         return self.outbound.udp_assoc(local, dst)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import socket
 from collections.abc import Callable, Sequence
 
@@ -56,6 +55,7 @@ class PreloadOutbound:
         self.relays: dict[bytes, TcpRelay] = {}
         self.gates: dict[bytes, _Gate] = {}
         self.futures: dict[bytes, asyncio.Future[int]] = {}
+        self.tellers: dict[bytes, Callable[[int], None]] = {}  # see tell()
         self.udp = UdpRelay(service)
         self._poke_holders = poke_holders
 
@@ -68,26 +68,26 @@ class PreloadOutbound:
     def open_tcp(
         self, dst: Address, token: bytes, gate: bool = False, src_port: int = 0
     ) -> Address | None:
+        def known(status: int) -> None:  # from the engine's event dispatch
+            if status:
+                self.log.debug("tunnel connect failed", dst=f"{dst.ip}:{dst.port}", errno=status)
+            tell = self.tellers.pop(token, None)
+            if tell is not None:
+                tell(status)
+            if token in self.gates:
+                self._gate_progress(token)
+
         relay, outcome = self.service.open_tcp(
-            dst.ip, dst.port, src_port=src_port, on_done=self._relay_done
+            dst.ip, dst.port, src_port=src_port, on_done=self._relay_done, on_status=known
         )
         relay.token = token
         self.frontend.flows += 1
         self.relays[token] = relay
         self.futures[token] = outcome
-
-        def on_outcome(fut: asyncio.Future[int]) -> None:
-            status = fut.result()
-            if status:
-                self.log.debug("tunnel connect failed", dst=f"{dst.ip}:{dst.port}", errno=status)
-            if token in self.gates:
-                self._gate_progress(token)
-
-        outcome.add_done_callback(on_outcome)
         if gate:
             self.gates[token] = _Gate()
-        local = relay.local()
-        return None if local is None else Address(plain(ipaddress.ip_address(local[0])), local[1])
+        local = relay.local_address()
+        return None if local is None else Address(plain(local[0]), local[1])
 
     def tcp_attached(self, token: bytes, sock: socket.socket) -> None:
         relay = self.relays.get(token)
@@ -171,6 +171,7 @@ class PreloadOutbound:
 
     def token_expired(self, token: bytes) -> None:
         self.gates.pop(token, None)
+        self.tellers.pop(token, None)
         relay = self.relays.pop(token, None)
         self.futures.pop(token, None)
         if relay is not None:
@@ -178,6 +179,16 @@ class PreloadOutbound:
 
     def status(self, token: bytes) -> asyncio.Future[int] | None:
         return self.futures.get(token)
+
+    def tell(self, token: bytes, callback: Callable[[int], None]) -> bool:
+        """Call `callback(status)` the moment the outcome of `token`'s flow is known (the
+        channel writes a blocking connect's reply there, a loop turn before the future's
+        callbacks would). False if the outcome is known already or the token is not ours."""
+        fut = self.futures.get(token)
+        if fut is None or fut.done():
+            return False
+        self.tellers[token] = callback
+        return True
 
     def _relay_done(self, relay: TcpRelay) -> None:
         token = relay.token

@@ -1,0 +1,136 @@
+"""Tests for the engine's flush (runtime/engine.py), in memory: no sockets, no I/O."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from ipaddress import ip_address
+from types import SimpleNamespace
+
+from wrapguard.config import parse_config
+from wrapguard.doors.preload.outbound import PreloadOutbound
+from wrapguard.keys import PrivateKey
+from wrapguard.netstack.events import Connected, Event, PeerClosed
+from wrapguard.routing import RoutingTable
+from wrapguard.runtime.bypass import BypassList
+from wrapguard.runtime.engine import Engine
+from wrapguard.runtime.service import FrontEnd, TunnelService
+from wrapguard.wire.ip import PROTO_TCP, IPv4Packet, emit_ip, parse_ip
+from wrapguard.wire.ipc import Address
+from wrapguard.wire.tcp import ACK, FIN, SYN, TcpSegment, emit_tcp, parse_tcp
+
+US, PEER = "10.150.0.2", "10.150.0.1"
+CONFIG = f"""
+[Interface]
+PrivateKey = {PrivateKey(bytes(32)).to_base64()}
+Address = {US}/24
+
+[Peer]
+PublicKey = {PrivateKey(bytes([1]) * 32).public_key().to_base64()}
+AllowedIPs = 10.150.0.0/24
+"""
+
+
+class Recorder:
+    """Stands for the UDP runtime and a flow: what left, what arrived, in order."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[str, object]] = []
+        self.sent: list[bytes] = []
+
+    def send_packets(self, batch: list[tuple[bytes, int | None]]) -> None:
+        for pkt, _peer in batch:
+            self.sent.append(pkt)
+            self.log.append(("sent", parse_tcp(parse_ip(pkt).payload).flags))
+
+    def on_event(self, event: Event) -> None:
+        self.log.append(("event", type(event)))
+
+
+def engine_with_recorder() -> tuple[Engine, Recorder]:
+    config = parse_config(CONFIG)
+    engine = Engine(config, RoutingTable.build(config))
+    rec = Recorder()
+    engine.wg.send_packets = rec.send_packets  # type: ignore[method-assign]
+    return engine, rec
+
+
+def from_peer(syn: TcpSegment, flags: int, payload: bytes = b"", seq_off: int = 0) -> bytes:
+    src, dst = ip_address(PEER).packed, ip_address(US).packed
+    seg = TcpSegment(syn.dst_port, syn.src_port, 5000 + seq_off, syn.seq + 1, flags, 65535, payload)
+    return emit_ip(IPv4Packet(src, dst, PROTO_TCP, emit_tcp(seg, src, dst)))
+
+
+def test_the_outcome_reaches_its_flow_before_the_ack_of_the_syn_ack_is_sent() -> None:
+    """A door answers its program's connect() from the Connected event: that must not wait
+    for the ACK's seal and send (issue 14). Other events still follow the round's packets."""
+    engine, rec = engine_with_recorder()
+    engine.connect(ip_address(PEER), 9000, rec)
+    engine.flush()
+    syn = parse_tcp(parse_ip(rec.sent[0]).payload)
+    assert syn.flags == SYN and rec.log == [("sent", SYN)]
+    rec.log.clear()
+    now = engine.now()
+    engine.stack.receive_packet(from_peer(syn, SYN | ACK), now)
+    engine.flush()
+    assert rec.log == [("event", Connected), ("sent", ACK)]
+    rec.log.clear()
+    # The peer's FIN: its ACK goes out before the flow hears of it, as before.
+    engine.stack.receive_packet(from_peer(syn, FIN | ACK, seq_off=1), now)
+    engine.flush()
+    assert rec.log == [("sent", ACK), ("event", PeerClosed)]
+
+
+def test_a_preload_connect_is_told_its_outcome_before_the_ack_is_sent() -> None:
+    """The whole way from the engine to the channel's teller (PreloadOutbound.tell): the
+    callback runs inside the flush, before the ACK leaves (the future's callbacks would run
+    a loop turn later)."""
+    engine, rec = engine_with_recorder()
+
+    async def main() -> None:
+        session = SimpleNamespace(engine=engine, bypass=BypassList())
+        service = TunnelService(session)  # type: ignore[arg-type]
+        out = PreloadOutbound(service, FrontEnd("preload"), lambda: None)
+        token = bytes(range(16))
+        out.open_tcp(Address(ip_address(PEER), 9000), token)
+        assert out.tell(token, lambda st: rec.log.append(("told", st)))
+        fut = out.status(token)
+        assert fut is not None and not fut.done()
+        syn = parse_tcp(parse_ip(rec.sent[0]).payload)
+        rec.log.clear()
+        engine.stack.receive_packet(from_peer(syn, SYN | ACK), engine.now())
+        engine.flush()
+        assert rec.log == [("told", 0), ("sent", ACK)] and fut.result() == 0
+        assert not out.tell(token, lambda st: None)  # known already: nothing to wait for
+
+    asyncio.run(main())
+
+
+def test_a_failing_status_callback_does_not_stop_the_flow() -> None:
+    engine, rec = engine_with_recorder()
+
+    def broken(status: int) -> None:
+        raise RuntimeError("a door's bug")
+
+    async def main() -> None:
+        session = SimpleNamespace(engine=engine, bypass=BypassList())
+        service = TunnelService(session)  # type: ignore[arg-type]
+        relay, fut = service.open_tcp(ip_address(PEER), 9000, on_status=broken)
+        program, ours = socket.socketpair()
+        relay.attach_socket(ours)
+        program.sendall(b"sent before the tunnel was open")
+        syn = parse_tcp(parse_ip(rec.sent[0]).payload)
+        engine.stack.receive_packet(from_peer(syn, SYN | ACK), engine.now())
+        engine.flush()
+        assert fut.result() == 0
+        for _ in range(50):  # the relay reads the program's bytes and sends them on
+            await asyncio.sleep(0.01)
+            engine.flush()  # (not started: nothing schedules it)
+            if any(parse_tcp(parse_ip(p).payload).payload for p in rec.sent):
+                break
+        assert b"".join(parse_tcp(parse_ip(p).payload).payload for p in rec.sent) == (
+            b"sent before the tunnel was open"
+        )
+        program.close()
+
+    asyncio.run(main())
