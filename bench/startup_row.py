@@ -61,6 +61,15 @@ def run_once(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[float, fl
     return wall * 1e3, cpu * 1e3
 
 
+def _checkout(python: str, env: dict[str, str], cwd: Path) -> str:
+    """The directory holding the wrapguard package `python` imports."""
+    code = "import os, wrapguard; print(os.path.dirname(os.path.dirname(wrapguard.__file__)))"
+    out = subprocess.run([python, "-c", code], env=env, cwd=cwd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{python} cannot import wrapguard: {out.stderr.strip()}")
+    return out.stdout.strip()
+
+
 def _orphans() -> list[int]:
     with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as f:
         return [int(x) for x in f.read().split()]
@@ -80,21 +89,28 @@ def main() -> int:
     bench = RigBench(work / "rig", 1, 1)
     pythons = [sys.executable, *args.python]
     series: dict[str, list[str]] = {}
+    envs: dict[str, dict[str, str]] = {}
     for i, py in enumerate(pythons):
         argv = bench.wrapped(args.cmd)
         argv[argv.index(sys.executable)] = py
-        series[f"ours[{i}] {py}"] = argv
+        # The rig's environment puts this checkout on PYTHONPATH; each interpreter here
+        # gets the checkout it has installed instead.
+        env = {k: v for k, v in bench.env.items() if k != "PYTHONPATH"}
+        where = _checkout(py, env, work)
+        env["PYTHONPATH"] = where
+        key = f"ours[{i}] {where}"
+        series[key], envs[key] = argv, env
     series["true"] = bench.direct(["true"])
     series["python -c pass"] = bench.direct([sys.executable, "-c", "pass"])
     walls: dict[str, list[float]] = {k: [] for k in series}
     cpus: dict[str, list[float]] = {k: [] for k in series}
     try:
-        for argv in series.values():  # warm the bytecode caches
-            run_once(argv, bench.env, work)
+        for k, argv in series.items():  # warm the bytecode caches
+            run_once(argv, envs.get(k, bench.env), work)
         for r in range(args.runs):
             keys = list(series)
             for k in keys if r % 2 == 0 else keys[::-1]:
-                wall, cpu = run_once(series[k], bench.env, work)
+                wall, cpu = run_once(series[k], envs.get(k, bench.env), work)
                 walls[k].append(wall)
                 cpus[k].append(cpu)
         true = Stat.of(walls["true"]).median
