@@ -58,6 +58,7 @@ NOT_FOR_HELP = [
 # the stream road (h11, urllib.request, http.client), the control socket's HTTP layer
 # (imported at its first connection), cryptography's serialization (SSH key support).
 NOT_FOR_PLAIN_RUN = [
+    "structlog",  # log.py is the whole pipeline
     "h11",
     "http.client",
     "urllib.request",
