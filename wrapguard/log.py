@@ -75,7 +75,7 @@ class Logger:
 
     def _log(self, method: str, message: str, fields: dict[str, Any]) -> None:
         if _captured is not None:
-            _captured.append({"event": message, "log_level": _NAMES[method], **fields})
+            _captured.append({**fields, "event": message, "log_level": _NAMES[method]})
             return
         if _METHOD_LEVELS[method] >= _threshold:
             _write(_line(method, message, fields))
