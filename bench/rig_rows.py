@@ -67,8 +67,11 @@ class RigBench:
         self.scripts = write_clients(workdir)
         self.env = python_env(Netns.python_env(), workdir.parent / "pycache")
 
-    def close(self) -> list[str]:
-        return self.rig.close()
+    def close(self) -> None:
+        """Tear the rig down; what could not be removed is printed to stderr."""
+        problems = self.rig.close()
+        if problems:
+            print("rig teardown problems:", *problems, sep="\n  ", file=sys.stderr)
 
     # -- the two paths ----------------------------------------------------------------------
     @property

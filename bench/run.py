@@ -193,9 +193,7 @@ def root_rows(work: Path, args: argparse.Namespace, deadline: float) -> list[Row
         ]
     finally:
         if bench is not None:
-            problems = bench.close()
-            if problems:
-                print("rig teardown problems:", *problems, sep="\n  ", file=sys.stderr)
+            bench.close()
     return rows
 
 

@@ -168,7 +168,7 @@ def _validate(opts: Options) -> None:
 
 def run(opts: Options) -> int:
     """Carry out a parsed command line; returns the exit code."""
-    from wrapguard import log  # structlog: not for --help and --version (start-up time)
+    from wrapguard import log  # not for --help and --version (start-up time)
 
     try:
         log.setup(opts.log_level, opts.log_file)

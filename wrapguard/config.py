@@ -16,7 +16,6 @@ import ipaddress
 import os
 import re
 import select
-import ssl
 import stat
 import urllib.parse
 from dataclasses import dataclass, field
@@ -357,6 +356,8 @@ def _parse_stream_url(text: str) -> tuple[str, str, int, str]:
 
 def _check_ca(path: str) -> None:
     """TransportCA must hold at least one PEM certificate ssl can use (raises _Bad)."""
+    import ssl  # only for a stream road's TransportCA (start-up time)
+
     try:
         ctx = ssl.create_default_context(cafile=path)
     except FileNotFoundError:

@@ -109,11 +109,12 @@ def _interpreter_of(path: str) -> str | None:
 
 
 def check_target(
-    target: str, dns: bool | None = None, seccomp: bool | None = None
+    target: str, dns: bool | None = None, seccomp: bool | None = None, *, resolvers: bool = True
 ) -> list[Finding]:
     """The target and what it runs; `dns`: whether the config has DNS= (None: no config);
     `seccomp`: whether a static or Go program gets the seccomp door (None: if it can run
-    here, as --intercept auto does)."""
+    here, as --intercept auto does); `resolvers`: also look for resolver libraries (a walk
+    through every library it loads; warnings only, so the launcher's own check skips it)."""
     if seccomp is None:
         from wrapguard.intercept import seccomp_unavailable
 
@@ -128,7 +129,7 @@ def check_target(
     current = os.path.realpath(path)
     while current not in seen:
         seen.add(current)
-        findings.extend(_check_binary(target, current, dns, seccomp))
+        findings.extend(_check_binary(target, current, dns, seccomp, resolvers))
         nxt = _interpreter_of(current)
         if nxt is None:
             break
@@ -138,7 +139,7 @@ def check_target(
 
 
 def _check_binary(
-    target: str, path: str, dns: bool | None = None, seccomp: bool = False
+    target: str, path: str, dns: bool | None = None, seccomp: bool = False, resolvers: bool = True
 ) -> list[Finding]:
     out = []
     try:
@@ -216,7 +217,8 @@ def _check_binary(
                 f"{path} is dynamically linked ({info.interpreter}); the shim can load into it",
             )
         )
-        out.extend(check_resolvers(path, info, dns))
+        if resolvers:
+            out.extend(check_resolvers(path, info, dns))
     return out
 
 

@@ -11,6 +11,7 @@ capabilities (the `security.capability` xattr), which make the kernel ignore LD_
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import struct
@@ -42,7 +43,15 @@ class NotElf(ValueError):
 
 def read_elf(path: str, *, scan_limit: int = 64 << 20) -> ElfInfo:
     """Read ELF facts from `path`; raises NotElf for other files and OSError if unreadable.
-    `scan_limit` bounds the search for Go's build-info magic."""
+    `scan_limit` bounds the search for Go's build-info magic. The same unchanged file is read
+    once per process (the door choice and the launcher's refusal check both read the
+    program: a 7 MB binary costs ~5 ms each time)."""
+    st = os.stat(path)
+    return _read_elf(path, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), scan_limit)
+
+
+@functools.lru_cache(maxsize=32)
+def _read_elf(path: str, _version: tuple[int, int, int, int], scan_limit: int) -> ElfInfo:
     with open(path, "rb") as f:
         try:
             data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)

@@ -73,24 +73,13 @@ class PrivateKey:
 
     @classmethod
     def generate(cls) -> PrivateKey:
-        from cryptography.hazmat.primitives import serialization
-
-        k = X25519PrivateKey.generate()
-        return cls(
-            k.private_bytes(
-                serialization.Encoding.Raw,
-                serialization.PrivateFormat.Raw,
-                serialization.NoEncryption(),
-            )
-        )
+        return cls(X25519PrivateKey.generate().private_bytes_raw())
 
     def public_key(self) -> PublicKey:
-        from cryptography.hazmat.primitives import serialization
-
+        # The *_raw() forms (cryptography >= 40), not public_bytes(Encoding.Raw, ...):
+        # importing cryptography's serialization package (SSH keys) costs ~6 ms a start-up.
         pub = X25519PrivateKey.from_private_bytes(self.raw).public_key()
-        return PublicKey(
-            pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        )
+        return PublicKey(pub.public_bytes_raw())
 
     def to_base64(self) -> str:
         """Only for writing a config file the user asked for (demo); never for logs."""

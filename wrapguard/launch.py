@@ -117,7 +117,7 @@ def check_wrappable(target: str, door: str = "preload") -> None:
     csrc/exec.c refuses the same at exec)."""
     from wrapguard.doctor import FAIL, check_target
 
-    for finding in check_target(target, seccomp=door == "seccomp"):
+    for finding in check_target(target, seccomp=door == "seccomp", resolvers=False):
         if finding.status == FAIL:
             raise WrapguardError(f"refusing to run {target}: {finding.detail}; {finding.advice}")
 

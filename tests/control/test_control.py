@@ -29,7 +29,8 @@ import h11
 import pytest
 
 from wrapguard.control import paths, server, show
-from wrapguard.control.server import ControlStats, HttpConn
+from wrapguard.control.httpconn import HttpConn
+from wrapguard.control.server import ControlStats
 from wrapguard.errors import WrapguardError
 from wrapguard.runtime.bypass import BypassList
 

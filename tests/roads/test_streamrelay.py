@@ -32,12 +32,9 @@ KEY = "the-key"
 @pytest.fixture(autouse=True)
 def _logging() -> Iterator[None]:
     """These tests log at debug level in this process: put the logging back afterwards."""
-    import structlog
-
-    saved = structlog.get_config()
     log.setup("debug")
     yield
-    structlog.configure(**saved)
+    log.setup()
 
 
 class Sink(asyncio.DatagramProtocol):

@@ -9,8 +9,8 @@ import struct
 from collections.abc import Callable
 
 import pytest
-from structlog.testing import capture_logs
 
+from wrapguard import log
 from wrapguard.keys import PrivateKey
 from wrapguard.runtime.udp import UNDER_LOAD_HANDSHAKES, WgUdpRuntime
 from wrapguard.tunnel.device import Device
@@ -176,7 +176,7 @@ def test_unanswered_handshakes_re_resolve_and_find_the_moved_peer() -> None:
         name = MovingName(old, delay=0.5)  # slower than the retries: requests pile up
         a = Side(KA, KB, ("peer.wg.invalid", 51820), ("10.0.0.0/24",), timers=fast)
         a.rt._resolver = name
-        with capture_logs() as logs:
+        with log.capture() as logs:
             await a.rt.start()
             try:
                 assert a.device.peers[0].endpoint == old
@@ -217,7 +217,7 @@ def test_periodic_re_resolve_moves_the_endpoint_but_not_away_from_a_roam() -> No
             reresolve_interval=0.1,
         )
         a.rt.reresolver.jitter = 0.0
-        with capture_logs() as logs:
+        with log.capture() as logs:
             await a.rt.start()
             try:
                 a.rt.send_packet(ipv4("10.0.0.1", "10.0.0.2", b"one"))

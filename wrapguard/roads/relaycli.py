@@ -45,7 +45,7 @@ def relay_main(argv: Sequence[str]) -> int:
         raise UsageError(_one_line(exc.format_message())) from None
     if not isinstance(result, dict):
         return 0 if result is None else int(result)  # --help
-    from wrapguard import log  # structlog: only once the command is known (start-up time)
+    from wrapguard import log  # only once the command is known (start-up time)
 
     def opt(name: str) -> str | None:
         value = result.get(name)

@@ -487,13 +487,6 @@ def road_address(peer: int, target: StreamEndpoint) -> tuple[str, int]:
     return (f"{ROAD_PREFIX}{peer + 1:x}", target.port)
 
 
-def device_endpoint(peer: int, config: PeerConfig) -> tuple[str, int] | None:
-    """The endpoint the device starts with for a configured peer."""
-    if config.stream is not None:
-        return road_address(peer, config.stream)
-    return None if config.endpoint is None else (config.endpoint.host, config.endpoint.port)
-
-
 def attach_roads(runtime: WgUdpRuntime, peers: Sequence[PeerConfig]) -> dict[int, StreamRoad]:
     """A StreamRoad for every peer with an http(s) Endpoint, wired into `runtime`."""
     roads: dict[int, StreamRoad] = {}
@@ -516,7 +509,6 @@ __all__ = [
     "RoadRefused",
     "StreamRoad",
     "attach_roads",
-    "device_endpoint",
     "probe",
     "proxy_for",
     "road_address",

@@ -16,7 +16,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from wrapguard import log
 from wrapguard.config import Config
@@ -33,7 +33,6 @@ from wrapguard.netstack.events import (
     TcpConfig,
 )
 from wrapguard.netstack.stack import Stack
-from wrapguard.roads.stream import attach_roads, device_endpoint
 from wrapguard.routing import RoutingTable
 from wrapguard.runtime.timer import DeadlineTimer
 from wrapguard.runtime.udp import WgUdpRuntime
@@ -51,6 +50,10 @@ from wrapguard.wire.icmp import (
     parse_icmp,
 )
 from wrapguard.wire.ip import IPv4Packet, IPv6Packet, emit_ip, parse_ip
+
+if TYPE_CHECKING:
+    from wrapguard.config import PeerConfig
+    from wrapguard.roads.stream import StreamRoad
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _PROTO = {6: RouteProto.TCP, 17: RouteProto.UDP}
@@ -75,6 +78,15 @@ def _tcp_config() -> TcpConfig:
     if retries is None or not retries.isdigit():
         return TcpConfig()
     return TcpConfig(max_retries=int(retries))
+
+
+def device_endpoint(peer: int, config: PeerConfig) -> tuple[str, int] | None:
+    """The endpoint the device starts with for a configured peer."""
+    if config.stream is not None:
+        from wrapguard.roads.stream import road_address  # only for http(s) Endpoints
+
+        return road_address(peer, config.stream)
+    return None if config.endpoint is None else (config.endpoint.host, config.endpoint.port)
 
 
 def build_device(
@@ -166,7 +178,12 @@ class Engine:
             bind_v4=bind[0],
             bind_v6=bind[1],
         )
-        self.roads = attach_roads(self.wg, config.peers)  # peers over HTTP(S) streams
+        self.roads: dict[int, StreamRoad] = {}  # peers over HTTP(S) streams
+        if any(p.stream is not None for p in config.peers):
+            # h11, ssl and urllib are for these alone: not imported for a plain UDP config
+            from wrapguard.roads.stream import attach_roads
+
+            self.roads = attach_roads(self.wg, config.peers)
         self.handlers: dict[int, FlowHandler] = {}
         self.listeners: dict[int, Callable[[ConnId], None]] = {}
         self._peer_for_packet = PeerChooser(routing)

@@ -25,7 +25,6 @@ from wrapguard.routing import RoutingTable
 from wrapguard.runtime import lifetime, rundir
 from wrapguard.runtime.bypass import BypassList
 from wrapguard.runtime.child import FORWARDED, KILL_GRACE, raise_fd_limit, run_child
-from wrapguard.runtime.dns import DnsResolver
 from wrapguard.runtime.engine import Engine
 from wrapguard.runtime.lifetime import StatusLink
 from wrapguard.runtime.relay import TcpRelay
@@ -95,6 +94,8 @@ class TunnelSession:
         channel.udp_env = preload.udp.env_value()
         iface = self.config.interface
         if iface.dns_servers:
+            from wrapguard.runtime.dns import DnsResolver  # DNS= only (wire/dns.py with it)
+
             resolver = DnsResolver(self.engine, iface.dns_servers, iface.dns_search)
             resolver.start()
             self.service.resolver = resolver

@@ -22,8 +22,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
-import structlog
-
+from wrapguard.log import get as get_logger
 from wrapguard.noise.reasons import DropReason
 from wrapguard.runtime.timer import DeadlineTimer
 from wrapguard.tunnel.device import Device
@@ -58,7 +57,7 @@ try:
 except ImportError:  # not built: one syscall per datagram
     HAVE_MMSG = HAVE_GSO = False
 
-log = structlog.get_logger("wrapguard.wg")
+log = get_logger("wrapguard.wg")
 MIN_TRANSPORT_LEN = wgmsg.MIN_TRANSPORT_LEN
 MMSG_BATCH = 16  # datagrams per recvmmsg call (the C helper caps it at 64)
 # Datagrams per sendmmsg call and per sealed batch (the C helpers cap both at 64).

@@ -30,9 +30,8 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import Protocol
 
-import structlog
-
 from wrapguard.errors import DecodeError, WrapguardError
+from wrapguard.log import get as get_logger
 from wrapguard.runtime import synfilter
 from wrapguard.wire.ipc import (
     MAX_RESOLVE_ADDRS,
@@ -86,7 +85,7 @@ __all__ = [
     "Decision",
 ]
 
-log = structlog.get_logger("wrapguard.channel")
+log = get_logger("wrapguard.channel")
 
 ENV_CTL = "WRAPGUARD_CTL"
 ENV_SECRET = "WRAPGUARD_SECRET"
