@@ -7,10 +7,40 @@ wrappers move up to 64 datagrams per syscall; the sending one can hand runs of e
 datagrams to the kernel as one UDP_SEGMENT message (one trip through routing and the device
 instead of one per datagram). Sealing a batch of packets calls libcrypto's ChaCha20-Poly1305
 once per packet from C (cryptography's encrypt() costs about 1.1 us per call beyond the
-cipher). Built at install time by setup.py; needs libssl-dev.
+cipher). Built at install time by setup.py. The sealing part needs libcrypto's headers
+(libssl-dev, which scripts/install-system-deps.sh installs); without them the module is built
+without it and packets are sealed one at a time in Python (noise/session.py HAVE_SEAL_BATCH).
 """
 
+import os
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+
 from cffi import FFI
+
+_PROBE = "#include <openssl/evp.h>\nint main(void) { return EVP_chacha20_poly1305() == 0; }\n"
+
+
+def _have_libcrypto() -> bool:
+    """Whether a program using libcrypto's EVP interface compiles and links here."""
+    if os.environ.get("WRAPGUARD_NO_LIBCRYPTO"):
+        return False
+    cc = (sysconfig.get_config_var("CC") or "cc").split()
+    if shutil.which(cc[0]) is None:
+        return False
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "probe.c")
+        with open(src, "w") as f:
+            f.write(_PROBE)
+        r = subprocess.run(
+            [*cc, src, "-o", os.path.join(d, "probe"), "-lcrypto"], capture_output=True
+        )
+    return r.returncode == 0
+
+
+HAVE_LIBCRYPTO = _have_libcrypto()
 
 ffibuilder = FFI()
 ffibuilder.cdef(
@@ -22,14 +52,17 @@ ffibuilder.cdef(
     int wg_sendmmsg_gso(int fd, const uint8_t *base, const uint32_t *offs,
                         const uint32_t *lens, int n, const uint8_t *addr, uint32_t addrlen,
                         int max_segs);
-    int wg_seal_batch(const uint8_t *key, uint32_t receiver, uint64_t counter,
-                      const uint8_t *src, const uint32_t *slens, int n, uint32_t mtu,
-                      uint8_t *dst, uint32_t *dlens);
     """
 )
-ffibuilder.set_source(
-    "wrapguard._fastpath",
-    """
+if HAVE_LIBCRYPTO:
+    ffibuilder.cdef(
+        """
+        int wg_seal_batch(const uint8_t *key, uint32_t receiver, uint64_t counter,
+                          const uint8_t *src, const uint32_t *slens, int n, uint32_t mtu,
+                          uint8_t *dst, uint32_t *dlens);
+        """
+    )
+_SOURCE = """
     #ifndef _GNU_SOURCE
     #define _GNU_SOURCE
     #endif
@@ -39,7 +72,6 @@ ffibuilder.set_source(
     #include <errno.h>
     #include <sys/socket.h>
     #include <sys/uio.h>
-    #include <openssl/evp.h>
     /* One's-complement sum of 16-bit big-endian words (RFC 1071), not folded. */
     static uint32_t wg_csum_partial(const uint8_t *buf, size_t len, uint32_t sum32) {
         uint64_t sum = sum32;
@@ -171,6 +203,11 @@ ffibuilder.set_source(
         return done;
     }
 
+"""
+
+_SEAL_SOURCE = """
+    #include <openssl/evp.h>
+
     /* Seal n IP packets into WireGuard transport messages [W 5.4.6] with OpenSSL's
        ChaCha20-Poly1305 (the cipher is libcrypto's, not ours): packet i (slens[i] bytes,
        the packets back to back in src) is padded with zeros to a multiple of 16 (never past
@@ -208,8 +245,12 @@ ffibuilder.set_source(
         EVP_CIPHER_CTX_free(ctx);
         return ok ? 0 : -1;
     }
-    """,
-    libraries=["crypto"],
+"""
+
+ffibuilder.set_source(
+    "wrapguard._fastpath",
+    _SOURCE + (_SEAL_SOURCE if HAVE_LIBCRYPTO else ""),
+    libraries=["crypto"] if HAVE_LIBCRYPTO else [],
     extra_compile_args=["-O2"],
 )
 
