@@ -51,6 +51,7 @@ _ERRNO = struct.Struct("!I")
 SO_ATTACH_FILTER = 26  # <asm-generic/socket.h>
 DNS_PORT = 53
 DNS_REMEMBERED = 256  # forwarded queries per association whose replies can still be mapped
+PREFIXES_KEPT = 256  # tunnel sources per association whose relay header is kept
 LO4, LO6 = "127.0.0.1", "::1"
 DRAIN_BATCH = 64  # records per readable callback, then one flush into the tunnel
 RECORD_BUF = 65536 + 64  # any datagram + its header fits (a full buffer means truncated)
@@ -82,7 +83,7 @@ def _plain(ip: IPAddress) -> IPAddress:
 class _Assoc:
     """One program socket <-> one tunnel UDP flow; what comes back on it."""
 
-    __slots__ = ("conns", "dns", "flow", "key", "relay", "token")
+    __slots__ = ("conns", "dns", "flow", "key", "prefixes", "relay", "token")
 
     def __init__(self, relay: UdpRelay, key: Key, port: int) -> None:
         self.relay, self.key = relay, key
@@ -93,10 +94,23 @@ class _Assoc:
         self.token = secrets.token_bytes(TOKEN_LEN)
         # Forwarded DNS queries: (server, message id) -> the address the program asked.
         self.dns: dict[tuple[IPAddress, bytes], Address] = {}
+        # Per tunnel source (not port 53: a reply may stand for the address the program
+        # asked): the relay header + token the program's datagrams from it start with.
+        self.prefixes: dict[tuple[IPAddress, int], bytes] = {}
 
     def on_datagram(self, src: tuple[IPAddress, int], data: bytes) -> None:
-        source = self.relay.program_source(self, src, data)
-        self.relay.to_program(self, UdpHeader(UdpKind.DATA, source), data)
+        prefix = self.prefixes.get(src)
+        if prefix is None:
+            source = self.relay.program_source(self, src, data)
+            header = UdpHeader(UdpKind.DATA, source)
+            if src[1] == DNS_PORT:
+                self.relay.to_program(self, header, data)
+                return
+            prefix = emit_relay_datagram(header, self.token, b"")
+            if len(self.prefixes) >= PREFIXES_KEPT:
+                self.prefixes.clear()
+            self.prefixes[src] = prefix
+        self.relay.send_to_program(self, prefix + data)
 
     def on_error(self, dst: tuple[IPAddress, int], err: int) -> None:
         self.relay.stats.errors_sent += 1
@@ -455,9 +469,13 @@ class UdpRelay:
         return Address(src[0], src[1])
 
     def to_program(self, assoc: _Assoc, header: UdpHeader, payload: bytes) -> None:
+        self.send_to_program(assoc, emit_relay_datagram(header, assoc.token, payload))
+
+    def send_to_program(self, assoc: _Assoc, datagram: bytes) -> None:
+        """One relay datagram (header, token, payload) to the program's socket."""
         sock = self._relay_socks.get(assoc.key[0])
         if sock is None:
             return
         self.stats.from_tunnel += 1
         with contextlib.suppress(OSError):  # loopback: never blocks
-            sock.sendto(emit_relay_datagram(header, assoc.token, payload), assoc.key)
+            sock.sendto(datagram, assoc.key)
