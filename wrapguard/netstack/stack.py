@@ -586,17 +586,7 @@ class Stack:
         self, sock: SockId, dst: tuple[IPAddress | str, int], data: bytes, now: float
     ) -> None:
         """Send one datagram from our address of dst's family."""
-        port = self._udp_ports.get(sock)
-        if port is None:
-            raise OSError(errno.EBADF, f"no such UDP socket {sock}")
-        addr, dport = dst
-        rip = (ip_address(addr) if isinstance(addr, str) else addr).packed
-        srcs = self.addr4 if len(rip) == 4 else self.addr6
-        if not srcs:
-            raise OSError(errno.ENETUNREACH, "no tunnel address of that family")
-        if len(data) + 8 + (20 if len(rip) == 4 else 40) > self.mtu:
-            raise OSError(errno.EMSGSIZE, "datagram larger than the tunnel MTU")
-        src = srcs[0]
+        port, src, rip, dport = self._udp_check(sock, dst, len(data))
         sums = self._udp_sums.get((src, rip))
         if sums is None:
             sums = self._udp_pair_sums(src, rip)
@@ -633,6 +623,20 @@ class Stack:
     ) -> None:
         """`udp_send` through the general codecs (emit_udp, emit_ip): the reference the
         tests compare the hot path's packets with."""
+        port, src, rip, dport = self._udp_check(sock, dst, len(data))
+        body = emit_udp(UdpDatagram(port, dport, bytes(data)), src, rip)
+        pkt: IPv4Packet | IPv6Packet
+        if len(rip) == 4:
+            pkt = IPv4Packet(src, rip, PROTO_UDP, body)
+        else:
+            pkt = IPv6Packet(src, rip, PROTO_UDP, body)
+        self._out.append(emit_ip(pkt))
+
+    def _udp_check(
+        self, sock: SockId, dst: tuple[IPAddress | str, int], size: int
+    ) -> tuple[int, bytes, bytes, int]:
+        """(local port, our source, destination, its port) for a datagram of `size` bytes;
+        OSError: no such socket, no tunnel address of that family, larger than the MTU."""
         port = self._udp_ports.get(sock)
         if port is None:
             raise OSError(errno.EBADF, f"no such UDP socket {sock}")
@@ -641,15 +645,9 @@ class Stack:
         srcs = self.addr4 if len(rip) == 4 else self.addr6
         if not srcs:
             raise OSError(errno.ENETUNREACH, "no tunnel address of that family")
-        if len(data) + 8 + (20 if len(rip) == 4 else 40) > self.mtu:
+        if size + 8 + (20 if len(rip) == 4 else 40) > self.mtu:
             raise OSError(errno.EMSGSIZE, "datagram larger than the tunnel MTU")
-        body = emit_udp(UdpDatagram(port, dport, bytes(data)), srcs[0], rip)
-        pkt: IPv4Packet | IPv6Packet
-        if len(rip) == 4:
-            pkt = IPv4Packet(srcs[0], rip, PROTO_UDP, body)
-        else:
-            pkt = IPv6Packet(srcs[0], rip, PROTO_UDP, body)
-        self._out.append(emit_ip(pkt))
+        return port, srcs[0], rip, dport
 
     def udp_close(self, sock: SockId) -> None:
         """Release a UDP socket."""
