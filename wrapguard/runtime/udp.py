@@ -382,14 +382,15 @@ class WgUdpRuntime:
             done += r
 
     def _batch(self, read: Callable[[socket.socket], None], sock: socket.socket) -> None:
-        """One readable callback: `read(sock)`, then `on_batch_end()`."""
+        """One readable callback: `read(sock)`, then `on_batch_end()` (even if it raised:
+        the packets it delivered still get their flush)."""
         self.receiving = True
         try:
             read(sock)
         finally:
             self.receiving = False
-        if self.on_batch_end is not None:
-            self.on_batch_end()
+            if self.on_batch_end is not None:
+                self.on_batch_end()
 
     def _readable(self, sock: socket.socket) -> None:
         assert self._loop is not None
