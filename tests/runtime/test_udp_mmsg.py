@@ -176,14 +176,18 @@ def ipv4(src: str, dst: str, payload: bytes) -> bytes:
     return hdr + bytes([64, 17, 0, 0]) + s + d + payload
 
 
+def _device(key: PrivateKey, peer: PrivateKey, ep, allowed: str) -> Device:  # type: ignore[no-untyped-def]
+    return Device(
+        key,
+        [PeerSpec(peer.public_key(), endpoint=ep, allowed_ips=(allowed,))],
+        rng=random.Random(key.raw).randbytes,
+    )
+
+
 def test_runtimes_exchange_batches_through_mmsg() -> None:
     async def main() -> None:
         def side(key: PrivateKey, peer: PrivateKey, ep, allowed: str):  # type: ignore[no-untyped-def]
-            dev = Device(
-                key,
-                [PeerSpec(peer.public_key(), endpoint=ep, allowed_ips=(allowed,))],
-                rng=random.Random(key.raw).randbytes,
-            )
+            dev = _device(key, peer, ep, allowed)
             got: list[bytes] = []
             rt = WgUdpRuntime(
                 dev, on_packet=lambda _p, pkt: got.append(pkt), bind_v4="127.0.0.1", bind_v6=None
@@ -228,11 +232,7 @@ def test_each_receive_batch_ends_with_on_batch_end() -> None:
 
     async def main() -> None:
         def side(key: PrivateKey, peer: PrivateKey, ep, allowed: str):  # type: ignore[no-untyped-def]
-            dev = Device(
-                key,
-                [PeerSpec(peer.public_key(), endpoint=ep, allowed_ips=(allowed,))],
-                rng=random.Random(key.raw).randbytes,
-            )
+            dev = _device(key, peer, ep, allowed)
             log: list[object] = []
             rt = WgUdpRuntime(dev, bind_v4="127.0.0.1", bind_v6=None)
             rt.on_packet = lambda _p, pkt: log.append(("packet", rt.receiving))
