@@ -255,16 +255,18 @@ static int data_send(int fd, struct wg_fd *s, const struct iovec *v, size_t vlen
                 if (d < 0) return 0;
             }
         }
-        int nb = flags & MSG_DONTWAIT;
-        if (!nb) {
-            int fl = wg_real.fcntl(fd, F_GETFL);
-            nb = fl >= 0 && (fl & O_NONBLOCK);
-        }
         struct msghdr m;
         memset(&m, 0, sizeof m);
         m.msg_iov = (struct iovec *)v;
         m.msg_iovlen = vlen;
-        ssize_t n = wg_real.sendmsg(d, &m, MSG_NOSIGNAL | (nb ? MSG_DONTWAIT : 0));
+        /* Without waiting first: there is room nearly always, and then whether the program's
+         * socket blocks does not matter (no fcntl per datagram). Full: wait only if it does. */
+        ssize_t n = wg_real.sendmsg(d, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) && !(flags & MSG_DONTWAIT)) {
+            int fl = wg_real.fcntl(fd, F_GETFL);
+            if (fl >= 0 && !(fl & O_NONBLOCK)) n = wg_real.sendmsg(d, &m, MSG_NOSIGNAL);
+            else errno = EAGAIN;
+        }
         if (n >= 0) {
             *ret = n >= HDR_LEN ? n - HDR_LEN : 0;
             return 1;

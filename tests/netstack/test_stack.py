@@ -200,3 +200,72 @@ def test_many_connections_distinct_ports_and_ids():
     ports = {st.conn_info(c).local[1] for c in ids}
     assert len(ids) == len(ports) == 200
     assert len(st.take_outgoing()) == 200
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_udp_send_hot_path_builds_the_codecs_packets(v6):
+    """udp_send's hot path (cached address sums, one struct pack) against udp_send_generic
+    (emit_udp + emit_ip): byte for byte, for even and odd payloads, one whose checksum sums
+    to zero (sent as 0xFFFF), and for ports and addresses that change."""
+    fast, slow = stack(A4, A6), stack(A4, A6)
+    sf, ss = fast.udp_bind(40000), slow.udp_bind(40000)
+    rng = random.Random(7)
+    payloads = [b"", b"x", b"\xff" * 64, bytes(1000), rng.randbytes(1371)]
+    payloads += [rng.randbytes(rng.randrange(0, 1300)) for _ in range(40)]
+    dsts = ["fd15::2", "fd15::9"] if v6 else ["10.150.0.2", "10.150.0.77"]
+    for i, data in enumerate(payloads):
+        dst = (ip_address(dsts[i % 2]), 53 + i)
+        fast.udp_send(sf, dst, data, 0.0)
+        slow.udp_send_generic(ss, dst, data, 0.0)
+        (got,), (want,) = fast.take_outgoing(), slow.take_outgoing()
+        assert got == want
+    # A sum of zero is sent as 0xFFFF: with the payload's last word zero the field is C (the
+    # complement of the sum S); making that word C brings the sum to 0xFFFF, complemented 0.
+    off = 40 if v6 else 20
+    base = rng.randbytes(18) + bytes(2)
+    fast.udp_send(sf, (ip_address(dsts[0]), 7), base, 0.0)
+    (first,) = fast.take_outgoing()
+    data = base[:-2] + first[off + 6 : off + 8]
+    fast.udp_send(sf, (ip_address(dsts[0]), 7), data, 0.0)
+    slow.udp_send_generic(ss, (ip_address(dsts[0]), 7), data, 0.0)
+    (got,), (want,) = fast.take_outgoing(), slow.take_outgoing()
+    assert got == want and got[off + 6 : off + 8] == b"\xff\xff"
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_udp_receive_hot_path_matches_the_general_path(v6):
+    """Datagrams to a bound port take the hot path; what it must not take (a closed port,
+    a bad UDP length, options, not our address) goes the general way and is answered or
+    dropped as before."""
+    st = stack(A4, A6)
+    sock = st.udp_bind(5353)
+    src, dst = (P(B6), P(A6)) if v6 else (P(B4), P(A4))
+    mk = IPv6Packet if v6 else IPv4Packet
+
+    def pkt(data: bytes, dport: int = 5353, to: bytes = dst) -> bytes:
+        return emit_ip(mk(src, to, 17, emit_udp(UdpDatagram(999, dport, data), src, to)))
+
+    st.receive_packet(pkt(b"hello"), 0.0)
+    st.receive_packet(pkt(b"x" * 1001), 0.0)
+    bad = bytearray(pkt(b"short"))
+    off = 40 if v6 else 20
+    bad[off + 4 : off + 6] = (200).to_bytes(2, "big")  # UDP length beyond the packet
+    st.receive_packet(bytes(bad), 0.0)
+    st.receive_packet(pkt(b"closed", dport=9), 0.0)
+    other = P("fd15::99") if v6 else P("10.150.0.99")
+    st.receive_packet(pkt(b"not ours", to=other), 0.0)
+    evs = []
+    ev = st.next_event()
+    while ev is not None:
+        evs.append(ev)
+        ev = st.next_event()
+    me = ip_address(A6 if v6 else A4)
+    peer = ip_address(B6 if v6 else B4)
+    assert evs == [
+        DatagramReceived(sock, (peer, 999), b"hello", me),
+        DatagramReceived(sock, (peer, 999), b"x" * 1001, me),
+        PacketDropped(DropReason.MALFORMED),
+        PacketDropped(DropReason.NO_SOCKET),
+        PacketDropped(DropReason.NOT_OUR_ADDRESS),
+    ]
+    assert len(st.take_outgoing()) == 1  # the port unreachable

@@ -176,14 +176,18 @@ def ipv4(src: str, dst: str, payload: bytes) -> bytes:
     return hdr + bytes([64, 17, 0, 0]) + s + d + payload
 
 
+def _device(key: PrivateKey, peer: PrivateKey, ep, allowed: str) -> Device:  # type: ignore[no-untyped-def]
+    return Device(
+        key,
+        [PeerSpec(peer.public_key(), endpoint=ep, allowed_ips=(allowed,))],
+        rng=random.Random(key.raw).randbytes,
+    )
+
+
 def test_runtimes_exchange_batches_through_mmsg() -> None:
     async def main() -> None:
         def side(key: PrivateKey, peer: PrivateKey, ep, allowed: str):  # type: ignore[no-untyped-def]
-            dev = Device(
-                key,
-                [PeerSpec(peer.public_key(), endpoint=ep, allowed_ips=(allowed,))],
-                rng=random.Random(key.raw).randbytes,
-            )
+            dev = _device(key, peer, ep, allowed)
             got: list[bytes] = []
             rt = WgUdpRuntime(
                 dev, on_packet=lambda _p, pkt: got.append(pkt), bind_v4="127.0.0.1", bind_v6=None
@@ -214,6 +218,57 @@ def test_runtimes_exchange_batches_through_mmsg() -> None:
             while not got_a and loop.time() < end:
                 await asyncio.sleep(0.005)
             assert got_a == [ipv4("10.0.0.2", "10.0.0.1", b"back")]
+        finally:
+            a.close()
+            b.close()
+
+    asyncio.run(main())
+
+
+def test_each_receive_batch_ends_with_on_batch_end() -> None:
+    """Packets arrive with `receiving` set, and the batch that delivered them ends with one
+    `on_batch_end()` call in the same callback (the engine flushes then: no loop turn), also
+    when the callback fails half way."""
+
+    async def main() -> None:
+        def side(key: PrivateKey, peer: PrivateKey, ep, allowed: str):  # type: ignore[no-untyped-def]
+            dev = _device(key, peer, ep, allowed)
+            log: list[object] = []
+            rt = WgUdpRuntime(dev, bind_v4="127.0.0.1", bind_v6=None)
+            rt.on_packet = lambda _p, pkt: log.append(("packet", rt.receiving))
+            rt.on_batch_end = lambda: log.append("end")
+            return rt, log
+
+        b, log_b = side(KB, KA, None, "10.0.0.1/32")
+        await b.start()
+        a, _ = side(KA, KB, ("127.0.0.1", b.port), "10.0.0.0/24")
+        await a.start()
+        loop = asyncio.get_running_loop()
+        try:
+            a.send_packets([(ipv4("10.0.0.1", "10.0.0.2", b"first"), None)])  # + handshake
+            end = loop.time() + 5
+            while ("packet", True) not in log_b and loop.time() < end:
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.05)
+            log_b.clear()
+            a.send_packets([(ipv4("10.0.0.1", "10.0.0.2", b"%d" % i), 0) for i in range(5)])
+            while log_b.count(("packet", True)) < 5 and loop.time() < end:
+                await asyncio.sleep(0.005)
+            assert set(log_b) == {("packet", True), "end"} and log_b[-1] == "end"
+            assert not b.receiving
+            # A failing packet handler: the batch still ends (and `receiving` is reset).
+            log_b.clear()
+
+            def boom(_p: int, _pkt: bytes) -> None:
+                log_b.append("boom")
+                raise RuntimeError("handler bug")
+
+            b.on_packet = boom
+            loop.set_exception_handler(lambda _loop, _ctx: None)
+            a.send_packets([(ipv4("10.0.0.1", "10.0.0.2", b"x"), 0)])
+            while "end" not in log_b and loop.time() < end:
+                await asyncio.sleep(0.005)
+            assert log_b == ["boom", "end"] and not b.receiving
         finally:
             a.close()
             b.close()

@@ -451,6 +451,56 @@ def test_intake_drains_in_batches_and_pauses_while_a_handshake_is_in_flight(
     asyncio.run(main())
 
 
+def _read_all(relay: udpassoc.UdpRelay, mmsg: bool, records: list[bytes]) -> tuple:
+    """What one reader makes of `records` sent on a fresh data connection, then EOF: the
+    datagrams batched per drain, the relay's counters, whether it detached."""
+    local = Address(IPv4Address("127.0.0.1"), 40001 + mmsg)
+    relay.assoc(local, Address(IPv4Address("10.150.0.1"), 9))
+    assoc = relay.assocs[("127.0.0.1", local.port)]
+    shim, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    shim.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    ours.setblocking(False)
+    assoc.conns.add(ours)
+    for rec in records:
+        shim.send(rec)
+    shim.close()  # EOF after the last record
+    read = relay._read_mmsg if mmsg else relay._read_plain
+    drains = []
+    for _ in range(10):
+        batch: list = []
+        n = read(ours, assoc, batch)
+        drains.append((n, [(str(d[0]), d[1], p) for d, p in batch]))
+        if ours not in assoc.conns:
+            break
+    relay.release(local)
+    stats = relay.stats
+    return drains, (stats.malformed, stats.to_tunnel), ours not in assoc.conns
+
+
+@pytest.mark.skipif(not udpassoc.HAVE_MMSG, reason="the cffi helper is not built")
+def test_recvmmsg_intake_reads_what_the_recv_into_loop_reads() -> None:
+    """The data connection's two readers against each other: full and partial batches,
+    header changes (the parse cache), a record shorter than a header, a bad header, one
+    larger than any datagram (truncated), empty payloads, then EOF."""
+    records = [_record(seq) for seq in range(70)]
+    records += [_record(70, port=99), _record(71, port=99), b"\x01\x00", _record(72)]
+    records += [b"\xee" * 21 + b"bad", _record(73)[:21], b"\x01" + bytes(65600), _record(74)]
+    records += [_record(seq, port=1000 + seq % 3) for seq in range(75, 100)]
+    got = []
+    for mmsg in (False, True):
+        engine = _Engine()
+        session = SimpleNamespace(engine=engine, bypass=BypassList())
+        relay = udpassoc.UdpRelay(TunnelService(session))  # type: ignore[arg-type]
+        if mmsg:
+            relay.use_mmsg()
+        got.append(_read_all(relay, mmsg, records))
+    plain, mm = got
+    assert plain == mm
+    drains, (malformed, _), detached = plain
+    assert detached and malformed == 3 and drains[0][0] == udpassoc.DRAIN_BATCH
+    assert sum(len(b) for _, b in drains) == 103 - 3  # the header-only record is sent
+
+
 def test_the_shim_and_the_launcher_agree_on_the_data_socket() -> None:
     header = (Path(__file__).resolve().parents[2] / "csrc" / "shim.h").read_text()
     assert f'#define WG_UDP_DATA_SOCKET "{UDP_DATA_SOCKET}"' in header

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import heapq
+import struct
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from wrapguard.netstack.events import (
 from wrapguard.netstack.icmp import echo_reply, parse_quote, port_unreachable, unreach_errno
 from wrapguard.netstack.packet import FlowOut
 from wrapguard.netstack.tcp import Seg, TcpConn, TcpState, rst_for
+from wrapguard.wire.checksum import csum_bytes, finish
 from wrapguard.wire.icmp import parse_icmp
 from wrapguard.wire.ip import (
     PROTO_ICMP,
@@ -57,6 +59,10 @@ __all__ = ["ConnInfo", "Stack"]
 EPHEMERAL_LOW = 32768
 EPHEMERAL_HIGH = 60999
 MAX_QUEUED_DROP_EVENTS = 1024
+IP_CACHE = 4096  # address objects kept per packed address (UDP sources and destinations)
+_V4_UDP = struct.Struct("!BBHHHBBH4s4sHHHH")  # a minimal IPv4 header (DF set) + UDP header
+_V6_UDP = struct.Struct("!IHBB16s16sHHHH")  # the fixed IPv6 header + UDP header
+_UDP_PORTS = struct.Struct("!HHH")
 
 FlowKey = tuple[bytes, int, bytes, int]
 
@@ -108,6 +114,10 @@ class Stack:
         self._listen_filters: dict[int, Callable[[bytes], bool]] = {}
         self._udp: dict[int, SockId] = {}
         self._udp_ports: dict[int, int] = {}
+        # Per (source, destination) address pair: the pseudo-header's address sum, and for
+        # IPv4 the header words' sum without Total Length (udp_send's hot path).
+        self._udp_sums: dict[tuple[bytes, bytes], tuple[int, int]] = {}
+        self._ips: dict[bytes, IPAddress] = {}  # packed -> address object (DatagramReceived)
         self._ack_list: list[TcpConn] = []
         self._timers: list[tuple[float, int, TcpConn]] = []
         self._next_id = 1
@@ -134,6 +144,24 @@ class Stack:
                 if 60 <= total <= n and dst in self._ours:
                     self._rx_tcp_fast(packet[8:24], dst, packet, 40, total, now)
                     return
+        if n >= 28 and self._udp:
+            # Hot path: UDP right after a plain IPv4 or IPv6 header, to a bound port.
+            b0 = packet[0]
+            if b0 == 0x45:
+                if (
+                    packet[9] == PROTO_UDP
+                    and not packet[6] & 0x3F
+                    and not packet[7]
+                    and self._rx_udp_fast(packet, 12, 16, 20, (packet[2] << 8) | packet[3])
+                ):
+                    return
+            elif (
+                b0 >> 4 == 6
+                and packet[6] == PROTO_UDP
+                and n >= 48
+                and self._rx_udp_fast(packet, 8, 24, 40, 40 + ((packet[4] << 8) | packet[5]))
+            ):
+                return
         try:
             pkt = parse_ip(packet)
         except Fragmented:
@@ -296,6 +324,35 @@ class Stack:
             total.update(_loss_counters(conn))
         return {k: total[k] for k in ("retransmits", "recoveries", "timeouts")}
 
+    def _ip(self, packed: bytes) -> IPAddress:
+        ip = self._ips.get(packed)
+        if ip is None:
+            if len(self._ips) >= IP_CACHE:
+                self._ips.clear()
+            ip = self._ips[packed] = ip_address(packed)
+        return ip
+
+    def _rx_udp_fast(self, packet: bytes, s: int, d: int, off: int, total: int) -> bool:
+        """`_rx_udp` for a datagram to a bound port of ours: True when delivered, False to
+        take the general path (anything else, including what that path drops)."""
+        alen = d - s
+        if total > len(packet) or total < off + 8:
+            return False
+        dst = packet[d : d + alen]
+        sport, dport, length = _UDP_PORTS.unpack_from(packet, off)
+        sock = self._udp.get(dport)
+        if sock is None or dst not in self._ours or length < 8 or off + length > total:
+            return False
+        self._events.append(
+            DatagramReceived(
+                sock,
+                (self._ip(packet[s:d]), sport),
+                bytes(packet[off + 8 : off + length]),
+                self._ip(dst),
+            )
+        )
+        return True
+
     def _rx_udp(self, pkt: IPv4Packet | IPv6Packet) -> None:
         try:
             d = parse_udp(pkt.payload)
@@ -308,9 +365,7 @@ class Stack:
             self._out.append(port_unreachable(pkt))
             return
         self._events.append(
-            DatagramReceived(
-                sock, (ip_address(pkt.src), d.src_port), d.payload, ip_address(pkt.dst)
-            )
+            DatagramReceived(sock, (self._ip(pkt.src), d.src_port), d.payload, self._ip(pkt.dst))
         )
 
     def _rx_icmp(self, pkt: IPv4Packet | IPv6Packet) -> None:
@@ -531,6 +586,57 @@ class Stack:
         self, sock: SockId, dst: tuple[IPAddress | str, int], data: bytes, now: float
     ) -> None:
         """Send one datagram from our address of dst's family."""
+        port, src, rip, dport = self._udp_check(sock, dst, len(data))
+        sums = self._udp_sums.get((src, rip))
+        if sums is None:
+            sums = self._udp_pair_sums(src, rip)
+        length = 8 + len(data)
+        # The UDP checksum over the pseudo-header, the UDP header and the payload: the same
+        # bytes as emit_udp() + emit_ip() (tests/netstack compare the two).
+        csum = finish(csum_bytes(data, sums[0] + PROTO_UDP + length + port + dport + length))
+        if len(rip) == 4:
+            total = 20 + length
+            ipsum = finish(sums[1] + total)
+            hdr = _V4_UDP.pack(
+                0x45, 0, total, 0, 0x4000, 64, PROTO_UDP, ipsum, src, rip,
+                port, dport, length, csum or 0xFFFF,
+            )  # fmt: skip
+        else:
+            hdr = _V6_UDP.pack(
+                6 << 28, length, PROTO_UDP, 64, src, rip, port, dport, length, csum or 0xFFFF
+            )
+        self._out.append(hdr + bytes(data))
+
+    def _udp_pair_sums(self, src: bytes, dst: bytes) -> tuple[int, int]:
+        """The address sums udp_send needs for one source/destination pair (cached)."""
+        addr_sum = int.from_bytes(src + dst, "big") % 0xFFFF
+        ip_sum = 0
+        if len(dst) == 4:  # version/IHL, DF, TTL/protocol and the addresses (RFC 791 3.1)
+            ip_sum = 0x4500 + 0x4000 + ((64 << 8) | PROTO_UDP) + addr_sum
+        if len(self._udp_sums) >= IP_CACHE:
+            self._udp_sums.clear()
+        self._udp_sums[(src, dst)] = sums = (addr_sum, ip_sum)
+        return sums
+
+    def udp_send_generic(
+        self, sock: SockId, dst: tuple[IPAddress | str, int], data: bytes, now: float
+    ) -> None:
+        """`udp_send` through the general codecs (emit_udp, emit_ip): the reference the
+        tests compare the hot path's packets with."""
+        port, src, rip, dport = self._udp_check(sock, dst, len(data))
+        body = emit_udp(UdpDatagram(port, dport, bytes(data)), src, rip)
+        pkt: IPv4Packet | IPv6Packet
+        if len(rip) == 4:
+            pkt = IPv4Packet(src, rip, PROTO_UDP, body)
+        else:
+            pkt = IPv6Packet(src, rip, PROTO_UDP, body)
+        self._out.append(emit_ip(pkt))
+
+    def _udp_check(
+        self, sock: SockId, dst: tuple[IPAddress | str, int], size: int
+    ) -> tuple[int, bytes, bytes, int]:
+        """(local port, our source, destination, its port) for a datagram of `size` bytes;
+        OSError: no such socket, no tunnel address of that family, larger than the MTU."""
         port = self._udp_ports.get(sock)
         if port is None:
             raise OSError(errno.EBADF, f"no such UDP socket {sock}")
@@ -539,15 +645,9 @@ class Stack:
         srcs = self.addr4 if len(rip) == 4 else self.addr6
         if not srcs:
             raise OSError(errno.ENETUNREACH, "no tunnel address of that family")
-        if len(data) + 8 + (20 if len(rip) == 4 else 40) > self.mtu:
+        if size + 8 + (20 if len(rip) == 4 else 40) > self.mtu:
             raise OSError(errno.EMSGSIZE, "datagram larger than the tunnel MTU")
-        body = emit_udp(UdpDatagram(port, dport, bytes(data)), srcs[0], rip)
-        pkt: IPv4Packet | IPv6Packet
-        if len(rip) == 4:
-            pkt = IPv4Packet(srcs[0], rip, PROTO_UDP, body)
-        else:
-            pkt = IPv6Packet(srcs[0], rip, PROTO_UDP, body)
-        self._out.append(emit_ip(pkt))
+        return port, srcs[0], rip, dport
 
     def udp_close(self, sock: SockId) -> None:
         """Release a UDP socket."""

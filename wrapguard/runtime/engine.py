@@ -15,6 +15,7 @@ import ipaddress
 import os
 import secrets
 import time
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
@@ -71,6 +72,35 @@ def _random_int(bits: int) -> int:
     return secrets.randbits(bits)
 
 
+class PooledRandom:
+    """`secrets.token_bytes` for the device, with requests of up to SMALL bytes served from
+    a pool drawn POOL bytes at a time. The device takes 2 bytes of rekey jitter [W 6.1] for
+    nearly every packet it sends after one it received (a UDP request and its reply, data
+    and its ACKs): one getrandom() syscall each otherwise. Larger requests (keys) as asked."""
+
+    SMALL, POOL = 8, 512
+
+    __slots__ = ("__weakref__", "_pool", "_pos")
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._pos = 0
+        _POOLS.add(self)
+
+    def forget(self) -> None:
+        """Drop what is left (a fork()ed child must not reuse its parent's bytes)."""
+        self._pool, self._pos = b"", 0
+
+    def __call__(self, n: int) -> bytes:
+        if n > self.SMALL:
+            return secrets.token_bytes(n)
+        pos = self._pos
+        if pos + n > len(self._pool):
+            self._pool, pos = secrets.token_bytes(self.POOL), 0
+        self._pos = pos + n
+        return self._pool[pos : pos + n]
+
+
 def _tcp_config() -> TcpConfig:
     """The netstack's TCP settings; WRAPGUARD_TEST_TCP_RETRIES is a test knob (docs/testing.md)
     that shortens how long unanswered retransmissions and zero-window probes go on."""
@@ -87,6 +117,10 @@ def device_endpoint(peer: int, config: PeerConfig) -> tuple[str, int] | None:
 
         return road_address(peer, config.stream)
     return None if config.endpoint is None else (config.endpoint.host, config.endpoint.port)
+
+
+_POOLS: weakref.WeakSet[PooledRandom] = weakref.WeakSet()
+os.register_at_fork(after_in_child=lambda: [p.forget() for p in list(_POOLS)])
 
 
 def build_device(
@@ -109,9 +143,7 @@ def build_device(
         )
         for i, p in enumerate(config.peers)
     ]
-    device = factory(
-        iface.private_key, specs, rng=secrets.token_bytes, timers=timers, mtu=iface.mtu
-    )
+    device = factory(iface.private_key, specs, rng=PooledRandom(), timers=timers, mtu=iface.mtu)
     for i in range(len(config.peers)):
         for net in routing.allowed_sources(i):
             if net not in config.peers[i].allowed_ips:
@@ -174,6 +206,7 @@ class Engine:
             listen_port=iface.listen_port or 0,
             on_packet=self._from_tunnel,
             on_event=self._tunnel_event,
+            on_batch_end=self._rx_batch_end,
             socket_factory=socket_factory,  # type: ignore[arg-type]
             bind_v4=bind[0],
             bind_v6=bind[1],
@@ -235,8 +268,14 @@ class Engine:
             # Do not hold ACKs (and window updates) for a whole receive batch: the sender's
             # clock runs on them.
             self.flush()
-        else:
+        elif not self.wg.receiving:
             self.schedule_flush()
+        # else: in a receive batch, which ends with _rx_batch_end(): no loop turn between
+        # the last packet and what answers it (a UDP reply, an ACK).
+
+    def _rx_batch_end(self) -> None:
+        if self._rx_pending:
+            self.flush()
 
     # ------------------------------------------------------------------ ping (self-test)
 
@@ -444,4 +483,4 @@ class Engine:
             self.stack.unlisten(port)
 
 
-__all__ = ["Engine", "FlowHandler", "IPAddress", "PeerChooser", "build_device"]
+__all__ = ["Engine", "FlowHandler", "IPAddress", "PeerChooser", "PooledRandom", "build_device"]

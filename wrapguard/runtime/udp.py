@@ -103,6 +103,7 @@ class WgUdpRuntime:
         listen_port: int = 0,
         on_packet: Callable[[int, bytes], None] | None = None,
         on_event: Callable[[Output], None] | None = None,
+        on_batch_end: Callable[[], None] | None = None,
         socket_factory: SocketFactory | None = None,
         resolver: Resolver | None = None,
         bind_v4: str = "0.0.0.0",
@@ -115,6 +116,10 @@ class WgUdpRuntime:
         self.listen_port = listen_port
         self.on_packet = on_packet
         self.on_event = on_event
+        # Called after each receive batch from a socket (`receiving` is True while one
+        # runs), so that the netstack side can answer at once rather than a loop turn later.
+        self.on_batch_end = on_batch_end
+        self.receiving = False
         self._factory: SocketFactory = socket_factory or socket.socket
         self._resolver = resolver
         self._bind_v4 = bind_v4
@@ -173,11 +178,11 @@ class WgUdpRuntime:
                 _ffi.new("uint32_t[]", SEND_BATCH),
                 _ffi.new("uint32_t[]", SEND_BATCH),
             )
-            self._loop.add_reader(v4.fileno(), self._readable_mmsg, v4)
+            self._loop.add_reader(v4.fileno(), self._batch, self._readable_mmsg, v4)
         elif v4 is not None:
-            self._loop.add_reader(v4.fileno(), self._readable, v4)
+            self._loop.add_reader(v4.fileno(), self._batch, self._readable, v4)
         if self._v6 is not None:
-            self._loop.add_reader(self._v6.fileno(), self._readable, self._v6)
+            self._loop.add_reader(self._v6.fileno(), self._batch, self._readable, self._v6)
         self._rr_timer = DeadlineTimer(self._loop, self._on_reresolve_timer)
         for road in self.roads.values():
             road.start()
@@ -375,6 +380,17 @@ class WgUdpRuntime:
             else:
                 self.stats["tx_datagrams"] += r
             done += r
+
+    def _batch(self, read: Callable[[socket.socket], None], sock: socket.socket) -> None:
+        """One readable callback: `read(sock)`, then `on_batch_end()` (even if it raised:
+        the packets it delivered still get their flush)."""
+        self.receiving = True
+        try:
+            read(sock)
+        finally:
+            self.receiving = False
+            if self.on_batch_end is not None:
+                self.on_batch_end()
 
     def _readable(self, sock: socket.socket) -> None:
         assert self._loop is not None
