@@ -260,8 +260,11 @@ WG_EXPORT int connect(int fd, const struct sockaddr *sa, socklen_t len) {
     /* Non-blocking: gated (GATE follows). Blocking: the outcome follows the TUNNEL reply on
      * the same control connection (CONNECT with WAIT: no STATUS request). */
     int gate = (fl & O_NONBLOCK) != 0;
-    if (wg_ctl_begin(&ctl, WG_CONNECT, gate ? WG_FLAG_GATE : WG_FLAG_CONNECT_WAIT, body,
-                     body_len, &rep, WG_CTL_TIMEOUT_MS) != 0) {
+    /* An AF_INET socket's data connection goes to 127.0.0.1 only (local_attach): the
+     * launcher then updates the filter of that listener alone. */
+    uint16_t flags = (uint16_t)((gate ? WG_FLAG_GATE : WG_FLAG_CONNECT_WAIT) |
+                                (domain == AF_INET ? WG_FLAG_CONNECT_LO4 : 0));
+    if (wg_ctl_begin(&ctl, WG_CONNECT, flags, body, body_len, &rep, WG_CTL_TIMEOUT_MS) != 0) {
         wg_ctl_end(&ctl, 1);
         return fail(ENETUNREACH); /* fail closed: never fall back to a direct connect */
     }
