@@ -625,6 +625,34 @@ def test_tokens_never_used_expire_and_are_counted(tmp_path: Path) -> None:
     run_with_server(body, tmp_path, token_ttl=0.2)
 
 
+def test_each_token_expires_at_its_own_deadline_and_a_used_one_never(tmp_path: Path) -> None:
+    """One timer serves every outstanding token (the oldest's deadline first)."""
+
+    async def body(server: ChannelServer, backend: Backend) -> None:
+        a, b, c = bound(), bound(), bound()
+        rep_a = await tunnel(server, a)
+        await asyncio.sleep(0.15)
+        rep_b = await tunnel(server, b)
+        rep_c = await tunnel(server, c)
+        r, w = await connect_data(server, c)
+        w.write(rep_c.token)  # used: never expires
+        assert await asyncio.wait_for(r.read(), 5) == b"attached"
+        w.close()
+        await asyncio.sleep(0.1)  # a's deadline (0.25 s) has passed, b's not yet
+        assert backend.expired == [rep_a.token]
+        await asyncio.sleep(0.2)
+        assert backend.expired == [rep_a.token, rep_b.token]
+        assert server.stats.unused_token == 2 and server._token_timer is None
+        d = bound()
+        rep_d = await tunnel(server, d)  # a new token arms the timer again
+        await asyncio.sleep(0.35)
+        assert backend.expired[-1] == rep_d.token and server.stats.unused_token == 3
+        for s in (a, b, c, d):
+            s.close()
+
+    run_with_server(body, tmp_path, token_ttl=0.25)
+
+
 def test_request_from_another_uid_is_dropped(tmp_path: Path) -> None:
     async def body(server: ChannelServer, backend: Backend) -> None:
         assert await raw(server.ctl_path or "", emit_request(HelloRequest(1, "x"), SECRET)) == b""

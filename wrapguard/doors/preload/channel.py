@@ -281,7 +281,10 @@ class ChannelServer:
         self._addrs = tuple(tunnel_addrs)
         self._token_source = token_source
         self._token_ttl = token_ttl
-        self._tokens: dict[bytes, asyncio.TimerHandle] = {}
+        # Outstanding tokens and when each expires: in insertion order, which is deadline
+        # order (one TTL), so one timer for the oldest serves them all (not a timer each).
+        self._tokens: dict[bytes, float] = {}
+        self._token_timer: asyncio.TimerHandle | None = None
         self._servers: list[asyncio.Server] = []
         self._data_listeners: list[socket.socket] = []
         self._tcp_listeners: list[socket.socket] = []  # the loopback data listeners
@@ -403,8 +406,9 @@ class ChannelServer:
                 lsock.close()
             for conn in list(self._data_pending):
                 self._drop_data(conn)
-            for handle in self._tokens.values():
-                handle.cancel()
+            if self._token_timer is not None:
+                self._token_timer.cancel()
+                self._token_timer = None
             for task in list(self._tasks):
                 task.cancel()
             for ctl_conn in list(self._ctl_conns):
@@ -521,11 +525,13 @@ class ChannelServer:
             return ConnectReply(Action.FAIL, decision.errno or errno.ENETUNREACH)
         token = self._token_source(TOKEN_LEN)
         loop = self._running_loop()
-        self._tokens[token] = loop.call_later(self._token_ttl, self._expire, token)
+        self._tokens[token] = deadline = loop.time() + self._token_ttl
+        if self._token_timer is None:
+            self._token_timer = loop.call_at(deadline, self._expire_due)
         try:
             source = self._backend.open_tcp(dst, token, gate, src_port)
         except OSError as exc:
-            self._tokens.pop(token).cancel()
+            del self._tokens[token]
             return ConnectReply(Action.FAIL, exc.errno or errno.ENETUNREACH)
         # The listeners the data connection may come to: an AF_INET socket's to 127.0.0.1
         # alone; an AF_INET6 socket's to ::1, or ::ffff:127.0.0.1 where ::1 fails.
@@ -577,9 +583,12 @@ class ChannelServer:
         loop = self._running_loop()
         written: asyncio.Future[None] = loop.create_future()
         fut = self._backend.status(token)
+        timer: asyncio.TimerHandle | None = None
 
         def send(err: int) -> None:
             if not written.done():
+                if timer is not None:
+                    timer.cancel()
                 with contextlib.suppress(ConnectionError, RuntimeError):
                     write(emit_reply(StatusReply(StatusAction.DONE, err)))
                 written.set_result(None)
@@ -591,7 +600,6 @@ class ChannelServer:
             send(errno.ENOTCONN)
             return written
         timer = loop.call_later(self._connect_timeout, send, errno.ETIMEDOUT)
-        written.add_done_callback(lambda _: timer.cancel())
         if fut.done():
             done(fut)
             return written
@@ -602,6 +610,20 @@ class ChannelServer:
             tell(token, send)
         fut.add_done_callback(done)  # and a cancelled one (at exit) still answers
         return written
+
+    def _expire_due(self) -> None:
+        """Expire the tokens past their deadline; the timer then waits for the next one."""
+        self._token_timer = None
+        loop = self._running_loop()
+        now = loop.time()
+        tokens = self._tokens
+        while tokens:
+            token = next(iter(tokens))
+            deadline = tokens[token]
+            if deadline > now:
+                self._token_timer = loop.call_at(deadline, self._expire_due)
+                return
+            self._expire(token)
 
     def _expire(self, token: bytes) -> None:
         if self._tokens.pop(token, None) is not None:
@@ -782,12 +804,10 @@ class ChannelServer:
 
     def _token_arrived(self, conn: socket.socket, token: bytes, port: int) -> None:
         """A data connection from loopback `port` presented `token`."""
-        handle = self._tokens.pop(token, None)
-        if handle is None:
+        if self._tokens.pop(token, None) is None:
             self.stats.bad_token += 1
             conn.close()
             return
-        handle.cancel()
         lo = self._release(token)
         if lo not in (0, port):  # the token, but not from the socket it was handed to
             self.stats.bad_token += 1
