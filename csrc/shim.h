@@ -162,6 +162,7 @@ enum wg_peer_action { WG_PEER_FOUND = 0, WG_PEER_UNKNOWN = 2 };
 #define WG_FLAG_WAIT 1 /* STATUS */
 #define WG_FLAG_GATE 1 /* CONNECT: non-blocking, a GATE request follows */
 #define WG_FLAG_CONNECT_WAIT 2 /* CONNECT: blocking, a TUNNEL reply is followed by STATUS's */
+#define WG_FLAG_CONNECT_LO4 4 /* CONNECT: an AF_INET socket (data connection to 127.0.0.1) */
 #define WG_FLAG_V6ONLY 1 /* LISTEN: an AF_INET6 socket with IPV6_V6ONLY */
 #define WG_GATE_MAX (4u << 20) /* filler cap: past it the gate is given up (see tcp.c) */
 #define WG_GATE_SLACK (32 << 10) /* filler left unsent by a shut gate (see tcp.c) */

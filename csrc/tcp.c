@@ -49,6 +49,10 @@ static int is_inet_stream(int fd, int *domain) {
 static int local_connect(int fd, const union wg_sa *sa, socklen_t len, long long deadline) {
     if (wg_real.connect(fd, &sa->sa, len) == 0) return 0;
     if (errno != EINPROGRESS && errno != EINTR && errno != EALREADY) return -1;
+    /* On loopback the handshake is usually over when connect() returns: asking again says
+     * so (0, or EISCONN) in one call instead of poll() and SO_ERROR; a failure shows too. */
+    if (wg_real.connect(fd, &sa->sa, len) == 0 || errno == EISCONN) return 0;
+    if (errno != EALREADY && errno != EINPROGRESS && errno != EINTR) return -1;
     int err = 0;
     socklen_t el = sizeof err;
     if (wg_wait_fd(fd, POLLOUT, deadline) != 0) return -1;
@@ -223,12 +227,16 @@ static int reconnect(int fd, struct wg_fd *s) {
 WG_EXPORT int connect(int fd, const struct sockaddr *sa, socklen_t len) {
     REAL(connect);
     wg_init();
-    int saved = errno, domain = 0;
+    int saved = errno, domain = 0, type = 0;
     struct wg_addr dst;
     int urc;
-    if (wg_cfg.active && wg_udp_connect(fd, sa, len, &urc)) return urc; /* udp.c */
-    if (!wg_cfg.active || wg_addr_from_sockaddr(sa, len, &dst) != 0 ||
-        wg_dst_is_local(&dst) || !is_inet_stream(fd, &domain) || sa->sa_family != domain)
+    /* One look at the socket's kind (SO_DOMAIN, SO_TYPE) decides: UDP's connect (udp.c, which
+     * looks again), ours for an inet stream, the real call for anything else. */
+    if (!wg_cfg.active || sock_kind(fd, &domain, &type) != 0) return wg_real.connect(fd, sa, len);
+    if (type == SOCK_DGRAM && wg_udp_connect(fd, sa, len, &urc)) return urc; /* udp.c */
+    if (type != SOCK_STREAM || (domain != AF_INET && domain != AF_INET6) ||
+        wg_addr_from_sockaddr(sa, len, &dst) != 0 || wg_dst_is_local(&dst) ||
+        sa->sa_family != domain)
         return wg_real.connect(fd, sa, len);
     struct wg_fd *s = wg_slot(fd);
     if (s != NULL && s->kind == WG_TUNNEL && s->state != WG_FAILED) return reconnect(fd, s);
@@ -260,8 +268,11 @@ WG_EXPORT int connect(int fd, const struct sockaddr *sa, socklen_t len) {
     /* Non-blocking: gated (GATE follows). Blocking: the outcome follows the TUNNEL reply on
      * the same control connection (CONNECT with WAIT: no STATUS request). */
     int gate = (fl & O_NONBLOCK) != 0;
-    if (wg_ctl_begin(&ctl, WG_CONNECT, gate ? WG_FLAG_GATE : WG_FLAG_CONNECT_WAIT, body,
-                     body_len, &rep, WG_CTL_TIMEOUT_MS) != 0) {
+    /* An AF_INET socket's data connection goes to 127.0.0.1 only (local_attach): the
+     * launcher then updates the filter of that listener alone. */
+    uint16_t flags = (uint16_t)((gate ? WG_FLAG_GATE : WG_FLAG_CONNECT_WAIT) |
+                                (domain == AF_INET ? WG_FLAG_CONNECT_LO4 : 0));
+    if (wg_ctl_begin(&ctl, WG_CONNECT, flags, body, body_len, &rep, WG_CTL_TIMEOUT_MS) != 0) {
         wg_ctl_end(&ctl, 1);
         return fail(ENETUNREACH); /* fail closed: never fall back to a direct connect */
     }

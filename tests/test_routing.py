@@ -392,5 +392,19 @@ def test_lookup_matches_oracle(
 ) -> None:
     config, flags = case
     t = RoutingTable.build(config, flags)
-    for dst, proto, port in probes:
+    for dst, proto, port in probes + probes:  # the second round from lookup()'s cache
         assert t.lookup(dst, proto, port) == _oracle(config, flags, dst, proto, port)
+
+
+def test_lookup_cache_is_bounded_and_keeps_answering(monkeypatch: pytest.MonkeyPatch) -> None:
+    import wrapguard.routing as routing
+
+    monkeypatch.setattr(routing, "LOOKUP_CACHE_MAX", 3)
+    t = table(("AllowedIPs = 10.150.0.0/24",), ("AllowedIPs = 10.151.0.0/24",))
+    for _ in range(2):
+        for last in range(1, 9):
+            assert look(t, f"10.150.0.{last}", TCP, 80) == 0
+            assert look(t, f"10.151.0.{last}") == 1
+            assert look(t, f"::ffff:10.151.0.{last}") == 1
+            assert look(t, f"10.152.0.{last}") is None
+            assert len(t._cache) <= 3

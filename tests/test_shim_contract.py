@@ -57,6 +57,10 @@ def test_header_constants_are_ipc_constants() -> None:
     assert h["WG_UDP_DATA_SOCKET"] == ipc.UDP_DATA_SOCKET
     assert (h["WG_FLAG_WAIT"], h["WG_FLAG_GATE"]) == (ipc.FLAG_WAIT, ipc.FLAG_GATE)
     assert h["WG_FLAG_V6ONLY"] == ipc.FLAG_V6ONLY
+    assert (h["WG_FLAG_CONNECT_WAIT"], h["WG_FLAG_CONNECT_LO4"]) == (
+        ipc.FLAG_CONNECT_WAIT,
+        ipc.FLAG_CONNECT_LO4,
+    )
     assert (h["WG_PROTO_TCP"], h["WG_PROTO_UDP"]) == (ipc.Proto.TCP, ipc.Proto.UDP)
     for op in ipc.Op:
         assert h[f"WG_{op.name}"] == op.value, op

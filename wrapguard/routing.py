@@ -71,6 +71,9 @@ class _PrefixTable(Generic[_T]):
                 yield bucket
 
 
+LOOKUP_CACHE_MAX = 65536  # cached lookup() answers; the cache starts over when full
+
+
 def _normalize(ip: IPAddress) -> IPAddress:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
@@ -80,11 +83,14 @@ def _normalize(ip: IPAddress) -> IPAddress:
 class RoutingTable:
     """Immutable after `build`; `lookup` answers which peer carries a destination."""
 
-    __slots__ = ("_allowed", "_peer_count", "_policy", "_sources", "routes")
+    __slots__ = ("_allowed", "_cache", "_peer_count", "_policy", "_sources", "routes")
 
     def __init__(self, routes: Sequence[PolicyRoute], allowed: Sequence[Sequence[IPNetwork]]):
         self.routes = tuple(routes)
         self._peer_count = len(allowed)
+        # lookup()'s answers (the table never changes): a connect asks once or twice per
+        # connection, mostly for the same few destinations.
+        self._cache: dict[tuple[IPAddress, Protocol, int | None], int | None] = {}
         # AllowedIPs: per family, per network the first peer in file order.
         self._allowed = {
             v: _PrefixTable(
@@ -154,7 +160,18 @@ class RoutingTable:
         self, dst: IPAddress, protocol: Protocol = Protocol.ANY, port: int | None = None
     ) -> int | None:
         """Index into `config.peers` of the peer that carries `dst`, or None (goes direct)."""
-        dst = _normalize(dst)
+        key = (dst, protocol, port)
+        try:
+            return self._cache[key]
+        except KeyError:
+            pass
+        peer = self._lookup(_normalize(dst), protocol, port)
+        if len(self._cache) >= LOOKUP_CACHE_MAX:
+            self._cache.clear()
+        self._cache[key] = peer
+        return peer
+
+    def _lookup(self, dst: IPAddress, protocol: Protocol, port: int | None) -> int | None:
         if dst.is_loopback:
             return None
         table = self._policy[dst.version]

@@ -134,3 +134,22 @@ def test_a_failing_status_callback_does_not_stop_the_flow() -> None:
         program.close()
 
     asyncio.run(main())
+
+
+def test_running_loop_is_the_engines_while_it_runs_else_the_callers() -> None:
+    engine, _ = engine_with_recorder()
+
+    async def current() -> asyncio.AbstractEventLoop:
+        return engine.running_loop()
+
+    async def started() -> None:
+        engine._loop = asyncio.get_running_loop()
+        assert engine.running_loop() is engine._loop
+
+    first = asyncio.new_event_loop()
+    assert first.run_until_complete(current()) is first  # not started: the caller's loop
+    first.run_until_complete(started())
+    first.close()
+    second = asyncio.new_event_loop()
+    assert second.run_until_complete(current()) is second  # the engine's loop is not running
+    second.close()

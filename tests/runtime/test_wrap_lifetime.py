@@ -178,6 +178,19 @@ def _launcher_and_program(waiter: int) -> tuple[int, int] | None:
     return (launcher, int(kids[0])) if kids else None
 
 
+def _execed(waiter: int) -> bool:
+    """The wrapped program runs: the launcher's child has exec'd with the channel's variables
+    (before its execve, a forked child's environ is still the launcher's)."""
+    found = _launcher_and_program(waiter)
+    try:
+        return (
+            found is not None
+            and b"WRAPGUARD_CTL=" in Path(f"/proc/{found[1]}/environ").read_bytes()
+        )
+    except OSError:
+        return False
+
+
 def test_next_run_removes_what_a_killed_launcher_left(module_rig: Rig, conf: Path) -> None:
     """Issue 11: after kill -9 the private directory stays; the next run removes it. A second
     launcher with the same key says why the two will fight over the tunnel."""
@@ -185,7 +198,7 @@ def test_next_run_removes_what_a_killed_launcher_left(module_rig: Rig, conf: Pat
         module_rig.client, conf, ["sleep", "60"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    _wait_for(lambda: _launcher_and_program(proc.pid) is not None, 15, "the wrapped sleep")
+    _wait_for(lambda: _execed(proc.pid), 15, "the wrapped sleep")
     found = _launcher_and_program(proc.pid)
     assert found is not None
     launcher, program = found

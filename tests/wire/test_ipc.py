@@ -141,7 +141,7 @@ def test_frame_length_limits() -> None:
         lambda f: struct.pack("!I", len(f) - 3) + f[4:] + b"\0",  # trailing byte
         lambda f: f[:41] + b"\x05" + f[42:],  # address family 5
         lambda f: f[:40] + b"\x07" + f[41:],  # protocol 7
-        lambda f: f[:6] + b"\x00\x04" + f[8:],  # unknown flags on CONNECT
+        lambda f: f[:6] + b"\x00\x08" + f[8:],  # unknown flags on CONNECT
     ],
 )
 def test_malformed_requests_raise_decode_error(mutate: object) -> None:
@@ -262,6 +262,21 @@ def test_gate_request_and_connect_gate_flag_round_trip() -> None:
         parse_request(emit_request(GateRequest(token, 1), SECRET)[:-1])
 
 
+def test_connect_lo4_flag_is_bit_2_and_goes_with_gate_or_wait() -> None:
+    for gate, wait in ((False, False), (True, False), (False, True)):
+        req = ConnectRequest(Proto.TCP, V4, gate, 0, 41000, wait, lo4=True)
+        frame = emit_request(req, SECRET)
+        flags = int.from_bytes(frame[6:8], "big")
+        assert flags == 4 | (1 if gate else 0) | (2 if wait else 0)
+        assert parse_request(frame) == (SECRET, req)
+        without = emit_request(ConnectRequest(Proto.TCP, V4, gate, 0, 41000, wait), SECRET)
+        assert without == frame[:6] + (flags & ~4).to_bytes(2, "big") + frame[8:]
+    both = emit_request(ConnectRequest(Proto.TCP, V4, lo4=True), SECRET)
+    for bad in (8, 4 | 3):  # an unknown bit; GATE and WAIT together
+        with pytest.raises(DecodeError):
+            parse_request(both[:6] + bad.to_bytes(2, "big") + both[8:])
+
+
 def test_connect_source_port_round_trips_and_zero_is_refused() -> None:
     req = ConnectRequest(Proto.TCP, V4, False, 41000)
     assert parse_request(emit_request(req, SECRET)) == (SECRET, req)
@@ -296,7 +311,7 @@ def test_connect_wait_flag_round_trips_and_never_with_the_gate() -> None:
     with pytest.raises(ValueError):
         emit_request(ConnectRequest(Proto.TCP, V4, True, wait=True), SECRET)
     both = frame[:6] + (FLAG_GATE | FLAG_CONNECT_WAIT).to_bytes(2, "big") + frame[8:]
-    unknown = frame[:6] + (4).to_bytes(2, "big") + frame[8:]
+    unknown = frame[:6] + (8).to_bytes(2, "big") + frame[8:]
     for bad in (both, unknown):
         with pytest.raises(DecodeError):
             parse_request(bad)

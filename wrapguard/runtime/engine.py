@@ -251,6 +251,12 @@ class Engine:
     def now(self) -> float:
         return self._loop.time() if self._loop is not None else time.monotonic()
 
+    def running_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the engine runs on (asyncio.get_running_loop() costs a getpid() per call
+        on Python 3.11; flows ask for it on every connect)."""
+        loop = self._loop
+        return loop if loop is not None and loop.is_running() else asyncio.get_running_loop()
+
     # ------------------------------------------------------------------ routing
 
     def route(self, dst: IPAddress, proto: int, port: int | None) -> int | None:

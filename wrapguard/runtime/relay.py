@@ -10,7 +10,6 @@ resets the other.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import socket
@@ -56,7 +55,7 @@ class TcpRelay:
         on_done: Callable[[TcpRelay], None] | None = None,
     ) -> None:
         self.engine = engine
-        self.loop = asyncio.get_running_loop()
+        self.loop = engine.running_loop()
         self.cid: ConnId | None = None
         self.sock: socket.socket | None = None
         self.connected = False

@@ -234,7 +234,7 @@ class TunnelService:
         gets the same outcome the moment it is known (the future's callbacks run a loop turn
         later: a door that answers its program there answers sooner). `on_done` runs when the
         flow has ended. Raises OSError (EADDRINUSE for a taken `src_port`)."""
-        loop = asyncio.get_running_loop()
+        loop = self.engine.running_loop()
         outcome: asyncio.Future[int] = loop.create_future()
         ip = plain(ip)
         target = self.dns_target(ip, port, TCP)

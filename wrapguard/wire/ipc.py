@@ -20,6 +20,7 @@ from wrapguard.errors import DecodeError
 
 __all__ = [
     "ADDR_LEN",
+    "FLAG_CONNECT_LO4",
     "FLAG_CONNECT_WAIT",
     "FLAG_GATE",
     "FLAG_V6ONLY",
@@ -91,6 +92,9 @@ FLAG_GATE = 0x0001  # CONNECT: a non-blocking socket; a GATE request follows (do
 # CONNECT: a blocking socket; after a TUNNEL reply the launcher sends the STATUS reply (as to
 # STATUS with WAIT) on the same connection once the outcome is known.
 FLAG_CONNECT_WAIT = 0x0002
+# CONNECT: the program's socket is AF_INET: its data connection comes to 127.0.0.1, never to
+# ::1 (the launcher then lets its port in at the IPv4 data listener alone).
+FLAG_CONNECT_LO4 = 0x0004
 MAX_VERSION_TEXT = 255
 MAX_NAME_TEXT = 255
 MAX_RESOLVE_ADDRS = 12  # 12 addresses + a 255-byte name fit in MAX_BODY
@@ -190,6 +194,7 @@ class ConnectRequest:
     # unknown: the listener drops connections from any other port (docs/channel.md, Security).
     lo_port: int = 0
     wait: bool = False  # blocking: a TUNNEL reply is followed by the STATUS reply (WAIT)
+    lo4: bool = False  # an AF_INET socket: the data connection comes to 127.0.0.1 alone
 
 
 @dataclass(frozen=True, slots=True)
@@ -457,7 +462,7 @@ def emit_request(req: Request, secret: bytes) -> bytes:
             if len(text) > MAX_VERSION_TEXT:
                 raise ValueError("ipc: version text too long")
             op, body = Op.HELLO, _HELLO.pack(pid, len(text)) + text
-        case ConnectRequest(proto, dst, gate, src_port, lo_port, wait):
+        case ConnectRequest(proto, dst, gate, src_port, lo_port, wait, lo4):
             if not 0 <= src_port <= 0xFFFF or not 0 <= lo_port <= 0xFFFF:
                 raise ValueError("ipc: bad CONNECT source port")
             if gate and wait:
@@ -468,6 +473,7 @@ def emit_request(req: Request, secret: bytes) -> bytes:
             elif src_port:
                 body += src_port.to_bytes(2, "big")
             flags = (FLAG_GATE if gate else 0) | (FLAG_CONNECT_WAIT if wait else 0)
+            flags |= FLAG_CONNECT_LO4 if lo4 else 0
         case GateRequest(token, filler):
             if len(token) != TOKEN_LEN or not 0 <= filler <= 0xFFFFFFFF:
                 raise ValueError("ipc: bad GATE request")
@@ -561,7 +567,9 @@ def _parse_connect(body: bytes, flags: int) -> ConnectRequest:
     """CONNECT's body: proto, address, then nothing, `u16 src_port` (non-zero), or `u16
     src_port` (0: none) and `u16 lo_port` (non-zero); one encoding per request, so frames
     round-trip."""
-    if flags & ~(FLAG_GATE | FLAG_CONNECT_WAIT) or flags == FLAG_GATE | FLAG_CONNECT_WAIT:
+    if flags & ~(FLAG_GATE | FLAG_CONNECT_WAIT | FLAG_CONNECT_LO4) or (
+        flags & (FLAG_GATE | FLAG_CONNECT_WAIT) == FLAG_GATE | FLAG_CONNECT_WAIT
+    ):
         raise DecodeError("ipc: unknown CONNECT flags")
     src_port = lo_port = 0
     n = len(body)
@@ -583,6 +591,7 @@ def _parse_connect(body: bytes, flags: int) -> ConnectRequest:
         src_port,
         lo_port,
         bool(flags & FLAG_CONNECT_WAIT),
+        bool(flags & FLAG_CONNECT_LO4),
     )
 
 

@@ -193,7 +193,9 @@ async def connect_data(
 
 
 async def tunnel(server: ChannelServer, sock: socket.socket, dst: Address = DST) -> ConnectReply:
-    rep = await ask(server, ConnectRequest(Proto.TCP, dst, lo_port=lo_port(sock)))
+    """CONNECT as the shim sends it for `sock` (an AF_INET socket's says so: LO4)."""
+    lo4 = sock.family == socket.AF_INET
+    rep = await ask(server, ConnectRequest(Proto.TCP, dst, lo_port=lo_port(sock), lo4=lo4))
     assert isinstance(rep, ConnectReply) and rep.action is Action.TUNNEL, rep
     return rep
 
@@ -623,6 +625,34 @@ def test_tokens_never_used_expire_and_are_counted(tmp_path: Path) -> None:
     run_with_server(body, tmp_path, token_ttl=0.2)
 
 
+def test_each_token_expires_at_its_own_deadline_and_a_used_one_never(tmp_path: Path) -> None:
+    """One timer serves every outstanding token (the oldest's deadline first)."""
+
+    async def body(server: ChannelServer, backend: Backend) -> None:
+        a, b, c = bound(), bound(), bound()
+        rep_a = await tunnel(server, a)
+        await asyncio.sleep(0.15)
+        rep_b = await tunnel(server, b)
+        rep_c = await tunnel(server, c)
+        r, w = await connect_data(server, c)
+        w.write(rep_c.token)  # used: never expires
+        assert await asyncio.wait_for(r.read(), 5) == b"attached"
+        w.close()
+        await asyncio.sleep(0.1)  # a's deadline (0.25 s) has passed, b's not yet
+        assert backend.expired == [rep_a.token]
+        await asyncio.sleep(0.2)
+        assert backend.expired == [rep_a.token, rep_b.token]
+        assert server.stats.unused_token == 2 and server._token_timer is None
+        d = bound()
+        rep_d = await tunnel(server, d)  # a new token arms the timer again
+        await asyncio.sleep(0.35)
+        assert backend.expired[-1] == rep_d.token and server.stats.unused_token == 3
+        for s in (a, b, c, d):
+            s.close()
+
+    run_with_server(body, tmp_path, token_ttl=0.25)
+
+
 def test_request_from_another_uid_is_dropped(tmp_path: Path) -> None:
     async def body(server: ChannelServer, backend: Backend) -> None:
         assert await raw(server.ctl_path or "", emit_request(HelloRequest(1, "x"), SECRET)) == b""
@@ -747,37 +777,54 @@ def test_only_announced_ports_get_past_the_kernel_filter(tmp_path: Path) -> None
 def test_one_filter_update_per_connect_and_used_ports_leave_with_the_next(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A presented token's port is not taken out of the filter on the connect's path: it
-    leaves with the next CONNECT's update, or FILTER_TIGHTEN_AFTER later."""
-    updates: list[bytes] = []
+    """A CONNECT from an AF_INET socket updates the filter of the 127.0.0.1 listener alone
+    (one kernel update per connect); a presented token's port is not taken out on the
+    connect's path: it leaves with the next CONNECT's update, or FILTER_TIGHTEN_AFTER later
+    (then from every listener that still lets it in)."""
+    updates: list[tuple[socket.socket, bytes]] = []
     real = synfilter.attach
 
     def counted(sock: socket.socket, prog: bytes) -> None:
-        updates.append(prog)
+        updates.append((sock, prog))
         real(sock, prog)
 
     monkeypatch.setattr(synfilter, "attach", counted)
 
     async def body(server: ChannelServer, backend: Backend) -> None:
-        listeners = len(server._tcp_listeners)
-        assert len(updates) == listeners  # at start: nobody
+        v4 = server._tcp_listeners[0]
+        others = server._tcp_listeners[1:]  # ::1, where the host has it
+        assert [u[0] for u in updates] == server._tcp_listeners  # at start: nobody, everywhere
+        assert {u[1] for u in updates} == {synfilter.program([])}
+        updates.clear()
         a = bound()
         rep = await tunnel(server, a)
-        assert len(updates) == 2 * listeners and updates[-1] == synfilter.program([lo_port(a)])
+        assert updates == [(v4, synfilter.program([lo_port(a)]))]  # an AF_INET socket: 127.0.0.1
         r, w = await connect_data(server, a)
         w.write(rep.token)
         assert await asyncio.wait_for(r.read(), 5) == b"attached"
         w.close()
-        assert len(updates) == 2 * listeners  # the used port is still let in
+        assert len(updates) == 1  # the used port is still let in
         b = bound()
         await tunnel(server, b)  # its update takes a's port out
-        assert len(updates) == 3 * listeners and updates[-1] == synfilter.program([lo_port(b)])
+        assert updates[1:] == [(v4, synfilter.program([lo_port(b)]))]
         server._expire(next(iter(server._tokens)))  # b's token is never presented
-        assert len(updates) == 3 * listeners
+        assert len(updates) == 2
         await asyncio.sleep(FILTER_TIGHTEN_AFTER + 0.05)
-        assert len(updates) == 4 * listeners and updates[-1] == synfilter.program([])
+        assert updates[2:] == [(v4, synfilter.program([]))]  # the others had nothing to drop
+        if others:  # an AF_INET6 socket's port is let in everywhere (::ffff:127.0.0.1 too)
+            c = bound("::1")
+            rep = await tunnel(server, c, Address(IPv6Address("fd15::1"), 80))
+            want = synfilter.program([lo_port(c)])
+            assert updates[3:] == [(v4, want), (others[0], want)]
+            r, w = await connect_data(server, c, "::1")
+            w.write(rep.token)
+            assert await asyncio.wait_for(r.read(), 5) == b"attached"
+            w.close()
+            await asyncio.sleep(FILTER_TIGHTEN_AFTER + 0.05)
+            none = synfilter.program([])
+            assert updates[5:] == [(v4, none), (others[0], none)]
         await asyncio.sleep(FILTER_TIGHTEN_AFTER + 0.05)
-        assert len(updates) == 4 * listeners
+        assert len(updates) == (7 if others else 3)
 
     run_with_server(body, tmp_path)
 

@@ -25,7 +25,7 @@ import stat
 import struct
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import Protocol
@@ -281,7 +281,10 @@ class ChannelServer:
         self._addrs = tuple(tunnel_addrs)
         self._token_source = token_source
         self._token_ttl = token_ttl
-        self._tokens: dict[bytes, asyncio.TimerHandle] = {}
+        # Outstanding tokens and when each expires: in insertion order, which is deadline
+        # order (one TTL), so one timer for the oldest serves them all (not a timer each).
+        self._tokens: dict[bytes, float] = {}
+        self._token_timer: asyncio.TimerHandle | None = None
         self._servers: list[asyncio.Server] = []
         self._data_listeners: list[socket.socket] = []
         self._tcp_listeners: list[socket.socket] = []  # the loopback data listeners
@@ -291,11 +294,16 @@ class ChannelServer:
         self._token_lo: dict[bytes, int] = {}
         self._lo_ports: Counter[int] = Counter()
         self._any_source = 0
-        self._filter_prog: bytes | None = None  # what the listeners have; None: no filter
+        # What each listener has (by position in _tcp_listeners); None: no filter yet.
+        self._filter_progs: list[bytes | None] = []
         self._filter_ok = True
         self._filter_sync: asyncio.Future[None] | None = None
+        # The listeners CONNECTs named since the last update: only they must let a new port
+        # in (one kernel filter update per CONNECT, not one per listener).
+        self._filter_need: set[int] = set()
         self._tighten: asyncio.TimerHandle | None = None  # a deferred update (released ports)
         self._pid = 0
+        self._loop: asyncio.AbstractEventLoop | None = None  # start()'s: no lookup per request
         self._data_pending: dict[socket.socket, tuple[bytearray, asyncio.TimerHandle]] = {}
         self._tasks: set[asyncio.Task[None]] = set()  # requests that wait (RESOLVE, ...)
         self._ctl_conns: set[_CtlConnection] = set()
@@ -322,7 +330,7 @@ class ChannelServer:
         try:
             os.chmod(self.directory, 0o700)
             self.ctl_path = os.path.join(self.directory, "ctl.sock")
-            loop = asyncio.get_running_loop()
+            loop = self._loop = asyncio.get_running_loop()
             ctl = await loop.create_unix_server(self._ctl_connection, path=self.ctl_path)
             self._servers.append(ctl)
             os.chmod(self.ctl_path, 0o600)
@@ -336,6 +344,7 @@ class ChannelServer:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, DATA_RCVBUF)
                 self._data_listeners.append(sock)
                 self._tcp_listeners.append(sock)
+                self._filter_progs.append(None)
             self._apply_filter()  # before listen(): no SYN from anyone gets in unfiltered
             for sock in self._tcp_listeners:
                 sock.listen(DATA_BACKLOG)
@@ -397,8 +406,9 @@ class ChannelServer:
                 lsock.close()
             for conn in list(self._data_pending):
                 self._drop_data(conn)
-            for handle in self._tokens.values():
-                handle.cancel()
+            if self._token_timer is not None:
+                self._token_timer.cancel()
+                self._token_timer = None
             for task in list(self._tasks):
                 task.cancel()
             for ctl_conn in list(self._ctl_conns):
@@ -411,6 +421,8 @@ class ChannelServer:
             self._servers.clear()
             self._data_listeners.clear()
             self._tcp_listeners.clear()
+            self._filter_progs.clear()
+            self._filter_need.clear()
             self._tokens.clear()
             self._token_lo.clear()
             self._lo_ports.clear()
@@ -420,6 +432,11 @@ class ChannelServer:
                 self.directory = None
 
     # -- control requests --------------------------------------------------------------------
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop start() ran on (asyncio.get_running_loop() costs a getpid() per call on
+        Python 3.11): requests come in on it."""
+        return self._loop if self._loop is not None else asyncio.get_running_loop()
 
     def _ctl_connection(self) -> _CtlConnection:
         return _CtlConnection(self)
@@ -433,11 +450,11 @@ class ChannelServer:
             case HelloRequest(pid, version):
                 b.hello(pid, version)
                 return HelloReply()
-            case ConnectRequest(proto, dst, gate, src_port, lo_port, _wait):
-                reply = self._connect(proto, dst, gate, src_port, lo_port)
+            case ConnectRequest(proto, dst, gate, src_port, lo_port, _wait, lo4):
+                reply = self._connect(proto, dst, gate, src_port, lo_port, lo4)
                 if self._filter_sync is not None and len(self._token_lo) <= FILTER_NOW_MAX:
                     # Few tokens out (sequential connects): let the port in at once.
-                    self._apply_filter()
+                    self._apply_filter(needed_only=True)
                 if self._filter_sync is not None:  # the port is let in before the shim comes
                     return self._after_filter(reply)
                 return reply
@@ -493,7 +510,13 @@ class ChannelServer:
         return ResolveReply(ResolveAction.FOUND, 0, addrs, canon[:255])
 
     def _connect(
-        self, proto: Proto, dst: Address, gate: bool = False, src_port: int = 0, lo_port: int = 0
+        self,
+        proto: Proto,
+        dst: Address,
+        gate: bool = False,
+        src_port: int = 0,
+        lo_port: int = 0,
+        lo4: bool = False,
     ) -> ConnectReply:
         decision = self._backend.route(proto, dst)
         if decision.action is Action.DIRECT:
@@ -501,14 +524,18 @@ class ChannelServer:
         if decision.action is Action.FAIL or proto is not Proto.TCP:
             return ConnectReply(Action.FAIL, decision.errno or errno.ENETUNREACH)
         token = self._token_source(TOKEN_LEN)
-        loop = asyncio.get_running_loop()
-        self._tokens[token] = loop.call_later(self._token_ttl, self._expire, token)
+        loop = self._running_loop()
+        self._tokens[token] = deadline = loop.time() + self._token_ttl
+        if self._token_timer is None:
+            self._token_timer = loop.call_at(deadline, self._expire_due)
         try:
             source = self._backend.open_tcp(dst, token, gate, src_port)
         except OSError as exc:
-            self._tokens.pop(token).cancel()
+            del self._tokens[token]
             return ConnectReply(Action.FAIL, exc.errno or errno.ENETUNREACH)
-        self._announce(token, lo_port)
+        # The listeners the data connection may come to: an AF_INET socket's to 127.0.0.1
+        # alone; an AF_INET6 socket's to ::1, or ::ffff:127.0.0.1 where ::1 fails.
+        self._announce(token, lo_port, (0,) if lo4 else range(len(self._tcp_listeners)))
         lo_ip = _LOOPBACK6 if dst.family == 6 and self._has_v6 else _LOOPBACK4
         return ConnectReply(Action.TUNNEL, 0, Address(lo_ip, self.data_port), token, source)
 
@@ -553,12 +580,15 @@ class ChannelServer:
         known: from the engine's dispatch of the outcome (`tell`), else from the outcome's
         own done-callback, with no task wake-up in between (the program's connect() returns
         that much sooner). Done once written."""
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         written: asyncio.Future[None] = loop.create_future()
         fut = self._backend.status(token)
+        timer: asyncio.TimerHandle | None = None
 
         def send(err: int) -> None:
             if not written.done():
+                if timer is not None:
+                    timer.cancel()
                 with contextlib.suppress(ConnectionError, RuntimeError):
                     write(emit_reply(StatusReply(StatusAction.DONE, err)))
                 written.set_result(None)
@@ -570,7 +600,6 @@ class ChannelServer:
             send(errno.ENOTCONN)
             return written
         timer = loop.call_later(self._connect_timeout, send, errno.ETIMEDOUT)
-        written.add_done_callback(lambda _: timer.cancel())
         if fut.done():
             done(fut)
             return written
@@ -582,6 +611,20 @@ class ChannelServer:
         fut.add_done_callback(done)  # and a cancelled one (at exit) still answers
         return written
 
+    def _expire_due(self) -> None:
+        """Expire the tokens past their deadline; the timer then waits for the next one."""
+        self._token_timer = None
+        loop = self._running_loop()
+        now = loop.time()
+        tokens = self._tokens
+        while tokens:
+            token = next(iter(tokens))
+            deadline = tokens[token]
+            if deadline > now:
+                self._token_timer = loop.call_at(deadline, self._expire_due)
+                return
+            self._expire(token)
+
     def _expire(self, token: bytes) -> None:
         if self._tokens.pop(token, None) is not None:
             self._release(token)
@@ -590,12 +633,15 @@ class ChannelServer:
 
     # -- announced loopback ports and the listeners' kernel filter (synfilter) ---------------
 
-    def _announce(self, token: bytes, lo_port: int) -> None:
+    def _announce(self, token: bytes, lo_port: int, listeners: Iterable[int]) -> None:
+        """`token`'s data connection comes from `lo_port` (0: unknown) to one of `listeners`
+        (indexes in _tcp_listeners)."""
         self._token_lo[token] = lo_port
         if lo_port:
             self._lo_ports[lo_port] += 1
         else:
             self._any_source += 1
+        self._filter_need.update(listeners)
         self._filter_changed()
 
     def _release(self, token: bytes) -> int | None:
@@ -617,40 +663,49 @@ class ChannelServer:
         """One filter update per loop iteration, however many CONNECTs came in it (each waits
         for it before its reply goes out)."""
         if self._filter_sync is None and self._tcp_listeners:
-            loop = asyncio.get_running_loop()
+            loop = self._running_loop()
             self._filter_sync = loop.create_future()
             loop.call_soon(self._apply_due)
 
     def _apply_due(self) -> None:
         if self._filter_sync is not None:  # else a CONNECT applied it already
-            self._apply_filter()
+            self._apply_filter(needed_only=True)
 
     def _tighten_later(self) -> None:
         """Ports no longer let in leave the filter with its next update (FILTER_TIGHTEN_AFTER)."""
         if self._tighten is None and self._tcp_listeners:
-            loop = asyncio.get_running_loop()
+            loop = self._running_loop()
             self._tighten = loop.call_later(FILTER_TIGHTEN_AFTER, self._apply_filter)
 
-    def _apply_filter(self) -> None:
+    def _apply_filter(self, needed_only: bool = False) -> None:
+        """Give the listeners the filter of the ports announced now: every listener, or with
+        `needed_only` those the CONNECTs since the last update named. A listener left out
+        keeps a filter that may still let released ports in: the pending tighten (set
+        whenever a port is released) updates it within FILTER_TIGHTEN_AFTER."""
         sync, self._filter_sync = self._filter_sync, None
-        if self._tighten is not None:  # this update takes the released ports out too
+        need, self._filter_need = self._filter_need, set()
+        listeners = range(len(self._tcp_listeners))
+        if needed_only and len(need) < len(listeners):
+            listeners = sorted(need)  # type: ignore[assignment]
+        elif self._tighten is not None:  # this update takes the released ports out too
             self._tighten.cancel()
             self._tighten = None
         if self._filter_ok:
             ports = None if self._any_source else self._lo_ports.keys()
             prog = synfilter.program(ports)
-            if prog != self._filter_prog:
-                try:
-                    for sock in self._tcp_listeners:
-                        synfilter.attach(sock, prog)
-                    self._filter_prog = prog
-                except OSError as exc:
-                    # Never leave a stale filter that would keep our own connections out: the
-                    # listener then checks source ports itself (_accept_data), flood or not.
-                    self._filter_ok, self._filter_prog = False, None
-                    for sock in self._tcp_listeners:
-                        synfilter.detach(sock)
-                    log.warning("data listener: kernel filter refused", error=str(exc))
+            try:
+                for i in listeners:
+                    if prog != self._filter_progs[i]:
+                        synfilter.attach(self._tcp_listeners[i], prog)
+                        self._filter_progs[i] = prog
+            except OSError as exc:
+                # Never leave a stale filter that would keep our own connections out: the
+                # listener then checks source ports itself (_accept_data), flood or not.
+                self._filter_ok = False
+                for i, sock in enumerate(self._tcp_listeners):
+                    self._filter_progs[i] = None
+                    synfilter.detach(sock)
+                log.warning("data listener: kernel filter refused", error=str(exc))
         if sync is not None and not sync.done():
             sync.set_result(None)
 
@@ -749,12 +804,10 @@ class ChannelServer:
 
     def _token_arrived(self, conn: socket.socket, token: bytes, port: int) -> None:
         """A data connection from loopback `port` presented `token`."""
-        handle = self._tokens.pop(token, None)
-        if handle is None:
+        if self._tokens.pop(token, None) is None:
             self.stats.bad_token += 1
             conn.close()
             return
-        handle.cancel()
         lo = self._release(token)
         if lo not in (0, port):  # the token, but not from the socket it was handed to
             self.stats.bad_token += 1
@@ -958,7 +1011,7 @@ class _CtlConnection(asyncio.Protocol):
 
     def _arm(self) -> None:
         self._disarm()
-        loop = asyncio.get_running_loop()
+        loop = self._server._running_loop()
         self._timer = loop.call_later(LOCAL_STEP_TIMEOUT, self._timed_out)
 
     def _disarm(self) -> None:

@@ -199,11 +199,11 @@ class PreloadOutbound:
         if fut is not None and fut.done() and relay.end_errno:
             # An open flow that died: STATUS now says why (the shim reports it instead of the
             # loopback reset's ECONNRESET, docs/channel.md "STATUS").
-            ended: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            ended: asyncio.Future[int] = relay.loop.create_future()
             ended.set_result(relay.end_errno)
             self.futures[token] = ended
         # The shim may ask STATUS after a fast failure: keep the outcome a while.
-        asyncio.get_running_loop().call_later(STATUS_KEEP, self.futures.pop, token, None)
+        relay.loop.call_later(STATUS_KEEP, self.futures.pop, token, None)
 
     # -- UDP -------------------------------------------------------------------------------------
 
