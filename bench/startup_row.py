@@ -13,12 +13,14 @@ few ms included). Medians, min..max.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 _BENCH = Path(__file__).resolve().parent
@@ -30,6 +32,18 @@ from procs import Stat  # noqa: E402
 from rig_rows import RigBench  # noqa: E402
 
 PR_SET_CHILD_SUBREAPER = 36
+
+
+@contextlib.contextmanager
+def subreaper() -> Iterator[None]:
+    """This process as a child subreaper while inside: run_once() reaps the launchers."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    if prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise RuntimeError(f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(ctypes.get_errno())}")
+    try:
+        yield
+    finally:
+        prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
 def _cpu(usage: os.struct_rusage) -> float:
@@ -83,8 +97,6 @@ def main() -> int:
     ap.add_argument("--python", action="append", default=[], help="another checkout's python")
     ap.add_argument("cmd", nargs="*", default=["true"])
     args = ap.parse_args()
-    if ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        raise SystemExit("prctl(PR_SET_CHILD_SUBREAPER) failed")
     work = Path(tempfile.mkdtemp(prefix="wgbench-startup-"))
     bench = RigBench(work / "rig", 1, 1)
     pythons = [sys.executable, *args.python]
@@ -105,14 +117,15 @@ def main() -> int:
     walls: dict[str, list[float]] = {k: [] for k in series}
     cpus: dict[str, list[float]] = {k: [] for k in series}
     try:
-        for k, argv in series.items():  # warm the bytecode caches
-            run_once(argv, envs.get(k, bench.env), work)
-        for r in range(args.runs):
-            keys = list(series)
-            for k in keys if r % 2 == 0 else keys[::-1]:
-                wall, cpu = run_once(series[k], envs.get(k, bench.env), work)
-                walls[k].append(wall)
-                cpus[k].append(cpu)
+        with subreaper():
+            for k, argv in series.items():  # warm the bytecode caches
+                run_once(argv, envs.get(k, bench.env), work)
+            for r in range(args.runs):
+                keys = list(series)
+                for k in keys if r % 2 == 0 else keys[::-1]:
+                    wall, cpu = run_once(series[k], envs.get(k, bench.env), work)
+                    walls[k].append(wall)
+                    cpus[k].append(cpu)
         true = Stat.of(walls["true"]).median
         for k in series:
             w, c = Stat.of(walls[k]), Stat.of(cpus[k])
