@@ -556,7 +556,7 @@ class Stack:
     def buffered(self, cid: ConnId) -> tuple[int, int]:
         """(bytes waiting to be read, bytes queued or unacked in the send buffer)."""
         conn = self._conn(cid)
-        return len(conn.rcv_buf), len(conn.snd_buf) - conn.snd_dead
+        return len(conn.rcv_buf), conn.snd_queued()
 
     # -------------------------------------------------------------------- UDP
 

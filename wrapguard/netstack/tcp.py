@@ -394,7 +394,7 @@ class TcpConn(TcpSender):
             or (self.state is not S.ESTABLISHED and self.state not in _APP_SENDS)
         ):
             raise OSError(errno.EPIPE, "connection is shut down for writing")
-        room = self.cfg.snd_buf - len(self.snd_buf) + self.snd_dead
+        room = self.cfg.snd_buf - self.snd_queued()
         n = min(room, len(data))
         if n < len(data):
             self.want_writable = True

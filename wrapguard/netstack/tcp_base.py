@@ -190,6 +190,11 @@ class TcpBase:
             a -= 0x100000000
         return self.snd_una + a
 
+    def snd_queued(self) -> int:
+        """Bytes the application queued that are not acknowledged yet (snd_buf less the
+        acked front `_advance` leaves in it)."""
+        return len(self.snd_buf) - self.snd_dead
+
     def _cur_rto(self) -> float:
         return min(self.rto * (1 << self.backoff), self.cfg.rto_max)
 

@@ -169,7 +169,7 @@ class TcpSender(TcpBase):
         self.dupacks = 0
         # RFC 6298 5.2 / 5.3: stop the timer when all is acked, else restart it.
         self.t_rto = now + self._cur_rto() if ack_off < self.snd_max else None
-        room = self.cfg.snd_buf - len(self.snd_buf) + self.snd_dead
+        room = self.cfg.snd_buf - self.snd_queued()
         if self.want_writable and room >= self.cfg.snd_buf // 4:
             self.want_writable = False
             self.events.append(Writable(self.id))
