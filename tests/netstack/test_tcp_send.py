@@ -71,3 +71,22 @@ def test_lost_retransmission_is_resent_when_later_data_is_sacked(make_raw):
     assert seg(1) in [s.seq for s in out]
     conn = conn_of(raw)
     assert conn.n_lost_retransmits == 1 and conn.n_timeouts == 0
+
+
+def test_lost_retransmission_found_behind_one_that_arrived(make_raw):
+    # Segments 1 and 3 are lost and both resent; the resent 1 arrives (a partial ACK up
+    # to 3), the resent 3 does not while the new data sent after it is SACKed: 3 goes out
+    # again at once. (The scan must not stop at the retransmission of 1, acked by now.)
+    raw = make_raw()
+    cid = passive(raw)
+    raw.stack.send(cid, b"x" * 40 * MSS, 0.0)
+    assert len(raw.out()) == 10
+    blocks = ((seg(2), seg(3)), (seg(4), seg(11)))
+    out = raw.send(ACK, P + 1, ISS + 1, options=TcpOptions(sack_blocks=blocks))
+    assert [s.seq for s in out[:2]] == [seg(1), seg(3)]
+    last = len(out) + 8  # the highest segment sent so far
+    assert last >= 13
+    raw.now += 0.002
+    out = raw.send(ACK, P + 1, seg(3), options=TcpOptions(sack_blocks=((seg(4), seg(last + 1)),)))
+    assert seg(3) in [s.seq for s in out]
+    assert conn_of(raw).n_lost_retransmits == 1

@@ -216,12 +216,13 @@ class TcpSender(TcpBase):
         single hole for 200 ms."""
         log = self.retx_log
         high = self.sacked[-1][1] - DUP_THRESH * self.snd_mss
+        una = self.snd_una
         lost = -1
         while log and log[0][1] <= high:
             start = log.popleft()[0]
-            if lost < 0:
+            if start >= una and (lost < 0 or start < lost):  # (acked ones are not lost)
                 lost = start
-        if self.snd_una <= lost < self.rexmit_ptr:
+        if lost >= 0 and lost < self.rexmit_ptr:
             # Resend from there: `_next_hole` skips what was SACKed meanwhile, and the pipe
             # estimate no longer counts these retransmissions as in flight.
             self.rexmit_ptr = lost
