@@ -81,6 +81,7 @@ def _loss_counters(conn: TcpConn) -> dict[str, int]:
         "retransmits": conn.n_retransmits,
         "recoveries": conn.n_recoveries,
         "timeouts": conn.n_timeouts,
+        "lost_retransmits": conn.n_lost_retransmits,
     }
 
 
@@ -318,11 +319,13 @@ class Stack:
         conn.sched = None
 
     def tcp_counters(self) -> dict[str, int]:
-        """Retransmitted segments, fast recoveries and timeouts of all connections so far."""
+        """Retransmitted segments, fast recoveries, timeouts and retransmissions found lost
+        (and resent) of all connections so far."""
         total = Counter(self._tcp_done)
         for conn in self._conns.values():
             total.update(_loss_counters(conn))
-        return {k: total[k] for k in ("retransmits", "recoveries", "timeouts")}
+        keys = ("retransmits", "recoveries", "timeouts", "lost_retransmits")
+        return {k: total[k] for k in keys}
 
     def _ip(self, packed: bytes) -> IPAddress:
         ip = self._ips.get(packed)

@@ -37,6 +37,7 @@ DUP_THRESH = 3
 # Bounds on the per-connection range lists (memory and CPU under a hostile peer).
 MAX_OOO_BLOCKS = 64
 MAX_SACK_RANGES = 64
+MAX_RETX_LOG = 1024  # retransmissions remembered per recovery (see TcpSender._lost_retransmits)
 # Acked bytes kept at the front of the send buffer until they are this many and half of it.
 SND_COMPACT = 64 * 1024
 # Linux tcp_fin_timeout: an orphaned FIN-WAIT-2 (the app closed) does not wait forever.
@@ -163,6 +164,8 @@ class TcpBase:
         self.recover = 0
         self.lost_end = 0
         self.rexmit_ptr = 0
+        # (start, SND.MAX then) of each retransmission in this recovery, oldest first.
+        self.retx_log: deque[tuple[int, int]] = deque()
         # RTT and RTO (RFC 6298).
         self.srtt: float | None = None
         self.rttvar = 0.0
@@ -183,6 +186,7 @@ class TcpBase:
         self.n_retransmits = 0
         self.n_timeouts = 0
         self.n_recoveries = 0
+        self.n_lost_retransmits = 0
 
     def _ack_off(self, ack: int) -> int:
         a = (ack - self.iss - self.snd_una) & M32
@@ -260,6 +264,7 @@ class TcpBase:
         self.snd_dead = 0
         self.ooo.clear()
         self.sacked.clear()
+        self.retx_log.clear()
 
     def _flush_closed(self) -> None:
         if self.closed_pending:

@@ -4,7 +4,9 @@ Loss recovery is RFC 6675-lite on top of RFC 5681/6582: a pipe estimate bounded 
 holes below the "lost" boundary (3 MSS SACKed above, or 3 duplicate ACKs) resent first,
 new data after. The RTO follows RFC 6298 with Karn's rule and exponential backoff; zero
 windows are probed by the persist timer (RFC 9293 3.8.6.1); sender SWS avoidance per
-RFC 9293 3.8.6.2.1. Slow start uses byte counting (RFC 3465, no L cap).
+RFC 9293 3.8.6.2.1. Slow start uses byte counting (RFC 3465, no L cap) while cwnd limits
+the flight (RFC 7661). A retransmission is deemed lost, and resent, when DupThresh segments
+sent after it are SACKed (RFC 8985's lost-retransmission rule by send order).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from wrapguard.netstack.ranges import sb_add, sb_bytes_above, sb_bytes_between, 
 from wrapguard.netstack.tcp_base import (
     DUP_THRESH,
     M32,
+    MAX_RETX_LOG,
     MAX_SACK_RANGES,
     RCV_WSCALE,
     SND_COMPACT,
@@ -72,8 +75,11 @@ class TcpSender(TcpBase):
             if self.recovery is None:
                 if lost > self.snd_una and self.snd_una >= self.recover:
                     self._enter_fast_recovery(lost)
-            elif self.recovery is Recovery.FAST and lost > self.lost_end:
-                self.lost_end = lost
+            else:
+                if self.recovery is Recovery.FAST and lost > self.lost_end:
+                    self.lost_end = lost
+                if self.retx_log and self.sacked:
+                    self._lost_retransmits()
         if ack_off > una or win_changed or self.recovery is not None:
             self._output(now)  # nothing else can open the windows or need a retransmission
 
@@ -122,6 +128,7 @@ class TcpSender(TcpBase):
     def _advance(self, ack_off: int, now: float) -> None:
         """A cumulative ACK moved SND.UNA to ack_off: buffers, RTT, congestion control."""
         acked = ack_off - self.snd_una
+        flight = self.snd_max - self.snd_una  # before this ACK
         mss = self.snd_mss
         self.snd_una = ack_off
         dead = min(ack_off, self.snd_buf_off + len(self.snd_buf)) - self.snd_buf_off
@@ -150,6 +157,7 @@ class TcpSender(TcpBase):
                 if self.recovery is Recovery.FAST:
                     self.cwnd = self.ssthresh  # RFC 6582 3.2 step 3, full ACK
                 self.recovery = None
+                self.retx_log.clear()
             else:
                 # Partial ACK (RFC 6582 3.2 step 4): resend the next unacked segment.
                 self.dupacks = 0
@@ -160,7 +168,11 @@ class TcpSender(TcpBase):
         elif self.cwnd < self.ssthresh:
             # Slow start counting every acked byte (RFC 3465 without the L cap, as Linux
             # does): the peer and our own stack batch ACKs, so stretch ACKs are normal.
-            self.cwnd += acked
+            # Only while cwnd is below twice the flight (RFC 7661's point, Linux's
+            # tcp_is_cwnd_limited): a flow held back by the peer's window grew cwnd to
+            # several MB on the rig's uploads and burst it out when the window opened.
+            if self.cwnd < 2 * flight:
+                self.cwnd += acked
         else:
             self.ca_acc += acked  # congestion avoidance by byte counting (RFC 5681 3.1)
             if self.ca_acc >= self.cwnd:
@@ -196,6 +208,26 @@ class TcpSender(TcpBase):
             return self.snd_una + self.snd_mss
         return self.snd_una
 
+    def _lost_retransmits(self) -> None:
+        """A retransmission is deemed lost once DupThresh segments' worth of data sent
+        after it is SACKed: RFC 6675's IsLost applied to the retransmission, the way
+        RFC 8985 (2, 6.2) finds lost retransmissions by send order. Without this a lost
+        retransmission waited for the RTO: on the rig's uploads 2 MB were SACKed above a
+        single hole for 200 ms."""
+        log = self.retx_log
+        high = self.sacked[-1][1] - DUP_THRESH * self.snd_mss
+        una = self.snd_una
+        lost = -1
+        while log and log[0][1] <= high:
+            start = log.popleft()[0]
+            if start >= una and (lost < 0 or start < lost):  # (acked ones are not lost)
+                lost = start
+        if lost >= 0 and lost < self.rexmit_ptr:
+            # Resend from there: `_next_hole` skips what was SACKed meanwhile, and the pipe
+            # estimate no longer counts these retransmissions as in flight.
+            self.rexmit_ptr = lost
+            self.n_lost_retransmits += 1
+
     def _enter_fast_recovery(self, lost: int) -> None:
         """RFC 5681 3.2 steps 2-3 / RFC 6675 5: halve, then resend what is lost."""
         flight = self.snd_max - self.snd_una
@@ -207,6 +239,7 @@ class TcpSender(TcpBase):
         self.recover = self.snd_max
         self.lost_end = lost
         self.rexmit_ptr = self.snd_una
+        self.retx_log.clear()
         self.rtt_off = None
 
     def _xmit(self, start: int, end: int, now: float) -> None:
@@ -296,6 +329,8 @@ class TcpSender(TcpBase):
                 s, e = hole
                 self._xmit(s, e, now)
                 self.n_retransmits += 1
+                if len(self.retx_log) < MAX_RETX_LOG:
+                    self.retx_log.append((s, self.snd_max))
                 self.rtt_off = None  # Karn: no RTT sample across a retransmission
                 self.rexmit_ptr = e
                 pipe += e - s
@@ -459,6 +494,7 @@ class TcpSender(TcpBase):
         self.recover = self.snd_max
         self.lost_end = self.snd_max
         self.rexmit_ptr = self.snd_una
+        self.retx_log.clear()
         self.dupacks = 0
         self.rtt_off = None
         self.backoff = min(self.backoff + 1, 16)
