@@ -25,11 +25,12 @@ from wrapguard.routing import RoutingTable
 from wrapguard.runtime import lifetime, rundir
 from wrapguard.runtime.bypass import BypassList
 from wrapguard.runtime.child import FORWARDED, KILL_GRACE, raise_fd_limit, run_child
-from wrapguard.runtime.engine import Engine
+from wrapguard.runtime.engine import Engine, PooledRandom
 from wrapguard.runtime.lifetime import StatusLink
 from wrapguard.runtime.relay import TcpRelay
 from wrapguard.runtime.service import TunnelService
 from wrapguard.tunnel.timers import TimerConfig
+from wrapguard.wire.ipc import TOKEN_LEN
 
 if TYPE_CHECKING:
     from wrapguard.doors import Door
@@ -67,6 +68,7 @@ class TunnelSession:
             secret=secrets.token_bytes(32),
             uid=os.getuid(),
             tunnel_addrs=self.engine.addresses,
+            token_source=PooledRandom(small=TOKEN_LEN),  # a getrandom() per CONNECT otherwise
         )
 
     async def start_tunnel(self) -> None:
