@@ -7,7 +7,8 @@ a stub, so nothing leaves the process. Per connect, in CPU microseconds (thread 
   legB   the SYN-ACK datagram read from the socket -> the outcome written to the shim;
   all    the whole cycle, the fake peer's work included.
 Run by hand: `python bench/connect_legs.py [N]` (PYTHONPATH picks the checkout; WRAPGUARD_NOGC=1
-turns the garbage collector off, which shows how much of a leg is its collections).
+turns the garbage collector off, which shows how much of a leg is its collections; else it
+is tuned as in the launcher, runtime/launcher.py tune_gc).
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ from wrapguard.doors.preload.door import PreloadDoor
 from wrapguard.keys import PrivateKey
 from wrapguard.routing import RoutingTable
 from wrapguard.runtime.bypass import BypassList
-from wrapguard.runtime.engine import Engine
+from wrapguard.runtime.engine import Engine, PooledRandom
+from wrapguard.runtime.launcher import tune_gc
 from wrapguard.runtime.service import TunnelService
 from wrapguard.tunnel.device import Device
 from wrapguard.tunnel.events import DeliverPacket, SendDatagram
 from wrapguard.tunnel.peer import PeerSpec
 from wrapguard.wire.ip import PROTO_TCP, IPv4Packet, emit_ip, parse_ip
-from wrapguard.wire.ipc import Address, ConnectRequest, Proto, emit_request
+from wrapguard.wire.ipc import TOKEN_LEN, Address, ConnectRequest, Proto, emit_request
 from wrapguard.wire.tcp import ACK, FIN, SYN, TcpSegment, emit_tcp, parse_tcp
 
 CLIENT, PEER_KEY = PrivateKey(bytes(32)), PrivateKey(bytes([1]) * 32)
@@ -130,7 +132,9 @@ async def main(n: int) -> None:
 
     session = SimpleNamespace(engine=engine, bypass=BypassList(), config=config, preload=None)
     door = PreloadDoor(TunnelService(session))  # type: ignore[arg-type]
-    server = ch.ChannelServer(door, secret=bytes(32), uid=os.getuid())
+    server = ch.ChannelServer(
+        door, secret=bytes(32), uid=os.getuid(), token_source=PooledRandom(small=TOKEN_LEN)
+    )  # as the launcher makes it
     await server.start(tempfile.mkdtemp())
     conn = ch._CtlConnection(server)
     transport = FakeTransport()
@@ -203,4 +207,6 @@ if __name__ == "__main__":
     log.setup("warn")
     if os.environ.get("WRAPGUARD_NOGC"):
         gc.disable()
+    else:
+        tune_gc()  # as the launcher does
     asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 2000))

@@ -61,10 +61,9 @@ static int local_connect(int fd, const union wg_sa *sa, socklen_t len, long long
 }
 
 /* Steps 2 of docs/channel.md: connect the program's own fd to the launcher's loopback data
- * port and send the token. File status flags are restored afterwards. */
-static int local_attach(int fd, int domain, uint16_t port, const uint8_t token[16]) {
-    int fl = wg_real.fcntl(fd, F_GETFL);
-    if (fl < 0) return -1;
+ * port and send the token. File status flags (fl: connect() read them) are restored
+ * afterwards. */
+static int local_attach(int fd, int fl, int domain, uint16_t port, const uint8_t token[16]) {
     if (!(fl & O_NONBLOCK) && wg_real.fcntl(fd, F_SETFL, fl | O_NONBLOCK) != 0) return -1;
     long long deadline = wg_now_ms() + WG_CTL_TIMEOUT_MS;
     struct wg_addr lo = {.family = 4, .addr = {127, 0, 0, 1}, .port = port};
@@ -287,7 +286,7 @@ WG_EXPORT int connect(int fd, const struct sockaddr *sa, socklen_t len) {
         return fail(rep.action == WG_ACT_FAIL && rep.err > 0 ? rep.err : ENETUNREACH);
     }
     if (gate) wg_ctl_end(&ctl, 1); /* GATE is a request of its own */
-    if (local_attach(fd, domain, tr.addr.port, tr.token) != 0) {
+    if (local_attach(fd, fl, domain, tr.addr.port, tr.token) != 0) {
         wg_ctl_end(&ctl, 0); /* the outcome would still come: the connection is out of step */
         return fail(ENETUNREACH);
     }

@@ -7,6 +7,8 @@ import socket
 from ipaddress import ip_address
 from types import SimpleNamespace
 
+import pytest
+
 from wrapguard.config import parse_config
 from wrapguard.doors.preload.outbound import PreloadOutbound
 from wrapguard.keys import PrivateKey
@@ -153,3 +155,28 @@ def test_running_loop_is_the_engines_while_it_runs_else_the_callers() -> None:
     second = asyncio.new_event_loop()
     assert second.run_until_complete(current()) is second  # the engine's loop is not running
     second.close()
+
+
+def test_pooled_randbits_spans_its_range_and_serves_tokens_from_the_pool(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The netstack's ISNs and ephemeral ports, and the channel's 16-byte tokens, come from
+    one getrandom() per pool, not one each; every value of a width still comes out."""
+    from wrapguard.runtime import engine
+
+    draws: list[int] = []
+    real = engine.secrets.token_bytes
+
+    def counted(n: int) -> bytes:
+        draws.append(n)
+        return real(n)
+
+    monkeypatch.setattr(engine.secrets, "token_bytes", counted)
+    pool = engine.PooledRandom()
+    assert {pool.randbits(3) for _ in range(500)} == set(range(8))
+    assert all(0 <= pool.randbits(16) < 1 << 16 for _ in range(500))
+    assert max(pool.randbits(32) for _ in range(500)) >= 1 << 24
+    tokens = engine.PooledRandom(small=16)
+    assert len({tokens(16) for _ in range(64)}) == 64
+    assert draws and all(n == engine.PooledRandom.POOL for n in draws)
+    assert len(draws) < 20  # 500 * (1 + 2 + 4) + 64 * 16 bytes: a dozen pools

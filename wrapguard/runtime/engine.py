@@ -68,10 +68,6 @@ class FlowHandler(Protocol):
     def on_event(self, event: Event) -> None: ...
 
 
-def _random_int(bits: int) -> int:
-    return secrets.randbits(bits)
-
-
 class PooledRandom:
     """`secrets.token_bytes` for the device, with requests of up to SMALL bytes served from
     a pool drawn POOL bytes at a time. The device takes 2 bytes of rekey jitter [W 6.1] for
@@ -80,11 +76,12 @@ class PooledRandom:
 
     SMALL, POOL = 8, 512
 
-    __slots__ = ("__weakref__", "_pool", "_pos")
+    __slots__ = ("__weakref__", "_pool", "_pos", "_small")
 
-    def __init__(self) -> None:
+    def __init__(self, small: int = SMALL) -> None:
         self._pool = b""
         self._pos = 0
+        self._small = small
         _POOLS.add(self)
 
     def forget(self) -> None:
@@ -92,13 +89,21 @@ class PooledRandom:
         self._pool, self._pos = b"", 0
 
     def __call__(self, n: int) -> bytes:
-        if n > self.SMALL:
+        if n > self._small:
             return secrets.token_bytes(n)
         pos = self._pos
         if pos + n > len(self._pool):
             self._pool, pos = secrets.token_bytes(self.POOL), 0
         self._pos = pos + n
         return self._pool[pos : pos + n]
+
+    def randbits(self, bits: int) -> int:
+        """`secrets.randbits` from the pool (the netstack's ISNs and ephemeral ports: one
+        getrandom() each per connect otherwise)."""
+        n = (bits + 7) >> 3
+        if n > self._small:
+            return secrets.randbits(bits)
+        return int.from_bytes(self(n), "big") >> ((n << 3) - bits)
 
 
 def _tcp_config() -> TcpConfig:
@@ -200,7 +205,9 @@ class Engine:
         iface = config.interface
         self.device = build_device(config, routing, timers=timers)
         self.addresses: list[IPAddress] = [a.ip for a in iface.addresses]
-        self.stack = Stack(self.addresses, rng=_random_int, mtu=iface.mtu, config=_tcp_config())
+        self.stack = Stack(
+            self.addresses, rng=PooledRandom().randbits, mtu=iface.mtu, config=_tcp_config()
+        )
         self.wg = WgUdpRuntime(
             self.device,
             listen_port=iface.listen_port or 0,

@@ -84,15 +84,20 @@ class TcpRelay:
             self._set_status(0)
         self._maybe_start()
 
-    def attach_socket(self, sock: socket.socket, initial: bytes = b"") -> None:
-        """The program's side arrived; `initial` is what it sent right after its token."""
+    def attach_socket(
+        self, sock: socket.socket, initial: bytes = b"", *, prepared: bool = False
+    ) -> None:
+        """The program's side arrived; `initial` is what it sent right after its token.
+        `prepared`: sock is non-blocking with TCP_NODELAY already (the preload channel's
+        data listeners hand their accepted sockets on so: two syscalls fewer a connect)."""
         if self._done:  # the flow ended before its socket came: the program sees a reset
             reset_socket(sock)
             return
         self._to_stack = initial
-        sock.setblocking(False)
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if not prepared:
+            sock.setblocking(False)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
         if self.status not in (None, 0):
             self._fail_program()

@@ -72,6 +72,7 @@ SRC = Address(IPv4Address("10.150.0.2"), 40000)
 class Backend:
     status_futures: dict[bytes, asyncio.Future[int]] = field(default_factory=dict)
     attached: list[bytes] = field(default_factory=list)
+    handed: list[tuple[float | None, int]] = field(default_factory=list)
     gated: list[tuple[bytes, int]] = field(default_factory=list)
     expired: list[bytes] = field(default_factory=list)
     calls: list[tuple[str, Any]] = field(default_factory=list)
@@ -98,6 +99,10 @@ class Backend:
 
     def tcp_attached(self, token: bytes, sock: Any) -> None:
         self.attached.append(token)
+        # What relay.attach_socket(prepared=True) relies on, as handed on
+        self.handed.append(
+            (sock.gettimeout(), sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        )
         sock.setblocking(True)
         sock.sendall(b"attached")
         sock.close()
@@ -842,6 +847,30 @@ def test_a_token_in_pieces_is_still_taken(tmp_path: Path) -> None:
         assert await asyncio.wait_for(r.read(), 5) == b"attached"
         w.close()
         assert backend.attached == [rep.token] and server.stats.no_token == 0
+
+    run_with_server(body, tmp_path)
+
+
+def test_data_sockets_are_handed_on_non_blocking_with_nodelay(tmp_path: Path) -> None:
+    """The relay takes them as they are (no setblocking, no TCP_NODELAY of its own): the
+    listener's TCP_NODELAY is inherited, whether the token came at once or in pieces."""
+
+    async def body(server: ChannelServer, backend: Backend) -> None:
+        for pieces in ((16,), (5, 11)):
+            ours = bound()
+            rep = await tunnel(server, ours)
+            r, w = await connect_data(server, ours)
+            at = 0
+            for n in pieces:
+                w.write(rep.token[at : at + n])
+                at += n
+                await w.drain()
+                await asyncio.sleep(0.05)
+            assert await asyncio.wait_for(r.read(), 5) == b"attached"
+            w.close()
+        assert len(backend.handed) == 2
+        for timeout, nodelay in backend.handed:
+            assert timeout == 0.0 and nodelay != 0
 
     run_with_server(body, tmp_path)
 

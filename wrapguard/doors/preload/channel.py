@@ -342,6 +342,9 @@ class ChannelServer:
                 # connect's filler fills it, so the program's socket stays unwritable until
                 # the tunnel's outcome is known (docs/channel.md, "gate").
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, DATA_RCVBUF)
+                # Inherited too: the relays' writes to the program go out at once, and no
+                # setsockopt per data connection (relay.attach_socket(prepared=True)).
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 self._data_listeners.append(sock)
                 self._tcp_listeners.append(sock)
                 self._filter_progs.append(None)

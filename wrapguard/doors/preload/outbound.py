@@ -98,7 +98,7 @@ class PreloadOutbound:
             return
         if g is None:
             open_rcvbuf(sock)
-            relay.attach_socket(sock)
+            relay.attach_socket(sock, prepared=True)
             return
         g.sock = sock
         # The GATE request must follow within the local step's time, or the flow is dropped.
@@ -163,7 +163,7 @@ class PreloadOutbound:
                 reset_socket(sock)  # the flow ended while the filler drained
                 return
             open_rcvbuf(sock)
-            relay.attach_socket(sock)
+            relay.attach_socket(sock, prepared=True)
 
         g.sock = None  # from here on, discard() owns it
         loop.add_reader(sock.fileno(), discard)
