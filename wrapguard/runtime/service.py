@@ -93,6 +93,7 @@ class UdpFlow:
         self._on_error = on_error
         self.sock: SockId = self._engine.stack.udp_bind(port)  # OSError: EADDRINUSE
         self._engine.handlers[self.sock] = self
+        self._engine.datagram_sinks[self.sock] = on_datagram  # on_event's, without the event
         self.closed = False
 
     @property
@@ -120,7 +121,7 @@ class UdpFlow:
                 continue
             taken += 1
         if taken:
-            engine.flush()
+            engine.send_out()
         return taken
 
     def on_event(self, event: Event) -> None:
@@ -133,6 +134,7 @@ class UdpFlow:
         if not self.closed:
             self.closed = True
             self._engine.handlers.pop(self.sock, None)
+            self._engine.datagram_sinks.pop(self.sock, None)
             self._engine.stack.udp_close(self.sock)
 
 
