@@ -83,7 +83,7 @@ def _plain(ip: IPAddress) -> IPAddress:
 class _Assoc:
     """One program socket <-> one tunnel UDP flow; what comes back on it."""
 
-    __slots__ = ("conns", "dns", "flow", "key", "prefixes", "relay", "token")
+    __slots__ = ("conns", "dns", "dst_cache", "flow", "key", "prefixes", "relay", "token")
 
     def __init__(self, relay: UdpRelay, key: Key, port: int) -> None:
         self.relay, self.key = relay, key
@@ -97,6 +97,9 @@ class _Assoc:
         # Per tunnel source (not port 53: a reply may stand for the address the program
         # asked): the relay header + token the program's datagrams from it start with.
         self.prefixes: dict[tuple[IPAddress, int], bytes] = {}
+        # The last DATA header from the program to a port other than 53 and where it goes
+        # (a connected socket's datagrams all carry the same one): no parse per datagram.
+        self.dst_cache: tuple[bytes, tuple[IPAddress, int]] | None = None
 
     def on_datagram(self, src: tuple[IPAddress, int], data: bytes) -> None:
         prefix = self.prefixes.get(src)
@@ -379,6 +382,10 @@ class UdpRelay:
             self.stats.malformed += 1
             return
         raw = mv[off : off + UDP_HDR_LEN]
+        cached = assoc.dst_cache
+        if cached is not None and raw == cached[0]:
+            batch.append((cached[1], bytes(mv[off + UDP_HDR_LEN : off + n])))
+            return
         header = last[1]
         if header is None or raw != last[0]:
             last[0] = raw = bytes(raw)
@@ -393,6 +400,8 @@ class UdpRelay:
         dst = self.destination(assoc, header, payload)
         if dst is not None:
             batch.append((dst, payload))
+            if header.addr.port != DNS_PORT:  # a query's destination depends on its payload
+                assoc.dst_cache = (bytes(raw), dst)
 
     def _send(self, assoc: _Assoc, batch: list[tuple[tuple[IPAddress, int], bytes]]) -> None:
         taken = assoc.flow.send_many(batch)
@@ -477,5 +486,7 @@ class UdpRelay:
         if sock is None:
             return
         self.stats.from_tunnel += 1
-        with contextlib.suppress(OSError):  # loopback: never blocks
+        try:  # (not contextlib.suppress: a context manager per datagram)
             sock.sendto(datagram, assoc.key)
+        except OSError:  # loopback: never blocks
+            return
