@@ -430,6 +430,10 @@ class Stack:
         delayed ACK (take_outgoing() then produces no event)."""
         return not (self._events or self._dgrams or self._ack_list)
 
+    def idle(self) -> bool:
+        """quiet(), and no outgoing packet either: nothing at all to take."""
+        return not (self._out or self._events or self._dgrams or self._ack_list)
+
     def take_datagrams(self) -> list[tuple[SockId, tuple[IPAddress, int], bytes, IPAddress]]:
         """The datagrams received for bound ports that precede every queued event, as
         (sock, source, payload, our address): what next_event() would return first as

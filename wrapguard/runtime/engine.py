@@ -384,6 +384,8 @@ class Engine:
                 self.wg.send_packets(batch)
             if dgrams:
                 self._deliver(dgrams)
+                if not held and stack.idle():
+                    break  # the sinks queued nothing: no round to look for it
             elif not held:
                 break
             for event in held:
