@@ -323,3 +323,18 @@ def test_taken_datagrams_then_events_come_in_the_events_order(v6):
     kinds = {type(e) for e in want}
     assert kinds == {DatagramReceived, PacketDropped}
     assert sum(isinstance(e, DatagramReceived) for e in want) > 30
+
+
+def test_udp_send_to_address_objects_used_again_builds_the_codecs_packets():
+    """udp_send keeps the last destination object's packed form: objects used again,
+    alternating, and equal objects that are not the same one all go where they say."""
+    fast, slow = stack(A4, A6), stack(A4, A6)
+    sf, ss = fast.udp_bind(40000), slow.udp_bind(40000)
+    a, b = ip_address("10.150.0.2"), ip_address("10.150.0.77")
+    dsts = [a, a, b, a, b, b, ip_address("10.150.0.2"), "10.150.0.9", a]
+    for i, dst in enumerate(dsts):
+        fast.udp_send(sf, (dst, 9), b"%d" % i, 0.0)
+        slow.udp_send_generic(ss, (dst, 9), b"%d" % i, 0.0)
+    got = fast.take_outgoing()
+    assert got == slow.take_outgoing()
+    assert [parse_ip(p).dst for p in got] == [ip_address(d).packed for d in dsts]

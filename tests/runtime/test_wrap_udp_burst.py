@@ -37,6 +37,7 @@ from wrapguard.wire.ipc import (
     Address,
     UdpHeader,
     UdpKind,
+    emit_relay_datagram,
     emit_udp_header,
 )
 
@@ -571,4 +572,29 @@ def test_the_destination_kept_per_association_is_the_one_each_header_names() -> 
         (IPv4Address("10.150.0.53"), b"\x00" + bytes([i])) for i in (1, 2, 3)
     ]
     shim.close()
+    relay.release(local)
+
+
+def test_each_reply_carries_the_header_of_its_own_source() -> None:
+    """The association keeps its last source's relay header (found by the address object's
+    identity, not its hash): a reply from another port, another address, an equal address
+    object that is not the same one and a DNS server must each get their own header."""
+    engine = _Engine()
+    service = TunnelService(SimpleNamespace(engine=engine, bypass=BypassList()))  # type: ignore[arg-type]
+    relay = udpassoc.UdpRelay(service)
+    local = Address(IPv4Address("127.0.0.1"), 40010)
+    relay.assoc(local, Address(IPv4Address("10.150.0.1"), 9))
+    assoc = relay.assocs[("127.0.0.1", local.port)]
+    sent: list[bytes] = []
+    relay.send_to_program = lambda _assoc, datagram: sent.append(datagram)  # type: ignore[method-assign]
+    a, b = IPv4Address("10.150.0.1"), IPv4Address("10.150.0.5")
+    srcs = [(a, 9), (a, 9), (a, 10), (a, 9), (b, 9), (a, 9), (IPv4Address("10.150.0.1"), 9)]
+    srcs += [(a, 53), (a, 9), (a, 53)]
+    for i, src in enumerate(srcs):
+        assoc.on_datagram(src, b"%d" % i)
+    want = [
+        emit_relay_datagram(UdpHeader(UdpKind.DATA, Address(ip, port)), assoc.token, b"%d" % i)
+        for i, (ip, port) in enumerate(srcs)
+    ]
+    assert sent == want
     relay.release(local)

@@ -124,6 +124,7 @@ class Stack:
         # IPv4 the header words' sum without Total Length (udp_send's hot path).
         self._udp_sums: dict[tuple[bytes, bytes], tuple[int, int]] = {}
         self._ips: dict[bytes, IPAddress] = {}  # packed -> address object (DatagramReceived)
+        self._last_dst: tuple[object, bytes] = (None, b"")  # udp_send's last (dst, packed)
         self._ack_list: list[TcpConn] = []
         self._timers: list[tuple[float, int, TcpConn]] = []
         self._next_id = 1
@@ -667,7 +668,12 @@ class Stack:
         if port is None:
             raise OSError(errno.EBADF, f"no such UDP socket {sock}")
         addr, dport = dst
-        rip = (ip_address(addr) if isinstance(addr, str) else addr).packed
+        last = self._last_dst
+        if addr is last[0]:  # a flow sends to one address object again and again
+            rip = last[1]
+        else:
+            rip = (ip_address(addr) if isinstance(addr, str) else addr).packed
+            self._last_dst = (addr, rip)
         srcs = self.addr4 if len(rip) == 4 else self.addr6
         if not srcs:
             raise OSError(errno.ENETUNREACH, "no tunnel address of that family")

@@ -216,7 +216,11 @@ class TunnelService:
         places left: a door that reads on would only push packets out of it."""
         device = self.engine.device
         limit = device.timers.staged_queue_len - room
-        return {p.index for p in device.peers if len(p.staged) > limit}
+        full = set()
+        for p in device.peers:  # (a loop, not a set comprehension: no frame of its own)
+            if len(p.staged) > limit:
+                full.add(p.index)
+        return full
 
     # -- flows ---------------------------------------------------------------------------------
 

@@ -83,7 +83,9 @@ def _plain(ip: IPAddress) -> IPAddress:
 class _Assoc:
     """One program socket <-> one tunnel UDP flow; what comes back on it."""
 
-    __slots__ = ("conns", "dns", "dst_cache", "flow", "key", "prefixes", "relay", "token")
+    __slots__ = (
+        "conns", "dns", "dst_cache", "flow", "key", "last_prefix", "prefixes", "relay", "token",
+    )  # fmt: skip
 
     def __init__(self, relay: UdpRelay, key: Key, port: int) -> None:
         self.relay, self.key = relay, key
@@ -100,8 +102,16 @@ class _Assoc:
         # The last DATA header from the program to a port other than 53 and where it goes
         # (a connected socket's datagrams all carry the same one): no parse per datagram.
         self.dst_cache: tuple[bytes, tuple[IPAddress, int]] | None = None
+        # The last source's (address, port, prefix): the netstack hands out one address
+        # object per address, so `is` finds it without hashing the address (ipaddress
+        # hashes in Python).
+        self.last_prefix: tuple[IPAddress, int, bytes] | None = None
 
     def on_datagram(self, src: tuple[IPAddress, int], data: bytes) -> None:
+        last = self.last_prefix
+        if last is not None and src[0] is last[0] and src[1] == last[1]:
+            self.relay.send_to_program(self, last[2] + data)
+            return
         prefix = self.prefixes.get(src)
         if prefix is None:
             source = self.relay.program_source(self, src, data)
@@ -113,6 +123,7 @@ class _Assoc:
             if len(self.prefixes) >= PREFIXES_KEPT:
                 self.prefixes.clear()
             self.prefixes[src] = prefix
+        self.last_prefix = (src[0], src[1], prefix)
         self.relay.send_to_program(self, prefix + data)
 
     def on_error(self, dst: tuple[IPAddress, int], err: int) -> None:
