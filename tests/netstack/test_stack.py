@@ -269,3 +269,72 @@ def test_udp_receive_hot_path_matches_the_general_path(v6):
         PacketDropped(DropReason.NOT_OUR_ADDRESS),
     ]
     assert len(st.take_outgoing()) == 1  # the port unreachable
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_taken_datagrams_then_events_come_in_the_events_order(v6):
+    """take_datagrams() (the receive hot path's datagrams, no event object each) and then
+    next_event() hand out exactly what next_event() alone does, in the same order: datagrams
+    that arrive after an event (a drop) wait behind it. Three stacks get the same packets:
+    one drained after each packet (the order of arrival), one after each burst the plain
+    way, one the taking way."""
+    each, plain, taking = stack(A4, A6), stack(A4, A6), stack(A4, A6)
+    for st in (each, plain, taking):
+        st.udp_bind(5353)
+        st.udp_bind(7000)
+    src, dst = (P(B6), P(A6)) if v6 else (P(B4), P(A4))
+    mk = IPv6Packet if v6 else IPv4Packet
+
+    def pkt(data: bytes, dport: int = 5353) -> bytes:
+        return emit_ip(mk(src, dst, 17, emit_udp(UdpDatagram(999, dport, data), src, dst)))
+
+    bad = bytearray(pkt(b"bad length"))
+    bad[(40 if v6 else 20) + 4 : (40 if v6 else 20) + 6] = (200).to_bytes(2, "big")
+    rng = random.Random(3)
+    bursts = []
+    for b in range(30):
+        burst = [pkt(b"%d.%d" % (b, i), rng.choice([5353, 7000])) for i in range(rng.randrange(4))]
+        for _ in range(rng.randrange(3)):
+            at = rng.randrange(len(burst) + 1)
+            burst.insert(at, rng.choice([bytes(bad), pkt(b"closed", dport=9)]))
+        bursts.append(burst)
+    want, got, arrived = [], [], []
+    for burst in bursts:
+        for p in burst:
+            each.receive_packet(p, 0.0)
+            ev = each.next_event()
+            while ev is not None:
+                arrived.append(ev)
+                ev = each.next_event()
+        for st in (plain, taking):
+            for p in burst:
+                st.receive_packet(p, 0.0)
+        ev = plain.next_event()
+        while ev is not None:
+            want.append(ev)
+            ev = plain.next_event()
+        got += [DatagramReceived(*d) for d in taking.take_datagrams()]
+        ev = taking.next_event()
+        while ev is not None:
+            got.append(ev)
+            ev = taking.next_event()
+        assert taking.take_datagrams() == [] and taking.quiet() == (not taking._ack_list)
+    assert got == want == arrived
+    kinds = {type(e) for e in want}
+    assert kinds == {DatagramReceived, PacketDropped}
+    assert sum(isinstance(e, DatagramReceived) for e in want) > 30
+
+
+def test_udp_send_to_address_objects_used_again_builds_the_codecs_packets():
+    """udp_send keeps the last destination object's packed form: objects used again,
+    alternating, and equal objects that are not the same one all go where they say."""
+    fast, slow = stack(A4, A6), stack(A4, A6)
+    sf, ss = fast.udp_bind(40000), slow.udp_bind(40000)
+    a, b = ip_address("10.150.0.2"), ip_address("10.150.0.77")
+    dsts = [a, a, b, a, b, b, ip_address("10.150.0.2"), "10.150.0.9", a]
+    for i, dst in enumerate(dsts):
+        fast.udp_send(sf, (dst, 9), b"%d" % i, 0.0)
+        slow.udp_send_generic(ss, (dst, 9), b"%d" % i, 0.0)
+    got = fast.take_outgoing()
+    assert got == slow.take_outgoing()
+    assert [parse_ip(p).dst for p in got] == [ip_address(d).packed for d in dsts]

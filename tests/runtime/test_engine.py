@@ -12,6 +12,7 @@ import pytest
 from wrapguard.config import parse_config
 from wrapguard.doors.preload.outbound import PreloadOutbound
 from wrapguard.keys import PrivateKey
+from wrapguard.netstack import Stack
 from wrapguard.netstack.events import Connected, Event, PeerClosed
 from wrapguard.routing import RoutingTable
 from wrapguard.runtime.bypass import BypassList
@@ -20,6 +21,7 @@ from wrapguard.runtime.service import FrontEnd, TunnelService
 from wrapguard.wire.ip import PROTO_TCP, IPv4Packet, emit_ip, parse_ip
 from wrapguard.wire.ipc import Address
 from wrapguard.wire.tcp import ACK, FIN, SYN, TcpSegment, emit_tcp, parse_tcp
+from wrapguard.wire.udp import UdpDatagram, emit_udp
 
 US, PEER = "10.150.0.2", "10.150.0.1"
 CONFIG = f"""
@@ -180,3 +182,87 @@ def test_pooled_randbits_spans_its_range_and_serves_tokens_from_the_pool(
     assert len({tokens(16) for _ in range(64)}) == 64
     assert draws and all(n == engine.PooledRandom.POOL for n in draws)
     assert len(draws) < 20  # 500 * (1 + 2 + 4) + 64 * 16 bytes: a dozen pools
+
+
+def _udp_from_peer(dport: int, data: bytes, sport: int = 7000) -> bytes:
+    src, dst = ip_address(PEER).packed, ip_address(US).packed
+    return emit_ip(IPv4Packet(src, dst, 17, emit_udp(UdpDatagram(sport, dport, data), src, dst)))
+
+
+def _udp_flow_transcript(sinks: bool) -> list[tuple[object, ...]]:
+    """What two UdpFlows hear of datagrams, ICMP errors and a broken callback, delivered
+    through the engine's datagram sinks (sinks=True) or as DatagramReceived events."""
+    config = parse_config(CONFIG)
+    engine = Engine(config, RoutingTable.build(config))
+    sent: list[bytes] = []
+    engine.wg.send_packets = lambda batch: sent.extend(p for p, _ in batch)  # type: ignore[method-assign]
+    service = TunnelService(SimpleNamespace(engine=engine, bypass=BypassList()))  # type: ignore[arg-type]
+    heard: list[tuple[object, ...]] = []
+
+    def broken(src: object, data: bytes) -> None:
+        heard.append(("broken", src, data))
+        if data == b"raise":
+            raise RuntimeError("a door's bug")
+
+    a = service.open_udp(
+        lambda src, d: heard.append(("a", src, d)), lambda dst, e: heard.append(("a err", dst, e))
+    )
+    b = service.open_udp(broken)
+    if not sinks:
+        engine.datagram_sinks.clear()
+    peer = Stack([PEER], rng=lambda bits: 7)  # no socket bound: answers port unreachable
+    a.send_many([((ip_address(PEER), 9), b"to a closed port")])
+    for pkt in sent:
+        peer.receive_packet(pkt, 0.0)
+    (unreach,) = peer.take_outgoing()
+    now = engine.now()
+    for pkt in [
+        _udp_from_peer(a.port, b"one"),
+        _udp_from_peer(b.port, b"raise"),
+        _udp_from_peer(b.port, b"after the bug"),
+        unreach,
+        _udp_from_peer(a.port, b"after the error", sport=7001),
+    ]:
+        engine.stack.receive_packet(pkt, now)
+    engine.flush()
+    engine.stack.receive_packet(_udp_from_peer(a.port, b"alone"), now)
+    engine.flush()
+    return heard
+
+
+def test_datagram_sinks_hear_what_the_flows_events_say() -> None:
+    """UdpFlow's datagrams through Engine.datagram_sinks (no event object) against the
+    general way (DatagramReceived to its on_event): the same calls in the same order, a
+    flow's ICMP error between its datagrams, and one callback's exception stops nothing."""
+    fast, general = _udp_flow_transcript(True), _udp_flow_transcript(False)
+    assert fast == general
+    peer = ip_address(PEER)
+    assert [h[0] for h in fast] == ["a", "broken", "broken", "a err", "a", "a"]
+    assert fast[0] == ("a", (peer, 7000), b"one") and fast[3][1:] == ((peer, 9), 111)
+
+
+def test_send_out_sends_what_flush_sends() -> None:
+    """Engine.send_out (a flow's datagrams routed and sent without flush()'s rounds) sends
+    what flush() would; with an event waiting in the stack it is flush() (the event is
+    delivered)."""
+    got = []
+    for use_send_out in (False, True):
+        config = parse_config(CONFIG)
+        engine = Engine(config, RoutingTable.build(config))
+        sent: list[tuple[bytes, int | None]] = []
+        engine.wg.send_packets = sent.extend  # type: ignore[method-assign]
+        service = TunnelService(SimpleNamespace(engine=engine, bypass=BypassList()))  # type: ignore[arg-type]
+        heard: list[bytes] = []
+        flow = service.open_udp(lambda _src, d, heard=heard: heard.append(d), port=40000)
+        out = engine.send_out if use_send_out else engine.flush
+        for n in (1, 3):
+            for i in range(n):
+                engine.stack.udp_send(flow.sock, (ip_address(PEER), 9 + i), b"%d" % i, 0.0)
+            out()
+        engine.stack.receive_packet(_udp_from_peer(flow.port, b"waiting"), engine.now())
+        engine.stack.udp_send(flow.sock, (ip_address(PEER), 9), b"last", 0.0)
+        out()
+        got.append((sent, heard))
+    assert got[0] == got[1]
+    sent, heard = got[1]
+    assert len(sent) == 5 and heard == [b"waiting"] and all(peer == 0 for _, peer in sent)

@@ -274,3 +274,59 @@ def test_each_receive_batch_ends_with_on_batch_end() -> None:
             b.close()
 
     asyncio.run(main())
+
+
+def test_a_batch_of_one_does_what_the_batching_loop_does() -> None:
+    """send_packets' path for a single packet against its batching loop (single_path off):
+    the same sends (sendmmsg for IPv4, one by one for IPv6) and the device's other outputs
+    dispatched after the datagram, also when the packet is staged (nothing sent)."""
+    from wrapguard.tunnel.events import DropReason, PacketDropped
+
+    class Dev:
+        def __init__(self, log: list) -> None:
+            self.log = log
+            self.peers: list = []
+
+        def seal_packet(self, packet, now, wall, peer, out):  # type: ignore[no-untyped-def]
+            if b"out" in packet:
+                out.append(PacketDropped(DropReason.STAGED_QUEUE_FULL, 0))
+            if b"staged" in packet:
+                return None
+            ep = ("::1", 5) if b"v6" in packet else ("127.0.0.1", 5)
+            return ep, b"sealed " + packet
+
+        def seal_packets(self, *args: object) -> None:
+            raise AssertionError("one packet is never sealed as a batch")
+
+        def next_deadline(self) -> None:
+            return None
+
+    def run(single: bool) -> list:
+        log: list = []
+        rt = WgUdpRuntime(Dev(log), bind_v4="127.0.0.1", bind_v6=None)  # type: ignore[arg-type]
+        rt._loop = asyncio.new_event_loop()
+        rt._mm_cdata = (None, None, None, None, None)
+        rt.single_path = single
+        rt._send_batch = lambda addr, blobs, lens: log.append(("mmsg", addr, blobs, lens))  # type: ignore[method-assign]
+        rt._send_unbatched = lambda addr, blob, lens: log.append(("one", addr, blob, lens))  # type: ignore[method-assign]
+        rt._dispatch = lambda outs: log.append(("outs", list(outs)))  # type: ignore[method-assign]
+        try:
+            for pkt in [b"a", b"b out", b"v6", b"v6 out", b"staged", b"staged out"]:
+                rt.send_packets([(pkt, 0)])
+                log.append("|")
+        finally:
+            rt._loop.close()
+        return log
+
+    fast, loop = run(True), run(False)
+    assert fast == loop
+    assert fast[0] == ("mmsg", ("127.0.0.1", 5), [b"sealed a"], [8])
+    assert [e[0] for e in fast if e != "|"] == [
+        "mmsg",
+        "mmsg",
+        "outs",
+        "one",
+        "one",
+        "outs",
+        "outs",
+    ]

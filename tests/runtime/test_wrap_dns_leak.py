@@ -189,6 +189,7 @@ class FakeEngine:
         self.addresses = [ip_address("10.150.0.2"), ip_address("fd15::2")]
         self.stack = FakeStack()
         self.handlers: dict[int, Any] = {}
+        self.datagram_sinks: dict[int, Any] = {}
 
     def route(self, ip: Any, proto: int, port: int | None) -> int | None:
         return 0 if any(ip in net for net in TUNNEL_NETS) else None

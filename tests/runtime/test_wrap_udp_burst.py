@@ -37,6 +37,7 @@ from wrapguard.wire.ipc import (
     Address,
     UdpHeader,
     UdpKind,
+    emit_relay_datagram,
     emit_udp_header,
 )
 
@@ -381,6 +382,7 @@ class _Engine:
         self.stack = Stack(self.addresses, rng=lambda bits: 7, mtu=1420)
         self.device = SimpleNamespace(timers=SimpleNamespace(staged_queue_len=128), peers=[_Peer()])
         self.handlers: dict[int, object] = {}
+        self.datagram_sinks: dict[int, object] = {}
         self.flushes = 0
         self.sent: list[bytes] = []
 
@@ -393,6 +395,8 @@ class _Engine:
 
     def schedule_flush(self) -> None:
         self.flush()
+
+    send_out = flush
 
 
 def _record(seq: int, port: int = 9) -> bytes:
@@ -505,3 +509,92 @@ def test_the_shim_and_the_launcher_agree_on_the_data_socket() -> None:
     header = (Path(__file__).resolve().parents[2] / "csrc" / "shim.h").read_text()
     assert f'#define WG_UDP_DATA_SOCKET "{UDP_DATA_SOCKET}"' in header
     assert UDP_DATA_ACK == b"\x00" and TOKEN_LEN == 16  # udp.c: data_open()
+
+
+class _RoutingEngine(_Engine):
+    """_Engine with a route: 8.8.8.8 is outside the tunnel (its DNS queries are captured)."""
+
+    def route(self, ip: object, proto: int, port: int | None) -> int | None:
+        return None if str(ip) == "8.8.8.8" else 0
+
+
+class _Resolver:
+    def forward_server(self) -> IPv4Address:
+        return IPv4Address("10.150.0.53")
+
+
+def test_the_destination_kept_per_association_is_the_one_each_header_names() -> None:
+    """A connected socket's datagrams all carry one header: the relay keeps its destination
+    per association instead of parsing each. Every record must still go where its own
+    header says, across drains and header changes (another address, another port, an
+    ERROR header for the same address, a DNS query whose destination and reply mapping
+    depend on its payload), as the header's parse and destination() say."""
+    engine = _RoutingEngine()
+    service = TunnelService(SimpleNamespace(engine=engine, bypass=BypassList()))  # type: ignore[arg-type]
+    service.resolver = _Resolver()  # type: ignore[assignment]
+    relay = udpassoc.UdpRelay(service)
+    if udpassoc.HAVE_MMSG:
+        relay.use_mmsg()
+    local = Address(IPv4Address("127.0.0.1"), 40009)
+    relay.assoc(local, Address(IPv4Address("10.150.0.1"), 9))
+    assoc = relay.assocs[("127.0.0.1", local.port)]
+
+    def rec(ip: str, port: int, payload: bytes, kind: UdpKind = UdpKind.DATA) -> bytes:
+        return emit_udp_header(UdpHeader(kind, Address(IPv4Address(ip), port))) + payload
+
+    drains = [
+        [rec("10.150.0.1", 9, b"a"), rec("10.150.0.1", 9, b"b")],
+        [rec("10.150.0.1", 9, b"c"), rec("10.150.0.7", 9, b"d"), rec("10.150.0.7", 10, b"e")],
+        [rec("10.150.0.7", 10, b"f", UdpKind.ERROR), rec("10.150.0.7", 10, b"g")],
+        [rec("8.8.8.8", 53, b"\x00\x01q"), rec("8.8.8.8", 53, b"\x00\x02q")],
+        [rec("10.150.0.1", 9, b"h"), rec("8.8.8.8", 53, b"\x00\x03q"), rec("10.150.0.1", 9, b"i")],
+    ]
+    want = [
+        ("10.150.0.1", 9, b"a"), ("10.150.0.1", 9, b"b"), ("10.150.0.1", 9, b"c"),
+        ("10.150.0.7", 9, b"d"), ("10.150.0.7", 10, b"e"), ("10.150.0.7", 10, b"g"),
+        ("10.150.0.53", 53, b"\x00\x01q"), ("10.150.0.53", 53, b"\x00\x02q"),
+        ("10.150.0.1", 9, b"h"), ("10.150.0.53", 53, b"\x00\x03q"), ("10.150.0.1", 9, b"i"),
+    ]  # fmt: skip
+    shim, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    assoc.conns.add(ours)
+    got = []
+    read = relay._read_mmsg if udpassoc.HAVE_MMSG else relay._read_plain
+    for records in drains:
+        for r in records:
+            shim.send(r)
+        batch: list = []
+        read(ours, assoc, batch)
+        got += [(str(d[0]), d[1], p) for d, p in batch]
+    assert got == want
+    assert relay.stats.malformed == 1
+    assert sorted(assoc.dns) == [
+        (IPv4Address("10.150.0.53"), b"\x00" + bytes([i])) for i in (1, 2, 3)
+    ]
+    shim.close()
+    relay.release(local)
+
+
+def test_each_reply_carries_the_header_of_its_own_source() -> None:
+    """The association keeps its last source's relay header (found by the address object's
+    identity, not its hash): a reply from another port, another address, an equal address
+    object that is not the same one and a DNS server must each get their own header."""
+    engine = _Engine()
+    service = TunnelService(SimpleNamespace(engine=engine, bypass=BypassList()))  # type: ignore[arg-type]
+    relay = udpassoc.UdpRelay(service)
+    local = Address(IPv4Address("127.0.0.1"), 40010)
+    relay.assoc(local, Address(IPv4Address("10.150.0.1"), 9))
+    assoc = relay.assocs[("127.0.0.1", local.port)]
+    sent: list[bytes] = []
+    relay.send_to_program = lambda _assoc, datagram: sent.append(datagram)  # type: ignore[method-assign]
+    a, b = IPv4Address("10.150.0.1"), IPv4Address("10.150.0.5")
+    srcs = [(a, 9), (a, 9), (a, 10), (a, 9), (b, 9), (a, 9), (IPv4Address("10.150.0.1"), 9)]
+    srcs += [(a, 53), (a, 9), (a, 53)]
+    for i, src in enumerate(srcs):
+        assoc.on_datagram(src, b"%d" % i)
+    want = [
+        emit_relay_datagram(UdpHeader(UdpKind.DATA, Address(ip, port)), assoc.token, b"%d" % i)
+        for i, (ip, port) in enumerate(srcs)
+    ]
+    assert sent == want
+    relay.release(local)

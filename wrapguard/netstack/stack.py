@@ -109,6 +109,12 @@ class Stack:
         self._tcp_done: Counter[str] = Counter()  # loss counters of connections gone
         self._out: list[bytes] = []
         self._events: deque[Event] = deque()
+        # Datagrams the receive hot path took for bound ports, as plain tuples (sock, source,
+        # payload, our address), queued only while _events is empty: so they always precede
+        # every queued event, and next_event() (which hands them out first, as
+        # DatagramReceived) sees the same order as if they were events. take_datagrams()
+        # takes them without an event object each.
+        self._dgrams: list[tuple[SockId, tuple[IPAddress, int], bytes, IPAddress]] = []
         self._conns: dict[FlowKey, TcpConn] = {}
         self._by_id: dict[int, TcpConn] = {}
         self._listeners: dict[int, ListenerId] = {}
@@ -119,6 +125,7 @@ class Stack:
         # IPv4 the header words' sum without Total Length (udp_send's hot path).
         self._udp_sums: dict[tuple[bytes, bytes], tuple[int, int]] = {}
         self._ips: dict[bytes, IPAddress] = {}  # packed -> address object (DatagramReceived)
+        self._last_dst: tuple[object, bytes] = (None, b"")  # udp_send's last (dst, packed)
         self._ack_list: list[TcpConn] = []
         self._timers: list[tuple[float, int, TcpConn]] = []
         self._next_id = 1
@@ -346,14 +353,12 @@ class Stack:
         sock = self._udp.get(dport)
         if sock is None or dst not in self._ours or length < 8 or off + length > total:
             return False
-        self._events.append(
-            DatagramReceived(
-                sock,
-                (self._ip(packet[s:d]), sport),
-                bytes(packet[off + 8 : off + length]),
-                self._ip(dst),
-            )
-        )
+        src = (self._ip(packet[s:d]), sport)
+        data = bytes(packet[off + 8 : off + length])
+        if self._events:
+            self._events.append(DatagramReceived(sock, src, data, self._ip(dst)))
+        else:
+            self._dgrams.append((sock, src, data, self._ip(dst)))
         return True
 
     def _rx_udp(self, pkt: IPv4Packet | IPv6Packet) -> None:
@@ -424,8 +429,30 @@ class Stack:
         out.clear()  # the FlowOuts keep appending to this same list
         return taken
 
+    def quiet(self) -> bool:
+        """Nothing waits to be taken but outgoing packets: no event, no datagram and no
+        delayed ACK (take_outgoing() then produces no event)."""
+        return not (self._events or self._dgrams or self._ack_list)
+
+    def idle(self) -> bool:
+        """quiet(), and no outgoing packet either: nothing at all to take."""
+        return not (self._out or self._events or self._dgrams or self._ack_list)
+
+    def take_datagrams(self) -> list[tuple[SockId, tuple[IPAddress, int], bytes, IPAddress]]:
+        """The datagrams received for bound ports that precede every queued event, as
+        (sock, source, payload, our address): what next_event() would return first as
+        DatagramReceived, without an event object each. Take these, then the events."""
+        got = self._dgrams
+        if not got:
+            return []
+        self._dgrams = []
+        return got
+
     def next_event(self) -> Event | None:
         """The next event, or None."""
+        if self._dgrams:  # they precede every queued event: in front of them, as events
+            got, self._dgrams = self._dgrams, []
+            self._events.extendleft(DatagramReceived(*d) for d in reversed(got))
         if self._events:
             ev = self._events.popleft()
             if isinstance(ev, PacketDropped):
@@ -644,7 +671,12 @@ class Stack:
         if port is None:
             raise OSError(errno.EBADF, f"no such UDP socket {sock}")
         addr, dport = dst
-        rip = (ip_address(addr) if isinstance(addr, str) else addr).packed
+        last = self._last_dst
+        if addr is last[0]:  # a flow sends to one address object again and again
+            rip = last[1]
+        else:
+            rip = (ip_address(addr) if isinstance(addr, str) else addr).packed
+            self._last_dst = (addr, rip)
         srcs = self.addr4 if len(rip) == 4 else self.addr6
         if not srcs:
             raise OSError(errno.ENETUNREACH, "no tunnel address of that family")

@@ -29,8 +29,10 @@ from wrapguard.netstack.events import (
     Connected,
     ConnectFailed,
     ConnId,
+    DatagramReceived,
     Event,
     ListenerId,
+    SockId,
     TcpConfig,
 )
 from wrapguard.netstack.stack import Stack
@@ -225,6 +227,9 @@ class Engine:
 
             self.roads = attach_roads(self.wg, config.peers)
         self.handlers: dict[int, FlowHandler] = {}
+        # Per UDP socket: a callback (source, payload) for its datagrams, taking the place of
+        # its handler's on_event(DatagramReceived) (UdpFlow; Engine._deliver).
+        self.datagram_sinks: dict[int, Callable[[tuple[IPAddress, int], bytes], None]] = {}
         self.listeners: dict[int, Callable[[ConnId], None]] = {}
         self._peer_for_packet = PeerChooser(routing)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -364,7 +369,9 @@ class Engine:
             # A connection's outcome reaches its flow before this round's packets are built,
             # sealed and sent: the door answers its program's connect() at once, and the ACK
             # of the SYN-ACK follows it (issue 14). Every other event waits for the packets,
-            # as before (ACKs first keep the peer's clock running).
+            # as before (ACKs first keep the peer's clock running). Datagrams for bound
+            # ports come first among those (the stack queues them ahead of every event).
+            dgrams = stack.take_datagrams()
             held: list[Event] = []
             event = stack.next_event()
             while event is not None:
@@ -382,7 +389,11 @@ class Engine:
                 batch.append((pkt, peer))
             if batch:
                 self.wg.send_packets(batch)
-            if not held:
+            if dgrams:
+                self._deliver(dgrams)
+                if not held and stack.idle():
+                    break  # the sinks queued nothing: no round to look for it
+            elif not held:
                 break
             for event in held:
                 dispatch(event)
@@ -390,6 +401,44 @@ class Engine:
             while event is not None:
                 dispatch(event)
                 event = stack.next_event()
+
+    def _deliver(
+        self, dgrams: list[tuple[SockId, tuple[IPAddress, int], bytes, IPAddress]]
+    ) -> None:
+        """Datagrams (Stack.take_datagrams) to their sockets' sinks (`datagram_sinks`: a
+        UdpFlow's callback, no event object); to a handler without one as DatagramReceived
+        events, as _dispatch_guarded would."""
+        sinks = self.datagram_sinks
+        for d in dgrams:
+            sink = sinks.get(d[0])
+            try:
+                if sink is not None:
+                    sink(d[1], d[2])
+                else:
+                    self._dispatch(DatagramReceived(*d))
+            except Exception as exc:  # one flow's bug must not stop the others
+                self.log.error("flow event failed", event="DatagramReceived", error=repr(exc))
+
+    def send_out(self) -> None:
+        """`flush()` for a flow that just queued datagrams: when nothing else waits in the
+        stack (no event, no delayed ACK, no flush due), its packets are routed and sent
+        without flush()'s event rounds; else flush()."""
+        stack = self.stack
+        if self._flush_handle is not None or self._rx_pending or not stack.quiet():
+            self.flush()
+            return
+        batch = []
+        for pkt in stack.take_outgoing():
+            peer = self._peer_for_packet(pkt)
+            if peer is None:
+                self.unrouted_drops += 1
+                continue
+            batch.append((pkt, peer))
+        try:
+            if batch:
+                self.wg.send_packets(batch)
+        finally:
+            self._rearm()
 
     def _dispatch_guarded(self, event: Event) -> None:
         try:

@@ -93,6 +93,7 @@ class UdpFlow:
         self._on_error = on_error
         self.sock: SockId = self._engine.stack.udp_bind(port)  # OSError: EADDRINUSE
         self._engine.handlers[self.sock] = self
+        self._engine.datagram_sinks[self.sock] = on_datagram  # on_event's, without the event
         self.closed = False
 
     @property
@@ -120,7 +121,7 @@ class UdpFlow:
                 continue
             taken += 1
         if taken:
-            engine.flush()
+            engine.send_out()
         return taken
 
     def on_event(self, event: Event) -> None:
@@ -133,6 +134,7 @@ class UdpFlow:
         if not self.closed:
             self.closed = True
             self._engine.handlers.pop(self.sock, None)
+            self._engine.datagram_sinks.pop(self.sock, None)
             self._engine.stack.udp_close(self.sock)
 
 
@@ -214,7 +216,11 @@ class TunnelService:
         places left: a door that reads on would only push packets out of it."""
         device = self.engine.device
         limit = device.timers.staged_queue_len - room
-        return {p.index for p in device.peers if len(p.staged) > limit}
+        full = set()
+        for p in device.peers:  # (a loop, not a set comprehension: no frame of its own)
+            if len(p.staged) > limit:
+                full.add(p.index)
+        return full
 
     # -- flows ---------------------------------------------------------------------------------
 

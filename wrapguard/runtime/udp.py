@@ -135,10 +135,14 @@ class WgUdpRuntime:
         # Batched IPv4 I/O (recvmmsg/sendmmsg through the cffi helper), set up in start().
         self._mm_buf: bytearray | None = None
         self._mm_addrs = bytearray(MMSG_BATCH * _ADDR_SLOT)
+        # The last source seen by _readable_mmsg, raw (port, address) and as text: one
+        # peer's datagrams come from one endpoint, so it is converted once, not per call.
+        self._mm_last: tuple[bytes, tuple[str, int]] = (b"", ("", 0))
         self._mm_cdata: tuple[Any, ...] = ()  # cffi pointers into the buffers above
         self._sockaddrs: dict[tuple[str, int], bytes] = {}
         self.gso_segs = GSO_SEGS if HAVE_GSO else 1  # 1: no segmentation offload
         self.seal_batches = True  # consecutive packets for one peer sealed in one call
+        self.single_path = True  # a batch of one skips the batching loop (tests: off)
         self._timer: DeadlineTimer | None = None
         self._rr_timer: DeadlineTimer | None = None
         self.reresolver = Reresolver(
@@ -261,6 +265,20 @@ class WgUdpRuntime:
         """
         assert self._loop is not None, "start() first"
         now, wall = self._loop.time(), self._wall()
+        if len(packets) == 1 and self._mm_cdata and self.single_path:
+            # One packet (a datagram, an ACK): what the loop below does, without its batching.
+            outs1: list[Output] = []
+            one1 = self.device.seal_packet(packets[0][0], now, wall, packets[0][1], outs1)
+            if one1 is not None:
+                addr1, wire1 = one1
+                if ":" in addr1[0]:
+                    self._send_unbatched(addr1, wire1, [len(wire1)])
+                else:
+                    self._send_batch(addr1, [wire1], [len(wire1)])
+            if outs1:
+                self._dispatch(outs1)
+            self._rearm()
+            return
         seal, seal_many = self.device.seal_packet, self.device.seal_packets
         dispatch = self._dispatch
         batched = bool(self._mm_cdata)
@@ -455,8 +473,7 @@ class WgUdpRuntime:
         dispatch = self._dispatch
         outs: list[Output] = []
         handled = delivered = 0
-        last_raw = b""
-        addr = ("", 0)
+        last_raw, addr = self._mm_last
         for _ in range(DRAIN_BATCH // MMSG_BATCH):
             cnt = recvmmsg(fd, bufp, MMSG_SLOT, MMSG_BATCH, lens, addrp)
             if cnt == 0 or cnt in (-errno.EAGAIN, -errno.EWOULDBLOCK):
@@ -495,6 +512,7 @@ class WgUdpRuntime:
                     dispatch(outs2)
             if cnt < MMSG_BATCH:
                 break
+        self._mm_last = (last_raw, addr)
         stats = self.stats
         stats["rx_datagrams"] += handled
         stats["delivered"] += delivered

@@ -128,16 +128,20 @@ class Peer:
         return [kp for kp in (self.current, self.previous, self.next) if kp is not None]
 
     def next_deadline(self) -> float | None:
-        best: float | None = None
-        for t in (
-            self.t_retransmit,
-            self.t_send_keepalive,
-            self.t_new_handshake,
-            self.t_zero_keys,
-            self.t_persistent,
-        ):
-            if t is not None and (best is None or t < best):
-                best = t
+        # Unrolled (no tuple and loop): the UDP runtime asks after every receive and send.
+        best = self.t_retransmit
+        t = self.t_send_keepalive
+        if t is not None and (best is None or t < best):
+            best = t
+        t = self.t_new_handshake
+        if t is not None and (best is None or t < best):
+            best = t
+        t = self.t_zero_keys
+        if t is not None and (best is None or t < best):
+            best = t
+        t = self.t_persistent
+        if t is not None and (best is None or t < best):
+            best = t
         return best
 
     def source_allowed_extra(self, src: bytes) -> bool:

@@ -83,7 +83,9 @@ def _plain(ip: IPAddress) -> IPAddress:
 class _Assoc:
     """One program socket <-> one tunnel UDP flow; what comes back on it."""
 
-    __slots__ = ("conns", "dns", "flow", "key", "prefixes", "relay", "token")
+    __slots__ = (
+        "conns", "dns", "dst_cache", "flow", "key", "last_prefix", "prefixes", "relay", "token",
+    )  # fmt: skip
 
     def __init__(self, relay: UdpRelay, key: Key, port: int) -> None:
         self.relay, self.key = relay, key
@@ -97,8 +99,19 @@ class _Assoc:
         # Per tunnel source (not port 53: a reply may stand for the address the program
         # asked): the relay header + token the program's datagrams from it start with.
         self.prefixes: dict[tuple[IPAddress, int], bytes] = {}
+        # The last DATA header from the program to a port other than 53 and where it goes
+        # (a connected socket's datagrams all carry the same one): no parse per datagram.
+        self.dst_cache: tuple[bytes, tuple[IPAddress, int]] | None = None
+        # The last source's (address, port, prefix): the netstack hands out one address
+        # object per address, so `is` finds it without hashing the address (ipaddress
+        # hashes in Python).
+        self.last_prefix: tuple[IPAddress, int, bytes] | None = None
 
     def on_datagram(self, src: tuple[IPAddress, int], data: bytes) -> None:
+        last = self.last_prefix
+        if last is not None and src[0] is last[0] and src[1] == last[1]:
+            self.relay.send_to_program(self, last[2] + data)
+            return
         prefix = self.prefixes.get(src)
         if prefix is None:
             source = self.relay.program_source(self, src, data)
@@ -110,6 +123,7 @@ class _Assoc:
             if len(self.prefixes) >= PREFIXES_KEPT:
                 self.prefixes.clear()
             self.prefixes[src] = prefix
+        self.last_prefix = (src[0], src[1], prefix)
         self.relay.send_to_program(self, prefix + data)
 
     def on_error(self, dst: tuple[IPAddress, int], err: int) -> None:
@@ -379,6 +393,10 @@ class UdpRelay:
             self.stats.malformed += 1
             return
         raw = mv[off : off + UDP_HDR_LEN]
+        cached = assoc.dst_cache
+        if cached is not None and raw == cached[0]:
+            batch.append((cached[1], bytes(mv[off + UDP_HDR_LEN : off + n])))
+            return
         header = last[1]
         if header is None or raw != last[0]:
             last[0] = raw = bytes(raw)
@@ -393,6 +411,8 @@ class UdpRelay:
         dst = self.destination(assoc, header, payload)
         if dst is not None:
             batch.append((dst, payload))
+            if header.addr.port != DNS_PORT:  # a query's destination depends on its payload
+                assoc.dst_cache = (bytes(raw), dst)
 
     def _send(self, assoc: _Assoc, batch: list[tuple[tuple[IPAddress, int], bytes]]) -> None:
         taken = assoc.flow.send_many(batch)
@@ -477,5 +497,7 @@ class UdpRelay:
         if sock is None:
             return
         self.stats.from_tunnel += 1
-        with contextlib.suppress(OSError):  # loopback: never blocks
+        try:  # (not contextlib.suppress: a context manager per datagram)
             sock.sendto(datagram, assoc.key)
+        except OSError:  # loopback: never blocks
+            return
