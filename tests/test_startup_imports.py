@@ -65,6 +65,10 @@ NOT_FOR_PLAIN_RUN = [
     "wrapguard.control.httpconn",
     "wrapguard.roads.stream",
     "cryptography.hazmat.primitives.serialization",
+    # The seccomp door's logic: its front (doors/seccomp_listen.py) listens in every run and
+    # imports it at the first hand-over of a static or Go program.
+    "wrapguard.doors.seccomp",
+    "wrapguard.wire.seccomp",
 ]
 
 

@@ -71,7 +71,7 @@ def check_shim() -> Finding:
 
 def check_seccomp() -> Finding:
     """Whether the seccomp door (static and Go programs, docs/seccomp.md) can run here."""
-    from wrapguard.doors.seccomp import probe
+    from wrapguard.doors.seccomp_sys import probe
     from wrapguard.intercept import seccomp_unavailable
 
     why = seccomp_unavailable() or probe()
