@@ -2,7 +2,8 @@
 
 Most of a start is spent importing modules (bench row 5, issue 14); these tests fail when a
 heavy module that the path does not use comes back on it. They read `sys.modules` of real
-subprocesses (the waiter and the forked launcher, just before they exit), never timings.
+subprocesses (the waiter and the forked launcher, just before they exit), never timings;
+and whether the garbage collector, off during the start-up (wrapguard/startup.py), is back on.
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ from wrapguard.keys import PrivateKey
 # launcher end (runtime/lifetime.py), sys.exit() how --help and --version do.
 PROBE = textwrap.dedent(
     """
-    import json, os, sys
+    import gc, json, os, sys
     out, argv = sys.argv[1], sys.argv[2:]
     real_exit = os._exit
 
     def dump():
         with open(f"{out}.{os.getpid()}", "w") as f:
-            json.dump(sorted(sys.modules), f)
+            json.dump({"modules": sorted(sys.modules), "gc": gc.isenabled()}, f)
 
     def _exit(code):
         dump()
@@ -72,7 +73,7 @@ NOT_FOR_PLAIN_RUN = [
 ]
 
 
-def _modules(tmp_path: Path, *argv: str) -> list[set[str]]:
+def _dumps(tmp_path: Path, *argv: str) -> list[dict[str, object]]:
     out = tmp_path / "mods"
     r = subprocess.run(
         [sys.executable, "-c", PROBE, str(out), *argv],
@@ -85,18 +86,24 @@ def _modules(tmp_path: Path, *argv: str) -> list[set[str]]:
     assert r.returncode == 0, r.stderr
     dumps = sorted(tmp_path.glob("mods.*"))
     assert dumps, "the probe did not run"
-    return [set(json.loads(p.read_text())) for p in dumps]
+    return [json.loads(p.read_text()) for p in dumps]
+
+
+def _modules(tmp_path: Path, *argv: str) -> list[set[str]]:
+    return [set(d["modules"]) for d in _dumps(tmp_path, *argv)]  # type: ignore[call-overload]
 
 
 @pytest.mark.parametrize("flag", ["--help", "--version"])
 def test_help_and_version_import_no_runtime(tmp_path: Path, flag: str) -> None:
-    (mods,) = _modules(tmp_path, flag)
+    (dump,) = _dumps(tmp_path, flag)
+    mods = set(dump["modules"])  # type: ignore[call-overload]
     assert "wrapguard.cli" in mods and "click" in mods  # the probe saw the real thing
     loaded = sorted(m for m in NOT_FOR_HELP if m in mods)
     assert loaded == [], f"{flag} imports {loaded}"
+    assert dump["gc"] is True, "cli.main left the garbage collector off"
 
 
-def test_plain_run_imports_nothing_it_does_not_use(tmp_path: Path) -> None:
+def _plain_run(tmp_path: Path) -> list[dict[str, object]]:
     conf = tmp_path / "wg0.conf"
     conf.write_text(
         "[Interface]\n"
@@ -109,13 +116,25 @@ def test_plain_run_imports_nothing_it_does_not_use(tmp_path: Path) -> None:
     )
     conf.chmod(0o600)
     control = tmp_path / "ctl.sock"
-    procs = _modules(
+    procs = _dumps(
         tmp_path, "--config", str(conf), "--control", str(control), "--log-level", "warn",
         "--", "true",
     )  # fmt: skip
     assert len(procs) == 2, "expected the waiter and the launcher"
+    return procs
+
+
+def test_plain_run_imports_nothing_it_does_not_use(tmp_path: Path) -> None:
+    procs = [set(d["modules"]) for d in _plain_run(tmp_path)]  # type: ignore[call-overload]
     launcher = max(procs, key=len)
     assert "wrapguard.runtime.launcher" in launcher and "wrapguard.control.server" in launcher
     for mods in procs:
         loaded = sorted(m for m in NOT_FOR_PLAIN_RUN if m in mods)
         assert loaded == [], f"`-- true` imports {loaded}"
+
+
+def test_the_launcher_collects_garbage_once_set_up(tmp_path: Path) -> None:
+    """The collector is off while the modules load (startup.py); a launcher that stays up
+    for hours must have it back on by the time its program runs."""
+    launcher = max(_plain_run(tmp_path), key=lambda d: len(d["modules"]))  # type: ignore[arg-type]
+    assert launcher["gc"] is True

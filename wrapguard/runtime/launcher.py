@@ -16,7 +16,7 @@ import secrets
 import signal
 from typing import TYPE_CHECKING
 
-from wrapguard import log, shim
+from wrapguard import log, shim, startup
 from wrapguard.config import Config
 from wrapguard.doors.preload.channel import ChannelServer
 from wrapguard.doors.preload.door import PreloadDoor
@@ -276,6 +276,7 @@ class Launcher:
             await session.start_tunnel()
             await session.start_channel()
             await self._start_doors(session.service)
+            startup.resume()  # set up: the collector runs again (startup.py)
             if self.executable is None:
                 status = await self._serve(session)
             else:
