@@ -66,6 +66,9 @@ NOT_FOR_PLAIN_RUN = [
     "wrapguard.control.httpconn",
     "wrapguard.roads.stream",
     "cryptography.hazmat.primitives.serialization",
+    # cryptography's OpenSSL backend (~4 ms), imported by its X25519 key constructors: public
+    # keys come from libsodium and DH objects are made at the first handshake (noise/crypto.py).
+    "cryptography.hazmat.backends.openssl",
     # The seccomp door's logic: its front (doors/seccomp_listen.py) listens in every run and
     # imports it at the first hand-over of a static or Go program.
     "wrapguard.doors.seccomp",
