@@ -33,6 +33,8 @@ OK, WARN, FAIL = "ok", "warn", "FAIL"
 
 @dataclass(frozen=True, slots=True)
 class Finding:
+    """One check's result: OK, WARN or FAIL, what was found, what to do."""
+
     status: str
     check: str
     detail: str

@@ -18,6 +18,8 @@ PRELOAD, SECCOMP = "preload", "seccomp"
 
 @dataclass(frozen=True, slots=True)
 class Choice:
+    """The door a program gets, and why."""
+
     door: str  # PRELOAD or SECCOMP
     reason: str
 

@@ -45,6 +45,8 @@ PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 
 @dataclass(frozen=True, slots=True)
 class Reply:
+    """One HTTP response: status, body and its type, extra headers."""
+
     status: int
     body: bytes
     content_type: str = JSON
@@ -151,6 +153,8 @@ NOT_DROPS = frozenset(
 
 @dataclass
 class _Family:
+    """One metric family of the Prometheus text format: samples with their labels."""
+
     name: str
     kind: str  # "counter" or "gauge"
     help: str
