@@ -69,6 +69,8 @@ NOT_FOR_PLAIN_RUN = [
     # cryptography's OpenSSL backend (~4 ms), imported by its X25519 key constructors: public
     # keys come from libsodium and DH objects are made at the first handshake (noise/crypto.py).
     "cryptography.hazmat.backends.openssl",
+    # Endpoint host names only (runtime/udp.py): the config above gives an address.
+    "wrapguard.tunnel.reresolve",
     # The seccomp door's logic: its front (doors/seccomp_listen.py) listens in every run and
     # imports it at the first hand-over of a static or Go program.
     "wrapguard.doors.seccomp",
