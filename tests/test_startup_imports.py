@@ -56,14 +56,15 @@ NOT_FOR_HELP = [
     "wrapguard.log",
 ]
 # Not needed to run a dynamically linked program with a plain UDP config and no DNS=:
-# the stream road (h11, urllib.request, http.client), the control socket's HTTP layer
-# (imported at its first connection), cryptography's serialization (SSH key support).
+# the stream road (h11, urllib.request, http.client), the control socket's HTTP layer and
+# endpoints (imported at its first connection), cryptography's serialization (SSH key support).
 NOT_FOR_PLAIN_RUN = [
     "structlog",  # log.py is the whole pipeline
     "h11",
     "http.client",
     "urllib.request",
     "wrapguard.control.httpconn",
+    "wrapguard.control.api",
     "wrapguard.roads.stream",
     "cryptography.hazmat.primitives.serialization",
     # cryptography's OpenSSL backend (~4 ms), imported by its X25519 key constructors: public
