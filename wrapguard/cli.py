@@ -197,7 +197,6 @@ def run(opts: Options) -> int:
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Console-script entry point."""
     startup.pause()  # no garbage collection until the start-up is done (startup.py)
-    # (wrapguard.__main__ has paused it already, before this module and click loaded)
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         if args[:1] == ["show"]:
