@@ -17,7 +17,7 @@ from typing import NoReturn
 
 import click
 
-from wrapguard import __version__
+from wrapguard import __version__, startup
 from wrapguard.clioptions import log_options, routing_options
 from wrapguard.errors import UsageError, WrapguardError
 from wrapguard.options import (
@@ -176,6 +176,8 @@ def run(opts: Options) -> int:
         raise WrapguardError(
             f"cannot open log file {opts.log_file}: {exc.strerror or exc}"
         ) from None
+    if opts.doctor is not None or opts.self_test is not None:
+        startup.resume()  # the launcher resumes the collector for a run or a daemon
     if opts.doctor is not None:
         from wrapguard.doctor import run_doctor
 
@@ -194,6 +196,7 @@ def run(opts: Options) -> int:
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Console-script entry point."""
+    startup.pause()  # no garbage collection until the start-up is done (startup.py)
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         if args[:1] == ["show"]:
@@ -201,8 +204,10 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         if args[:1] == ["relay"]:
             from wrapguard.roads.relaycli import relay_main
 
+            startup.resume()
             sys.exit(relay_main(args[1:]))
         if args[:1] == ["up"]:
+            startup.resume()
             sys.exit(_up(args[1:]))
         parsed = parse_args(args)
         if isinstance(parsed, int):
@@ -218,6 +223,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         if os.environ.get("WRAPGUARD_TRACEBACK"):
             raise
         code = EXIT_SETUP
+    finally:
+        startup.resume(freeze=False)  # a caller in the same process gets its collector back
     sys.exit(code)
 
 

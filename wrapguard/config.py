@@ -121,6 +121,8 @@ class RouteSpec:
 
 @dataclass(frozen=True, slots=True)
 class InterfaceConfig:
+    """The [Interface] section: our key, tunnel addresses, DNS=, MTU, ListenPort."""
+
     private_key: PrivateKey
     addresses: tuple[IPInterface, ...]
     dns_servers: tuple[IPAddress, ...] = ()
@@ -131,6 +133,8 @@ class InterfaceConfig:
 
 @dataclass(frozen=True, slots=True)
 class PeerConfig:
+    """One [Peer] section."""
+
     public_key: PublicKey
     preshared_key: PresharedKey | None = None
     endpoint: Endpoint | None = None
@@ -143,6 +147,8 @@ class PeerConfig:
 
 @dataclass(frozen=True, slots=True)
 class Config:
+    """A parsed config: the interface, its peers, notices for the user, proxy sections."""
+
     interface: InterfaceConfig
     peers: tuple[PeerConfig, ...]
     path: str = "<config>"
@@ -373,6 +379,8 @@ def _check_ca(path: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class _Entry:
+    """One `Key = value` line."""
+
     line: int
     key: str  # canonical spelling
     value: str
@@ -380,6 +388,8 @@ class _Entry:
 
 @dataclass(slots=True)
 class _Section:
+    """One section's entries, in file order."""
+
     name: str  # "Interface" or "Peer"
     line: int
     entries: list[_Entry]

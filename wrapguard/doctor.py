@@ -33,6 +33,8 @@ OK, WARN, FAIL = "ok", "warn", "FAIL"
 
 @dataclass(frozen=True, slots=True)
 class Finding:
+    """One check's result: OK, WARN or FAIL, what was found, what to do."""
+
     status: str
     check: str
     detail: str
@@ -71,7 +73,7 @@ def check_shim() -> Finding:
 
 def check_seccomp() -> Finding:
     """Whether the seccomp door (static and Go programs, docs/seccomp.md) can run here."""
-    from wrapguard.doors.seccomp import probe
+    from wrapguard.doors.seccomp_sys import probe
     from wrapguard.intercept import seccomp_unavailable
 
     why = seccomp_unavailable() or probe()

@@ -25,6 +25,8 @@ _GO_MAGIC = b"\xff Go buildinf:"
 
 @dataclass(frozen=True, slots=True)
 class ElfInfo:
+    """What an executable's ELF headers say about how it makes system calls."""
+
     interpreter: str | None
     is_go: bool
     needed: tuple[str, ...] = ()  # DT_NEEDED: the libraries it links, by soname
@@ -213,6 +215,8 @@ CAP_NAMES = (
 
 @dataclass(frozen=True, slots=True)
 class FileCaps:
+    """A file's capabilities (its security.capability attribute)."""
+
     permitted: int
     inheritable: int
     effective: bool

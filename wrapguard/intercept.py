@@ -18,6 +18,8 @@ PRELOAD, SECCOMP = "preload", "seccomp"
 
 @dataclass(frozen=True, slots=True)
 class Choice:
+    """The door a program gets, and why."""
+
     door: str  # PRELOAD or SECCOMP
     reason: str
 
@@ -53,7 +55,7 @@ def needs_seccomp(path: str) -> str | None:
 
 def seccomp_unavailable() -> str | None:
     """None when the seccomp door can run here, else why not."""
-    from wrapguard.doors.seccomp import helper_path, supported
+    from wrapguard.doors.seccomp_sys import helper_path, supported
 
     if helper_path() is None:
         return "the seccomp helper is missing (reinstall wrapguard with `pip install .`)"

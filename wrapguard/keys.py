@@ -11,7 +11,7 @@ import base64
 import binascii
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from nacl.bindings import crypto_scalarmult_base
 
 KEY_LEN = 32
 
@@ -73,13 +73,15 @@ class PrivateKey:
 
     @classmethod
     def generate(cls) -> PrivateKey:
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
         return cls(X25519PrivateKey.generate().private_bytes_raw())
 
     def public_key(self) -> PublicKey:
-        # The *_raw() forms (cryptography >= 40), not public_bytes(Encoding.Raw, ...):
-        # importing cryptography's serialization package (SSH keys) costs ~6 ms a start-up.
-        pub = X25519PrivateKey.from_private_bytes(self.raw).public_key()
-        return PublicKey(pub.public_bytes_raw())
+        # X25519(k, 9) [RFC 7748 6.1] by libsodium, which clamps k as cryptography does:
+        # cryptography's X25519PrivateKey.from_private_bytes() imports its OpenSSL backend
+        # (~4 ms), which a run that never handshakes (`-- true`, bench row 5) does not need.
+        return PublicKey(crypto_scalarmult_base(self.raw))
 
     def to_base64(self) -> str:
         """Only for writing a config file the user asked for (demo); never for logs."""

@@ -21,6 +21,8 @@ from wrapguard.routing import RoutingTable
 
 @dataclass(frozen=True, slots=True)
 class Plan:
+    """Everything a run needs, checked before anything starts (`prepare()`)."""
+
     options: Options
     config: Config
     routing: RoutingTable

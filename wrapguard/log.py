@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
-import json
 import os
 import sys
 from collections.abc import Iterator
@@ -39,6 +38,8 @@ _captured: list[dict[str, Any]] | None = None  # capture(): the events, not rend
 
 def _line(method: str, message: str, fields: dict[str, Any]) -> str:
     """The JSON line of one event: timestamp, level, message, then the fields (scrubbed)."""
+    import json  # at the first line written: a quiet run writes none (start-up, ~1 ms)
+
     now = datetime.datetime.now(datetime.UTC)
     out: dict[str, Any] = {
         "timestamp": now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),

@@ -29,6 +29,7 @@ import h11
 import pytest
 
 from wrapguard.control import paths, server, show
+from wrapguard.control.api import Api, render_metrics
 from wrapguard.control.httpconn import HttpConn
 from wrapguard.control.server import ControlStats
 from wrapguard.errors import WrapguardError
@@ -130,13 +131,13 @@ def request_bytes(method: str, target: str, body: bytes | None = None, **headers
 
 
 @pytest.fixture
-def api() -> tuple[FakeService, server.Api, ControlStats]:
+def api() -> tuple[FakeService, Api, ControlStats]:
     service = FakeService()
     stats = ControlStats()
-    return service, server.Api(service, stats), stats  # type: ignore[arg-type]
+    return service, Api(service, stats), stats  # type: ignore[arg-type]
 
 
-def conn_for(api: tuple[FakeService, server.Api, ControlStats]) -> HttpConn:
+def conn_for(api: tuple[FakeService, Api, ControlStats]) -> HttpConn:
     return HttpConn(api[1].handle, api[2])
 
 
@@ -355,7 +356,7 @@ def test_metrics_text_parses(api: Any) -> None:
 def test_metrics_escape_label_values() -> None:
     state = FakeService().state()
     state["peers"][0]["public_key"] = 'a"b\\c\nd'
-    text = server.render_metrics(state, ControlStats())
+    text = render_metrics(state, ControlStats())
     fams = parse_prometheus(text)
     assert fams["wrapguard_peer_rx_bytes"][0][0]["peer"] == 'a\\"b\\\\c\\nd'
 

@@ -57,6 +57,26 @@ def test_x25519_rfc7748_6_1_diffie_hellman() -> None:
     assert crypto.dh(bob, alice_pub) == shared
 
 
+def test_public_key_rfc7748_6_1() -> None:
+    # RFC 7748 6.1: Alice's and Bob's public keys, X25519(k, 9) (libsodium's, see public_key).
+    alice = bytes.fromhex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a")
+    bob = bytes.fromhex("5dab087e624a8a4b79e17f8b83800ee66f3bb1292618b6fd1c2f8b27ff88e0eb")
+    assert crypto.public_key(alice).hex() == (
+        "8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a"
+    )
+    assert crypto.public_key(bob).hex() == (
+        "de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f"
+    )
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_public_key_is_cryptography_s_for_any_scalar(seed: int) -> None:
+    # Both libraries clamp k [RFC 7748 5]: unclamped bits (0xff everywhere) must not matter.
+    raw = hashlib.blake2s(bytes([seed])).digest() if seed else b"\xff" * 32
+    want = X25519PrivateKey.from_private_bytes(raw).public_key().public_bytes_raw()
+    assert crypto.public_key(raw) == want
+
+
 def test_x25519_low_order_point_gives_none() -> None:
     # RFC 7748 6.1: an all-zero output must be detected; u = 0 is a low-order point.
     assert crypto.dh(X25519PrivateKey.generate(), bytes(32)) is None

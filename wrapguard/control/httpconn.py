@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterable
 import h11
 
 from wrapguard import log
-from wrapguard.control.server import MAX_BODY, MAX_HEAD, ControlStats, Reply, error_reply
+from wrapguard.control.api import Reply, error_reply
+from wrapguard.control.server import MAX_BODY, MAX_HEAD, ControlStats
 
 _REASONS = {s.value: s.phrase for s in http.HTTPStatus}
 

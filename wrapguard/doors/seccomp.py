@@ -1,11 +1,12 @@
 """The seccomp door: programs the preload shim cannot see (static and Go binaries) have their
 socket system calls answered by the launcher (docs/seccomp.md).
 
-The helper (csrc/seccomp/helper.c) connects to this door's unix socket, installs a seccomp
-filter with a user-notification listener and says the listener's fd number; the door takes
-the listener with pidfd_getfd() and answers "K"; the helper execs the program. From then on
-the calls the filter traps stop in the program until `_Supervisor` answers them on the
-launcher's loop (SECCOMP_IOCTL_NOTIF_RECV/SEND):
+The helper (csrc/seccomp/helper.c) connects to the door's unix socket (its front,
+doors/seccomp_listen.py, which imports this module at the first hand-over), installs a
+seccomp filter with a user-notification listener and says the listener's fd number; the
+front takes the listener with pidfd_getfd() and answers "K"; the helper execs the program.
+From then on the calls the filter traps stop in the program until `_Supervisor` answers them
+on the launcher's loop (SECCOMP_IOCTL_NOTIF_RECV/SEND):
 
 - connect() to a destination routed into the tunnel: the door borrows the program's socket
   (pidfd_getfd: the same open file, so Go's epoll registration stays valid), connects it to
@@ -40,16 +41,12 @@ from dataclasses import dataclass, field
 from wrapguard import log
 from wrapguard.doors.seccomp_sys import (
     NR,
-    SOCKET_NAME,
     family_of,
     fd_inode,
-    helper_path,
     pidfd_getfd,
-    probe,
     proto_of,
     read_mem,
     sock_proto,
-    supported,
     udp_inodes,
     write_mem,
 )
@@ -62,14 +59,12 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # A loopback source seen by recvfrom -> the tunnel address it stands for (None: itself)
 _Source = Callable[[tuple[IPAddress, int]], tuple[IPAddress, int] | None]
 
-ENV_HELPER, ENV_SOCK = "WRAPGUARD_SECCOMP_HELPER", "WRAPGUARD_SECCOMP_SOCK"
 MAX_SOCKADDR = 128
 MSGHDR_SIZE, MMSGHDR_SIZE = 56, 64  # struct msghdr, struct mmsghdr (64-bit)
 MAX_DATAGRAM = 65535  # the most the door reads of one datagram (larger: EMSGSIZE)
 UIO_MAXIOV = 1024  # iovecs per message the kernel takes (more: EMSGSIZE)
 HELD_CHECK = 2.0  # seconds between checks that a held blocking call's caller still waits
 MAX_UDP_SOURCES = 1024  # tunnel peers of one UDP socket at once (each: a loopback socket of ours)
-HANDOVER_TIMEOUT = 5.0  # seconds for a helper to say its listener's number
 UDP_SWEEP_EVERY = 5.0  # seconds between checks that a redirected UDP socket still exists
 FLOW_KEEP = 60.0  # seconds a TCP flow's addresses stay answerable after it ended
 
@@ -113,76 +108,37 @@ class _Assoc:
 
 
 class SeccompDoor:
-    """The door: its helper socket, the loopback listeners redirected sockets are joined
-    through, and one supervisor per listener fd received."""
+    """The door's logic: the loopback listeners redirected sockets are joined through, and
+    one supervisor per listener fd its front (doors/seccomp_listen.py) was handed."""
 
-    def __init__(self, service: TunnelService, directory: str) -> None:
+    def __init__(
+        self, service: TunnelService, frontend: FrontEnd, counters: dict[str, int]
+    ) -> None:
         self.service = service
         self.log = log.get("wrapguard.seccomp")
-        self.path = os.path.join(directory, SOCKET_NAME)
         self.loop = asyncio.get_running_loop()
-        self.frontend = service.add_frontend(FrontEnd("seccomp", address=self.path))
-        self.listeners = 0  # listener fds received so far
-        self.ready = asyncio.Event()  # set by the first one
+        self.frontend = frontend
         self.flows: dict[int, _Flow] = {}  # by the program socket's inode
         self._joins: dict[int, socket.socket] = {}  # fd -> a flow's one-time loopback listener
         self.has_v6_loopback = True  # until ::1 cannot be bound
         self._sups: set[_Supervisor] = set()
-        self._tasks: set[asyncio.Future[None]] = set()
-        self._server: socket.socket | None = None
         self._sweep: asyncio.TimerHandle | None = None
-        self.counters: dict[str, int] = {}
+        self.counters = counters  # the front's: /state shows them
         self.listening: dict[int, tuple[IPAddress, int]] = {}  # inode -> what it listens on
         self.bound: dict[int, tuple[IPAddress, int]] = {}  # inode -> tunnel address bound
         self.assocs: dict[int, _Assoc] = {}  # unconnected UDP sockets sending into the tunnel
         self.refusals_logged: set[tuple[object, ...]] = set()  # kinds of internal refusal logged
 
-    @property
-    def address(self) -> str:
-        return self.path
-
     def count(self, what: str) -> None:
         self.counters[what] = self.counters.get(what, 0) + 1
 
-    async def start(self) -> None:
-        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        try:
-            server.bind(self.path)
-        except OSError:
-            server.close()
-            raise
-        os.chmod(self.path, 0o600)
-        server.listen(64)
-        server.setblocking(False)
-        self._server = server
-        self.loop.add_reader(server.fileno(), self._on_helper)
-        self.frontend.extra["counters"] = self.counters
-
-    def helper_argv(self, executable: str, argv: list[str]) -> list[str]:
-        helper = helper_path()
-        if helper is None:
-            raise OSError(errno.ENOENT, "the seccomp helper is missing (reinstall wrapguard)")
-        return [helper, self.path, executable, *argv]
-
-    def env(self) -> dict[str, str]:
-        """For the preload shim's exec hooks (csrc/exec.c): where to hand a static or Go
-        program over."""
-        helper = helper_path()
-        if helper is None:
-            return {}
-        return {ENV_HELPER: helper, ENV_SOCK: self.path}
+    def supervise(self, listener: int, pid: int) -> None:
+        """Answer the trapped calls of `pid`'s filter from now on (`listener`: its fd, ours)."""
+        self._sups.add(_Supervisor(self, listener, pid))
 
     async def close(self) -> None:
         for sup in list(self._sups):
             sup.close()
-        if self._server is not None:
-            self.loop.remove_reader(self._server.fileno())
-            self._server.close()
-            self._server = None
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
         for fd, s in list(self._joins.items()):
             self.loop.remove_reader(fd)
             s.close()
@@ -193,47 +149,6 @@ class SeccompDoor:
             self._end_assoc(assoc)
         if self._sweep is not None:
             self._sweep.cancel()
-
-    # -- the helper hands a listener over ----------------------------------------------------
-
-    def _on_helper(self) -> None:
-        assert self._server is not None
-        try:
-            conn, _ = self._server.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        task = asyncio.ensure_future(self._handover(conn))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _handover(self, conn: socket.socket) -> None:
-        conn.setblocking(False)
-        try:
-            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-            pid, uid, _ = struct.unpack("iII", creds)
-            if uid != os.geteuid():
-                self.log.warning("seccomp helper of another user refused", uid=uid)
-                return
-            line = b""
-            async with asyncio.timeout(HANDOVER_TIMEOUT):
-                while not line.endswith(b"\n") and len(line) < 32:
-                    chunk = await self.loop.sock_recv(conn, 32 - len(line))
-                    if not chunk:
-                        return
-                    line += chunk
-            word, num = line.split()
-            if word != b"L":
-                return
-            listener = pidfd_getfd(pid, int(num))
-            self._sups.add(_Supervisor(self, listener, pid))
-            self.listeners += 1
-            await self.loop.sock_sendall(conn, b"K")
-            self.log.debug("seccomp filter on", pid=pid)
-            self.ready.set()
-        except (OSError, ValueError, TimeoutError) as exc:
-            self.log.warning("seccomp helper hand-over failed", error=str(exc))
-        finally:
-            conn.close()
 
     def supervisor_gone(self, sup: _Supervisor) -> None:
         self._sups.discard(sup)
@@ -1269,12 +1184,6 @@ class _Supervisor:
         self.door.answer_so_error(self, n, flow)
 
 
-async def start(service: TunnelService, directory: str) -> SeccompDoor:
-    door = SeccompDoor(service, directory)
-    await door.start()
-    return door
-
-
 def _gather(pid: int, iov: list[tuple[int, int]] | None) -> bytes | None:
     """A datagram's bytes from the program's iovecs; None when it is larger than any UDP
     datagram (the kernel answers EMSGSIZE): never more than that is read."""
@@ -1297,4 +1206,4 @@ def _readable_now(fd: int) -> bool:
     return bool(p.poll(0))
 
 
-__all__ = ["SeccompDoor", "helper_path", "pidfd_getfd", "probe", "start", "supported"]
+__all__ = ["SeccompDoor"]

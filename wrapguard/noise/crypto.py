@@ -2,7 +2,8 @@
 
 HASH, MAC, HMAC and KDF1-3 on hashlib.blake2s (HMAC is hand-rolled on BLAKE2s, RFC 2104 with a
 64-byte block, about twice as fast as hmac.new); DH is X25519 and AEAD is ChaCha20-Poly1305 from
-`cryptography`; XAEAD (cookie replies, [W 5.4.7]) is XChaCha20-Poly1305 from PyNaCl. TAI64N
+`cryptography`; XAEAD (cookie replies, [W 5.4.7]) and a static key's public key (see
+`public_key`) are from PyNaCl. TAI64N
 timestamps are built from a wall-clock time passed in by the caller. Nothing here keeps state
 or draws randomness; no cryptography is written by hand.
 """
@@ -19,6 +20,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from nacl.bindings import (
     crypto_aead_xchacha20poly1305_ietf_decrypt,
     crypto_aead_xchacha20poly1305_ietf_encrypt,
+    crypto_scalarmult_base,
 )
 from nacl.exceptions import CryptoError
 
@@ -37,6 +39,7 @@ __all__ = [
     "kdf2",
     "kdf3",
     "mac",
+    "public_key",
     "tai64n",
     "xaead_decrypt",
     "xaead_encrypt",
@@ -97,6 +100,14 @@ def kdf3(key: bytes, data: bytes) -> tuple[bytes, bytes, bytes]:
     t1 = hmac(t0, b"\x01")
     t2 = hmac(t0, t1 + b"\x02")
     return t1, t2, hmac(t0, t2 + b"\x03")
+
+
+def public_key(private: bytes) -> bytes:
+    """X25519(k, 9), the public key of a private key k [RFC 7748 6.1], by libsodium (which
+    clamps k as cryptography does). cryptography's X25519PrivateKey.from_private_bytes()
+    imports its OpenSSL backend (~4 ms), which a start that never handshakes (`wrapguard
+    -- true`, bench row 5) needs for nothing else."""
+    return crypto_scalarmult_base(private)
 
 
 def dh(private: X25519PrivateKey, public: bytes) -> bytes | None:

@@ -24,6 +24,7 @@ from wrapguard.noise.crypto import (
     kdf1,
     kdf2,
     kdf3,
+    public_key,
 )
 from wrapguard.noise.reasons import DropReason
 from wrapguard.wire.wgmsg import Initiation, Response
@@ -39,32 +40,53 @@ def _public_bytes(private: X25519PrivateKey) -> bytes:
 
 
 class LocalStatic:
-    """Our static key pair, with the responder's initial transcript hash precomputed."""
+    """Our static key pair, with the responder's initial transcript hash precomputed.
 
-    __slots__ = ("hash0", "private", "public")
+    The private key object for DH is made at the first handshake, not here: a tunnel that
+    never handshakes needs no X25519 object (crypto.public_key says why that matters)."""
+
+    __slots__ = ("_private", "_raw", "hash0", "public")
 
     def __init__(self, private_raw: bytes) -> None:
-        self.private = X25519PrivateKey.from_private_bytes(private_raw)
-        self.public = _public_bytes(self.private)
+        self._raw = private_raw
+        self._private: X25519PrivateKey | None = None
+        self.public = public_key(private_raw)
         # [W 5.4.2] Hr = HASH(HASH(Ci || Identifier) || Spub_r) when we are the responder.
         self.hash0 = hash_(INITIAL_HASH, self.public)
+
+    @property
+    def private(self) -> X25519PrivateKey:
+        if self._private is None:
+            self._private = X25519PrivateKey.from_private_bytes(self._raw)
+        return self._private
+
+
+_NOT_YET: Final = b""  # RemoteStatic.ss not computed yet (a DH result is 32 bytes or None)
 
 
 class RemoteStatic:
     """A peer's static public key and preshared key, with DH(Spriv_local, Spub_remote) cached.
 
-    The static-static DH never changes, so it is computed once per peer instead of once per
-    handshake; `ss` is None if the peer's key is a low-order point (every handshake then fails).
+    The static-static DH never changes, so it is computed once per peer (at its first
+    handshake) instead of once per handshake; `ss` is None if the peer's key is a low-order
+    point (every handshake then fails).
     """
 
-    __slots__ = ("hash0", "psk", "public", "ss")
+    __slots__ = ("_local", "_ss", "hash0", "psk", "public")
 
     def __init__(self, local: LocalStatic, public: bytes, psk: bytes | None) -> None:
         self.public = public
         self.psk = psk if psk is not None else bytes(32)  # [W 5.2] Q = 0^32 when absent
-        self.ss = dh(local.private, public)
+        self._local = local
+        self._ss: bytes | None = _NOT_YET
         # [W 5.4.2] Hi = HASH(HASH(Ci || Identifier) || Spub_r) when we are the initiator.
         self.hash0 = hash_(INITIAL_HASH, public)
+
+    @property
+    def ss(self) -> bytes | None:
+        if self._ss is _NOT_YET:
+            self._ss = dh(self._local.private, self.public)
+        return self._ss
 
 
 @dataclass(slots=True)

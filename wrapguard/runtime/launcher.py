@@ -17,7 +17,7 @@ import secrets
 import signal
 from typing import TYPE_CHECKING
 
-from wrapguard import log, shim
+from wrapguard import log, shim, startup
 from wrapguard.config import Config
 from wrapguard.doors.preload.channel import ChannelServer
 from wrapguard.doors.preload.door import PreloadDoor
@@ -35,7 +35,7 @@ from wrapguard.wire.ipc import TOKEN_LEN
 
 if TYPE_CHECKING:
     from wrapguard.doors import Door
-    from wrapguard.doors.seccomp import SeccompDoor
+    from wrapguard.doors.seccomp_listen import SeccompListener
     from wrapguard.launch import Plan
 
 HELLO_TIMEOUT = 3.0  # compat.md: READY from the shim within 3 s
@@ -226,7 +226,7 @@ class Launcher:
         self.link = link or StatusLink(None, None)
         self.log = log.get("wrapguard.launcher")
         self.doors: list[Door] = []
-        self.seccomp: SeccompDoor | None = None
+        self.seccomp: SeccompListener | None = None
 
     async def _start_doors(self, service: TunnelService) -> None:
         """The control socket, then each proxy the flags or the config ask for."""
@@ -279,6 +279,7 @@ class Launcher:
             await session.start_tunnel()
             await session.start_channel()
             await self._start_doors(session.service)
+            startup.resume()  # set up: the collector runs again (startup.py)
             if self.executable is None:
                 status = await self._serve(session)
             else:
@@ -308,7 +309,7 @@ class Launcher:
                 loop.remove_signal_handler(sig)
         return 0
 
-    async def _start_seccomp(self, session: TunnelSession) -> SeccompDoor | None:
+    async def _start_seccomp(self, session: TunnelSession) -> SeccompListener | None:
         """The seccomp door, when this system can run it (docs/seccomp.md): for the program
         itself (--intercept seccomp, or a static/Go program), and for the static or Go
         programs a shimmed program execs later (csrc/exec.c hands them to its helper)."""
@@ -318,11 +319,11 @@ class Launcher:
         if why is not None:
             self.log.debug("no seccomp door", reason=why)
             return None
-        from wrapguard.doors import seccomp
+        from wrapguard.doors import seccomp_listen
 
         assert session.channel.directory is not None
         try:
-            door = await seccomp.start(session.service, session.channel.directory)
+            door = await seccomp_listen.start(session.service, session.channel.directory)
         except OSError as exc:
             if self.plan.door == "seccomp":
                 raise WrapguardError(f"cannot start the seccomp door: {exc}") from None

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from wrapguard import log
+from wrapguard import log, startup
 from wrapguard.runtime.child import FORWARDED, KILL_GRACE
 
 PR_SET_DUMPABLE = 4  # <linux/prctl.h>
@@ -98,6 +98,7 @@ def split(body: Callable[[StatusLink], int]) -> int:
         sys.stderr.flush()
         os._exit(code)
     os.close(w)
+    startup.resume()  # the waiter has all it needs (the launcher resumes once it is set up)
     status = _wait(pid, r)
     # The waiter has nothing to clean up (the launcher owns every resource): skip the
     # interpreter's teardown, which would only delay the caller.

@@ -49,6 +49,8 @@ class Way(Enum):
 
 @dataclass(frozen=True, slots=True)
 class Route:
+    """Where a flow goes: into the tunnel (to which peer), direct, or refused."""
+
     way: Way
     errno: int = 0
     peer: int | None = None  # the peer's index when TUNNEL

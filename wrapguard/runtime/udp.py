@@ -20,7 +20,7 @@ import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from wrapguard.log import get as get_logger
 from wrapguard.noise.reasons import DropReason
@@ -36,17 +36,10 @@ from wrapguard.tunnel.events import (
     ResolveEndpoint,
     SendDatagram,
 )
-from wrapguard.tunnel.reresolve import (
-    RERESOLVE_INTERVAL,
-    KeepEndpoint,
-    Lookup,
-    LookupFailing,
-    LookupWorks,
-    Reresolver,
-    Trigger,
-    UseEndpoint,
-)
 from wrapguard.wire import wgmsg
+
+if TYPE_CHECKING:
+    from wrapguard.tunnel.reresolve import Lookup, Reresolver
 
 try:
     from wrapguard._fastpath import ffi as _ffi  # type: ignore[import-not-found]
@@ -113,7 +106,7 @@ class WgUdpRuntime:
         bind_v6: str | None = "::",
         wall_clock: Callable[[], float] = time.time,
         rng: Callable[[int], bytes] = secrets.token_bytes,
-        reresolve_interval: float = RERESOLVE_INTERVAL,
+        reresolve_interval: float | None = None,  # None: reresolve.RERESOLVE_INTERVAL
     ) -> None:
         self.device = device
         self.listen_port = listen_port
@@ -145,11 +138,16 @@ class WgUdpRuntime:
         self.single_path = True  # a batch of one skips the batching loop (tests: off)
         self._timer: DeadlineTimer | None = None
         self._rr_timer: DeadlineTimer | None = None
-        self.reresolver = Reresolver(
-            {p.index: p.endpoint_host for p in device.peers if p.endpoint_host is not None},
-            rng=rng,
-            interval=reresolve_interval,
-        )
+        # Only for Endpoint host names (set from the config, never later): with addresses
+        # alone, as most configs have, nothing asks for a lookup and tunnel/reresolve.py is
+        # not even imported (start-up time, bench row 5).
+        hosts = {p.index: p.endpoint_host for p in device.peers if p.endpoint_host is not None}
+        self.reresolver: Reresolver | None = None
+        if hosts:
+            from wrapguard.tunnel.reresolve import RERESOLVE_INTERVAL, Reresolver
+
+            interval = RERESOLVE_INTERVAL if reresolve_interval is None else reresolve_interval
+            self.reresolver = Reresolver(hosts, rng=rng, interval=interval)
         self._tasks: set[asyncio.Task[None]] = set()
         self.roads: dict[tuple[str, int], Road] = {}  # synthetic endpoint -> road
         self._hs_window = 0.0
@@ -190,10 +188,12 @@ class WgUdpRuntime:
             self._loop.add_reader(v4.fileno(), self._batch, self._readable, v4)
         if self._v6 is not None:
             self._loop.add_reader(self._v6.fileno(), self._batch, self._readable, self._v6)
-        self._rr_timer = DeadlineTimer(self._loop, self._on_reresolve_timer)
         for road in self.roads.values():
             road.start()
-        await asyncio.gather(*(self._lookup(lk) for lk in self.reresolver.start(self._loop.time())))
+        if self.reresolver is not None:
+            self._rr_timer = DeadlineTimer(self._loop, self._on_reresolve_timer)
+            lookups = self.reresolver.start(self._loop.time())
+            await asyncio.gather(*(self._lookup(lk) for lk in lookups))
         now, wall = self._loop.time(), self._wall()
         for p in self.device.peers:
             # wg starts a handshake at once for peers with PersistentKeepalive.
@@ -602,13 +602,15 @@ class WgUdpRuntime:
             self.stats["send_errors"] += 1
 
     def _event(self, o: Output) -> None:
-        if isinstance(o, ResolveEndpoint):
-            assert self._loop is not None
+        if isinstance(o, ResolveEndpoint):  # only for a peer with a host name
+            assert self._loop is not None and self.reresolver is not None
+            from wrapguard.tunnel.reresolve import Trigger
+
             lk = self.reresolver.request(o.peer, Trigger.UNANSWERED, self._loop.time())
             if lk is not None:
                 self._spawn_lookup(lk)
         elif isinstance(o, HandshakeCompleted):
-            if self._loop is not None:
+            if self._loop is not None and self.reresolver is not None:
                 self.reresolver.handshake_completed(o.peer, self._loop.time())
             log.debug("handshake completed", peer=o.peer, initiator=o.initiator)
         elif isinstance(o, HandshakeFailed):
@@ -627,7 +629,14 @@ class WgUdpRuntime:
 
     async def _lookup(self, lk: Lookup) -> None:
         """Resolve one name (the Reresolver allows one lookup per peer at a time) and act."""
-        assert self._loop is not None
+        from wrapguard.tunnel.reresolve import (
+            KeepEndpoint,
+            LookupFailing,
+            LookupWorks,
+            UseEndpoint,
+        )
+
+        assert self._loop is not None and self.reresolver is not None
         rr = self.reresolver
         try:
             addrs = await self._resolve(lk.host, lk.port)
@@ -687,6 +696,7 @@ class WgUdpRuntime:
 
     def _on_reresolve_timer(self) -> None:
         assert self._loop is not None and self._rr_timer is not None
+        assert self.reresolver is not None
         for lk in self.reresolver.handle_timeout(self._loop.time()):
             self._spawn_lookup(lk)
         self._rr_timer.arm(self.reresolver.next_deadline())

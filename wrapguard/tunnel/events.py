@@ -42,6 +42,8 @@ class DeliverPacket:
 
 @dataclass(frozen=True, slots=True)
 class PacketDropped:
+    """A datagram or packet was dropped for `reason` (the runtime counts it)."""
+
     reason: DropReason
     peer: int | None = None
 

@@ -15,6 +15,8 @@ from wrapguard.noise.session import REJECT_AFTER_MESSAGES, REKEY_AFTER_MESSAGES
 
 @dataclass(frozen=True, slots=True)
 class TimerConfig:
+    """The protocol's timers and message limits [W 6.1]; tests shorten them."""
+
     rekey_after_time: float = 120.0  # [W 6.1] Rekey-After-Time
     reject_after_time: float = 180.0  # [W 6.1] Reject-After-Time
     rekey_attempt_time: float = 90.0  # [W 6.1] Rekey-Attempt-Time

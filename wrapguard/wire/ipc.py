@@ -180,12 +180,16 @@ class Address:
 
 @dataclass(frozen=True, slots=True)
 class HelloRequest:
+    """A control connection's first request: the program's pid, the shim's version."""
+
     pid: int
     version: str
 
 
 @dataclass(frozen=True, slots=True)
 class ConnectRequest:
+    """Route a connect() of the program's socket to `dst` (op 2, docs/channel.md)."""
+
     proto: Proto
     dst: Address
     gate: bool = False  # non-blocking: the shim holds writability back with filler bytes
@@ -208,12 +212,16 @@ class GateRequest:
 
 @dataclass(frozen=True, slots=True)
 class StatusRequest:
+    """The outcome of the tunnel connection `token` stands for (`wait`: once known)."""
+
     token: bytes
     wait: bool
 
 
 @dataclass(frozen=True, slots=True)
 class ListenRequest:
+    """The program listens on `addr`: the tunnel's connections to it come to it."""
+
     proto: Proto
     addr: Address
     v6only: bool = False  # an AF_INET6 socket with IPV6_V6ONLY: no IPv4 clients
@@ -221,12 +229,16 @@ class ListenRequest:
 
 @dataclass(frozen=True, slots=True)
 class UnlistenRequest:
+    """The last fd of a listener on `addr` was closed: stop taking its connections."""
+
     proto: Proto
     addr: Address
 
 
 @dataclass(frozen=True, slots=True)
 class PeerRequest:
+    """Who the loopback peer `addr` of an accepted socket is (the tunnel client)."""
+
     addr: Address
 
 
@@ -240,6 +252,8 @@ class UdpAssocRequest:
 
 @dataclass(frozen=True, slots=True)
 class UdpReleaseRequest:
+    """The UDP socket whose loopback side is `local` closed: end its association."""
+
     local: Address
 
 
@@ -268,6 +282,8 @@ Request = (
 
 @dataclass(frozen=True, slots=True)
 class HelloReply:
+    """HELLO's answer: errno 0 when the shim may go on."""
+
     errno: int = 0
 
 
@@ -285,6 +301,8 @@ class ConnectReply:
 
 @dataclass(frozen=True, slots=True)
 class StatusReply:
+    """STATUS's answer: DONE with the outcome's errno, or PENDING (only without WAIT)."""
+
     action: StatusAction
     errno: int = 0
 
@@ -299,6 +317,8 @@ class ListenReply:
 
 @dataclass(frozen=True, slots=True)
 class UnlistenReply:
+    """UNLISTEN's answer (errno 0)."""
+
     errno: int = 0
 
 
@@ -326,11 +346,15 @@ class UdpAssocReply:
 
 @dataclass(frozen=True, slots=True)
 class UdpReleaseReply:
+    """UDP_RELEASE's answer (errno 0)."""
+
     errno: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class GateReply:
+    """A reply to GATE in the codec; the launcher sends none (docs/channel.md, op 10)."""
+
     errno: int = 0
 
 
