@@ -380,13 +380,7 @@ class Engine:
                 else:
                     held.append(event)
                 event = stack.next_event()
-            batch = []
-            for pkt in stack.take_outgoing():
-                peer = self._peer_for_packet(pkt)
-                if peer is None:
-                    self.unrouted_drops += 1
-                    continue
-                batch.append((pkt, peer))
+            batch = self._routed_outgoing()
             if batch:
                 self.wg.send_packets(batch)
             if dgrams:
@@ -427,18 +421,24 @@ class Engine:
         if self._flush_handle is not None or self._rx_pending or not stack.quiet():
             self.flush()
             return
-        batch = []
-        for pkt in stack.take_outgoing():
-            peer = self._peer_for_packet(pkt)
-            if peer is None:
-                self.unrouted_drops += 1
-                continue
-            batch.append((pkt, peer))
+        batch = self._routed_outgoing()
         try:
             if batch:
                 self.wg.send_packets(batch)
         finally:
             self._rearm()
+
+    def _routed_outgoing(self) -> list[tuple[bytes, int]]:
+        """The stack's outgoing packets, each with the peer (index) cryptokey routing gives (a
+        packet no peer takes is counted and dropped)."""
+        batch = []
+        for pkt in self.stack.take_outgoing():
+            peer = self._peer_for_packet(pkt)
+            if peer is None:
+                self.unrouted_drops += 1
+                continue
+            batch.append((pkt, peer))
+        return batch
 
     def _dispatch_guarded(self, event: Event) -> None:
         try:
