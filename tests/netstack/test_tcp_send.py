@@ -90,3 +90,28 @@ def test_lost_retransmission_found_behind_one_that_arrived(make_raw):
     out = raw.send(ACK, P + 1, seg(3), options=TcpOptions(sack_blocks=((seg(4), seg(last + 1)),)))
     assert seg(3) in [s.seq for s in out]
     assert conn_of(raw).n_lost_retransmits == 1
+
+
+def test_only_the_retransmission_deemed_lost_is_sent_again(make_raw):
+    # Segment 1 is lost, and its retransmissions are lost too; segment 12 is lost once and
+    # its retransmission is still in flight. When the SACKs say the retransmission of 1 is
+    # lost, 1 goes out again, but 12 does not (nothing sent after its retransmission has
+    # been SACKed yet), and the pipe still counts 12's retransmission: one new segment for
+    # the one newly SACKed.
+    raw = make_raw()
+    cid = passive(raw)
+    raw.stack.send(cid, b"x" * 200 * MSS, 0.0)
+    assert len(raw.out()) == 10
+
+    def ack(*blocks: tuple[int, int]) -> list[int]:
+        raw.now += 0.001
+        out = raw.send(ACK, P + 1, ISS + 1, options=TcpOptions(sack_blocks=blocks))
+        return [(s.seq - ISS - 1) // MSS + 1 for s in out]
+
+    assert ack((seg(2), seg(11)))[0] == 1  # fast recovery: 1 resent, then new data to 14
+    assert ack((seg(2), seg(12)), (seg(13), seg(15)))[0] == 1  # 11, 13, 14 SACKed: lost again
+    assert ack((seg(2), seg(12)), (seg(13), seg(16)))[0] == 12  # 12 deemed lost: resent
+    ack((seg(2), seg(12)), (seg(13), seg(17)))
+    assert ack((seg(2), seg(12)), (seg(13), seg(18))) == [1, 20]
+    conn = conn_of(raw)
+    assert conn.n_timeouts == 0 and conn.n_lost_retransmits == 2

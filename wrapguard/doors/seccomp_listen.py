@@ -125,13 +125,19 @@ class SeccompListener:
             if word != b"L":
                 return
             listener = pidfd_getfd(pid, int(num))
-            self._logic().supervise(listener, pid)
+            try:
+                self._logic().supervise(listener, pid)
+            except Exception:
+                os.close(listener)  # no K: the helper stops, the program never runs
+                raise
             self.listeners += 1
             await self.loop.sock_sendall(conn, b"K")
             self.log.debug("seccomp filter on", pid=pid)
             self.ready.set()
         except (OSError, ValueError, TimeoutError) as exc:
             self.log.warning("seccomp helper hand-over failed", error=str(exc))
+        except Exception as exc:  # the door's logic failed to load or to start: a bug
+            self.log.error("seccomp door failed", error=repr(exc))
         finally:
             conn.close()
 

@@ -76,6 +76,9 @@ class ConnInfo:
     state: TcpState
 
 
+_NO_DST = object()  # what udp_send's one-entry cache holds before its first datagram
+
+
 def _loss_counters(conn: TcpConn) -> dict[str, int]:
     return {
         "retransmits": conn.n_retransmits,
@@ -125,7 +128,7 @@ class Stack:
         # IPv4 the header words' sum without Total Length (udp_send's hot path).
         self._udp_sums: dict[tuple[bytes, bytes], tuple[int, int]] = {}
         self._ips: dict[bytes, IPAddress] = {}  # packed -> address object (DatagramReceived)
-        self._last_dst: tuple[object, bytes] = (None, b"")  # udp_send's last (dst, packed)
+        self._last_dst: tuple[object, bytes] = (_NO_DST, b"")  # udp_send's last (dst, packed)
         self._ack_list: list[TcpConn] = []
         self._timers: list[tuple[float, int, TcpConn]] = []
         self._next_id = 1
@@ -326,8 +329,9 @@ class Stack:
         conn.sched = None
 
     def tcp_counters(self) -> dict[str, int]:
-        """Retransmitted segments, fast recoveries, timeouts and retransmissions found lost
-        (and resent) of all connections so far."""
+        """Retransmitted segments, fast recoveries, timeouts and the times retransmissions
+        were found lost (one such finding may resend several segments) of all connections
+        so far."""
         total = Counter(self._tcp_done)
         for conn in self._conns.values():
             total.update(_loss_counters(conn))

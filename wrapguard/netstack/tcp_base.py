@@ -164,8 +164,10 @@ class TcpBase:
         self.recover = 0
         self.lost_end = 0
         self.rexmit_ptr = 0
-        # (start, SND.MAX then) of each retransmission in this recovery, oldest first.
-        self.retx_log: deque[tuple[int, int]] = deque()
+        # (start, end, SND.MAX then) of each retransmission in this recovery, oldest first,
+        # and the ranges of those since deemed lost, to be sent again first (`relost`).
+        self.retx_log: deque[tuple[int, int, int]] = deque()
+        self.relost: list[tuple[int, int]] = []
         # RTT and RTO (RFC 6298).
         self.srtt: float | None = None
         self.rttvar = 0.0
@@ -265,6 +267,7 @@ class TcpBase:
         self.ooo.clear()
         self.sacked.clear()
         self.retx_log.clear()
+        self.relost.clear()
 
     def _flush_closed(self) -> None:
         if self.closed_pending:

@@ -158,6 +158,7 @@ class TcpSender(TcpBase):
                     self.cwnd = self.ssthresh  # RFC 6582 3.2 step 3, full ACK
                 self.recovery = None
                 self.retx_log.clear()
+                self.relost.clear()
             else:
                 # Partial ACK (RFC 6582 3.2 step 4): resend the next unacked segment.
                 self.dupacks = 0
@@ -173,7 +174,7 @@ class TcpSender(TcpBase):
             # several MB on the rig's uploads and burst it out when the window opened.
             if self.cwnd < 2 * flight:
                 self.cwnd += acked
-        else:
+        elif self.cwnd < 2 * flight:  # (RFC 7661 here too: no growth while not cwnd-limited)
             self.ca_acc += acked  # congestion avoidance by byte counting (RFC 5681 3.1)
             if self.ca_acc >= self.cwnd:
                 self.ca_acc -= self.cwnd
@@ -209,24 +210,54 @@ class TcpSender(TcpBase):
         return self.snd_una
 
     def _lost_retransmits(self) -> None:
-        """A retransmission is deemed lost once DupThresh segments' worth of data sent
-        after it is SACKed: RFC 6675's IsLost applied to the retransmission, the way
-        RFC 8985 (2, 6.2) finds lost retransmissions by send order. Without this a lost
+        """A retransmission is deemed lost once DupThresh segments' worth of data sent after
+        it is SACKed (RFC 6675's IsLost applied to the retransmission: more than
+        (DupThresh - 1) * SMSS bytes SACKed above SND.MAX as it was when the retransmission
+        left), the way RFC 8985 (2, 6.2) finds lost retransmissions by send order. Its
+        range goes on `relost`, sent again ahead of the holes and out of the pipe until
+        then; retransmissions not deemed lost stay in flight. Without this a lost
         retransmission waited for the RTO: on the rig's uploads 2 MB were SACKed above a
         single hole for 200 ms."""
         log = self.retx_log
-        high = self.sacked[-1][1] - DUP_THRESH * self.snd_mss
+        need = DUP_THRESH * self.snd_mss
         una = self.snd_una
-        lost = -1
-        while log and log[0][1] <= high:
-            start = log.popleft()[0]
-            if start >= una and (lost < 0 or start < lost):  # (acked ones are not lost)
-                lost = start
-        if lost >= 0 and lost < self.rexmit_ptr:
-            # Resend from there: `_next_hole` skips what was SACKed meanwhile, and the pipe
-            # estimate no longer counts these retransmissions as in flight.
-            self.rexmit_ptr = lost
+        found = False
+        # The log is in send order, so SND.MAX-then grows along it: once the oldest entry
+        # is not lost, none after it is.
+        while log and sb_bytes_above(self.sacked, log[0][2]) >= need:
+            start, end, _ = log.popleft()
+            if end > una:  # (acked ones are not lost; SACKed parts are skipped on resend)
+                self.relost.append((max(start, una), end))
+                found = True
+        if found:
             self.n_lost_retransmits += 1
+
+    def _take_relost(self) -> tuple[int, int] | None:
+        """The next segment of a retransmission deemed lost (`_lost_retransmits`) that is
+        neither acked nor SACKed by now, taken off `relost`; None when there is none."""
+        mss = self.snd_mss
+        relost = self.relost
+        while relost:
+            start, end = relost[0]
+            start = max(start, self.snd_una)
+            for s, e in self.sacked:
+                if e <= start:
+                    continue
+                if s <= start:
+                    start = e
+                    continue
+                end = min(end, s) if s < end else end
+                break
+            if start >= end:
+                relost.pop(0)
+                continue
+            stop = min(end, start + mss)
+            if stop >= relost[0][1]:
+                relost.pop(0)
+            else:
+                relost[0] = (stop, relost[0][1])
+            return start, stop
+        return None
 
     def _enter_fast_recovery(self, lost: int) -> None:
         """RFC 5681 3.2 steps 2-3 / RFC 6675 5: halve, then resend what is lost."""
@@ -240,6 +271,7 @@ class TcpSender(TcpBase):
         self.lost_end = lost
         self.rexmit_ptr = self.snd_una
         self.retx_log.clear()
+        self.relost.clear()
         self.rtt_off = None
 
     def _xmit(self, start: int, end: int, now: float) -> None:
@@ -294,6 +326,10 @@ class TcpSender(TcpBase):
         if not self.sacked:
             above -= self.dupacks * self.snd_mss  # dup ACKs stand in for SACKs (RFC 5681 3.2)
         retx = (self.rexmit_ptr - una) - sb_bytes_between(self.sacked, una, self.rexmit_ptr)
+        for s, e in self.relost:  # retransmissions deemed lost are no longer in flight
+            s = max(s, una)
+            if e > s:
+                retx -= (e - s) - sb_bytes_between(self.sacked, s, e)
         return max(0, above) + retx
 
     def _next_hole(self) -> tuple[int, int] | None:
@@ -321,18 +357,22 @@ class TcpSender(TcpBase):
         if self.recovery is not None:
             pipe = self._pipe()
             while pipe < self.cwnd or self.force_rexmit:
-                hole = self._next_hole()
+                hole = self._take_relost() if self.relost else None
+                again = hole is not None
                 if hole is None:
-                    break
+                    hole = self._next_hole()
+                    if hole is None:
+                        break
                 # RFC 6675 5 (3): the first retransmission on entering recovery is unconditional.
                 self.force_rexmit = False
                 s, e = hole
                 self._xmit(s, e, now)
                 self.n_retransmits += 1
                 if len(self.retx_log) < MAX_RETX_LOG:
-                    self.retx_log.append((s, self.snd_max))
+                    self.retx_log.append((s, e, self.snd_max))
                 self.rtt_off = None  # Karn: no RTT sample across a retransmission
-                self.rexmit_ptr = e
+                if not again:
+                    self.rexmit_ptr = e
                 pipe += e - s
             budget = self.cwnd - pipe
         else:
@@ -495,6 +535,7 @@ class TcpSender(TcpBase):
         self.lost_end = self.snd_max
         self.rexmit_ptr = self.snd_una
         self.retx_log.clear()
+        self.relost.clear()
         self.dupacks = 0
         self.rtt_off = None
         self.backoff = min(self.backoff + 1, 16)

@@ -430,7 +430,8 @@ GC_GEN0 = 10_000  # container allocations between young collections (the default
 
 
 def tune_gc() -> None:
-    """For the launcher process only (library code and tests keep the defaults): what was
+    """For the launcher process (run() calls it; the library code that tests import does
+    not, so they keep the defaults; an in-process caller of run() is tuned too): what was
     built until now (modules, the config) is never garbage, so collections stop walking it
     (gc.freeze: a full collection of them took 6 ms in bench/connect_legs.py), and young
     collections run every GC_GEN0 net container allocations, not 700. With the defaults a
