@@ -48,6 +48,7 @@ class DirStats:
     duplicated: int = 0
     reordered: int = 0  # held back and overtaken by a later datagram
     held_timeouts: int = 0  # held back, released by the timer (nothing overtook it)
+    send_failed: int = 0  # the kernel refused the send (a full buffer, an unreachable target)
 
 
 @dataclass
@@ -220,7 +221,7 @@ class UdpRelay:
                 sock.sendto(data, addr)
             getattr(self.stats, direction).sent += 1
         except OSError:
-            pass  # a full buffer or an unreachable target is just more loss
+            getattr(self.stats, direction).send_failed += 1  # just more loss, but counted
 
 
 def main(argv: list[str] | None = None) -> None:
