@@ -238,16 +238,7 @@ class TcpSender(TcpBase):
         mss = self.snd_mss
         relost = self.relost
         while relost:
-            start, end = relost[0]
-            start = max(start, self.snd_una)
-            for s, e in self.sacked:
-                if e <= start:
-                    continue
-                if s <= start:
-                    start = e
-                    continue
-                end = min(end, s) if s < end else end
-                break
+            start, end = self._unsacked(max(relost[0][0], self.snd_una), relost[0][1])
             if start >= end:
                 relost.pop(0)
                 continue
@@ -332,9 +323,9 @@ class TcpSender(TcpBase):
                 retx -= (e - s) - sb_bytes_between(self.sacked, s, e)
         return max(0, above) + retx
 
-    def _next_hole(self) -> tuple[int, int] | None:
-        start = max(self.rexmit_ptr, self.snd_una)
-        limit = min(self.lost_end, self.snd_max)
+    def _unsacked(self, start: int, limit: int) -> tuple[int, int]:
+        """The first run of [start, limit) that no SACK block covers, as (start, end);
+        empty (start >= end) when the blocks cover it all."""
         for s, e in self.sacked:
             if e <= start:
                 continue
@@ -343,6 +334,12 @@ class TcpSender(TcpBase):
                 continue
             limit = min(limit, s)
             break
+        return start, limit
+
+    def _next_hole(self) -> tuple[int, int] | None:
+        start, limit = self._unsacked(
+            max(self.rexmit_ptr, self.snd_una), min(self.lost_end, self.snd_max)
+        )
         if start >= limit:
             return None
         return start, min(limit, start + self.snd_mss)
