@@ -12,6 +12,7 @@ from netstack.lossy_link import Pair
 from wrapguard.netstack import (
     DatagramReceived,
     DropReason,
+    Event,
     PacketDropped,
     Stack,
     UdpError,
@@ -47,6 +48,16 @@ def P(a: str) -> bytes:
 
 def stack(*addrs: str, seed: int = 1) -> Stack:
     return Stack(addrs or (A4, A6), rng=random.Random(seed).getrandbits)
+
+
+def events(st: Stack) -> list[Event]:
+    """Every event the stack has queued, in order (next_event() until None)."""
+    out = []
+    ev = st.next_event()
+    while ev is not None:
+        out.append(ev)
+        ev = st.next_event()
+    return out
 
 
 def drops(st: Stack) -> list[DropReason]:
@@ -254,11 +265,7 @@ def test_udp_receive_hot_path_matches_the_general_path(v6):
     st.receive_packet(pkt(b"closed", dport=9), 0.0)
     other = P("fd15::99") if v6 else P("10.150.0.99")
     st.receive_packet(pkt(b"not ours", to=other), 0.0)
-    evs = []
-    ev = st.next_event()
-    while ev is not None:
-        evs.append(ev)
-        ev = st.next_event()
+    evs = events(st)
     me = ip_address(A6 if v6 else A4)
     peer = ip_address(B6 if v6 else B4)
     assert evs == [
@@ -302,22 +309,13 @@ def test_taken_datagrams_then_events_come_in_the_events_order(v6):
     for burst in bursts:
         for p in burst:
             each.receive_packet(p, 0.0)
-            ev = each.next_event()
-            while ev is not None:
-                arrived.append(ev)
-                ev = each.next_event()
+            arrived += events(each)
         for st in (plain, taking):
             for p in burst:
                 st.receive_packet(p, 0.0)
-        ev = plain.next_event()
-        while ev is not None:
-            want.append(ev)
-            ev = plain.next_event()
+        want += events(plain)
         got += [DatagramReceived(*d) for d in taking.take_datagrams()]
-        ev = taking.next_event()
-        while ev is not None:
-            got.append(ev)
-            ev = taking.next_event()
+        got += events(taking)
         assert taking.take_datagrams() == [] and taking.quiet() == (not taking._ack_list)
     assert got == want == arrived
     kinds = {type(e) for e in want}
